@@ -1,0 +1,40 @@
+"""The ``llave-ds`` command: one subcommand per job, each living in its own module."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# subcommand -> (module with `add_arguments(parser)` and `run(args) -> int`, help line)
+SUBCOMMANDS = {
+    "synth": ("llave_ds.synthetic", "generate the offline synthetic MMEB-format dataset"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llave-ds",
+        description="Train universal multimodal embedding models (LLaVE) with gradient "
+                    "caching inside DeepSpeed ZeRO.")
+    from llave_ds import __version__
+    parser.add_argument("--version", action="version", version=f"llave-ds {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_line) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_line, description=help_line)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

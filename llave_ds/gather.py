@@ -1,0 +1,158 @@
+"""Every collective the objective needs, and nothing else.
+
+Two ways to put every rank's embeddings into every rank's denominator:
+
+``exact`` (default)
+    A differentiable all-gather. Its backward all-reduces (sums) the gradient of the
+    gathered tensor over ranks and hands each rank its own slice. When each rank's loss
+    is its share of the global loss (see ``objective.py``), every rank ends up with
+    exactly the gradient that one device holding the whole global batch would compute
+    for its local embeddings.
+
+``stop_grad``
+    Remote embeddings enter as constants; only the local slice keeps its autograd
+    history. There is no collective in the backward pass (cheaper), but the gradient of
+    a local embedding only contains the terms of the *local* rows of the loss: the
+    contribution of other ranks' rows (where the local embedding is a negative in
+    their denominators) is dropped. In the symmetric loss each embedding is a candidate
+    in the other direction too, so the dropped part is the remote rows of both
+    directions. See ``docs/OBJECTIVE.md``.
+
+Ranks may hold different numbers of rows: sizes are exchanged first, rows are padded to
+the largest size for the gather and the padding is cut out again, so a short last batch
+never hangs a step. Mismatched embedding widths are refused with the same error on every
+rank. Timeouts come from the process group (``llave_ds.distributed.init_distributed``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+class GatherMode(str, Enum):
+    EXACT = "exact"
+    STOP_GRAD = "stop_grad"
+
+
+class RankMismatchError(RuntimeError):
+    """Ranks disagree on something every rank must share (raised on every rank)."""
+
+
+def is_distributed(group=None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _gather_shape_info(x: torch.Tensor, group) -> torch.Tensor:
+    """[W, 1 + ndim-1] int64: every rank's row count and trailing shape."""
+    world = dist.get_world_size(group)
+    info = torch.tensor([x.shape[0], *x.shape[1:]], dtype=torch.int64, device=x.device)
+    # Ranks with a different number of dims would make the gather itself mismatch;
+    # prepend the ndim so that case is caught by the same comparison.
+    info = torch.cat([torch.tensor([x.dim()], dtype=torch.int64, device=x.device),
+                      info, torch.zeros(8 - info.numel(), dtype=torch.int64, device=x.device)])
+    out = [torch.empty_like(info) for _ in range(world)]
+    dist.all_gather(out, info, group=group)
+    return torch.stack(out)
+
+
+@dataclass(frozen=True)
+class GatherLayout:
+    """Where each rank's rows sit in the gathered (unpadded) tensor."""
+
+    sizes: tuple[int, ...]
+    rank: int
+
+    @property
+    def offset(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+
+class _ExactAllGather(torch.autograd.Function):
+    """all_gather whose backward sums the gathered gradient over ranks and slices it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        world = dist.get_world_size(group)
+        out = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(out, x.contiguous(), group=group)
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        # Each rank's loss touched every gathered row; the local rows' total gradient is
+        # the sum of what every rank's loss says about them.
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        n = grad.shape[0] // dist.get_world_size(ctx.group)
+        return grad[ctx.rank * n:(ctx.rank + 1) * n], None
+
+
+def all_gather_rows(x: torch.Tensor, mode: GatherMode | str = GatherMode.EXACT,
+                    group=None) -> tuple[torch.Tensor, GatherLayout]:
+    """Concatenate every rank's rows (rank order). Ranks may have different row counts.
+
+    Returns the gathered tensor and the layout (sizes per rank, this rank's offset).
+    Without a multi-rank process group it returns ``x`` itself.
+    """
+    mode = GatherMode(mode)
+    if not is_distributed(group):
+        return x, GatherLayout((x.shape[0],), 0)
+    rank = dist.get_rank(group)
+    info = _gather_shape_info(x, group)
+    if not bool((info[:, 0] == info[0, 0]).all() and (info[:, 2:] == info[0, 2:]).all()):
+        shapes = [tuple(int(v) for v in row[1:1 + int(row[0])]) for row in info]
+        raise RankMismatchError(
+            f"all_gather_rows: ranks hold tensors of incompatible shapes {shapes}; only "
+            f"the first (row) dimension may differ between ranks")
+    sizes = tuple(int(s) for s in info[:, 1])
+    max_rows = max(sizes)
+    if max_rows == 0:
+        return x, GatherLayout(sizes, rank)
+    padded = x
+    if x.shape[0] < max_rows:
+        pad = x.new_zeros((max_rows - x.shape[0], *x.shape[1:]))
+        padded = torch.cat([x, pad], dim=0)
+    if mode is GatherMode.EXACT:
+        gathered = _ExactAllGather.apply(padded, group)
+    else:
+        with torch.no_grad():
+            parts = [torch.empty_like(padded) for _ in sizes]
+            dist.all_gather(parts, padded.detach().contiguous(), group=group)
+        parts[rank] = padded  # the local slice keeps its autograd history
+        gathered = torch.cat(parts, dim=0)
+    if all(s == max_rows for s in sizes):
+        return gathered, GatherLayout(sizes, rank)
+    keep = torch.cat([torch.arange(r * max_rows, r * max_rows + s, device=x.device)
+                      for r, s in enumerate(sizes)])
+    return gathered.index_select(0, keep), GatherLayout(sizes, rank)
+
+
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum of a detached tensor over ranks (identity without a process group)."""
+    t = t.detach().clone()
+    if is_distributed(group):
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
+    t = t.detach().clone()
+    if is_distributed(group):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
+def all_ranks_ok(ok: bool, device: Optional[torch.device] = None, group=None) -> bool:
+    """True only when every rank reports ok: lets all ranks fail together, not hang."""
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=device or "cpu")
+    return int(all_reduce_max(flag, group).item()) == 0

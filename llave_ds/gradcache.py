@@ -1,0 +1,252 @@
+"""Gradient caching: one optimizer step over a global batch far larger than memory.
+
+    pass 1  encode every chunk without autograd (recording the RNG state before each)
+    loss    objective + cross-rank gather on the cached embeddings -> d loss / d embedding
+    pass 2  per chunk: replay its RNG state, re-encode with autograd and backpropagate
+            <embedding, cached gradient>; then one optimizer step
+
+The step knows the objective and an abstract ``StepBackend`` (encode / backward / step),
+not DeepSpeed: ``TorchStepBackend`` below drives a plain module on one process, and
+``llave_ds.engine.DeepSpeedStepBackend`` drives a DeepSpeed engine (ZeRO 0-3).
+
+Ranks must agree on every collective (ZeRO-3 all-gathers parameters in every forward
+and reduces gradients in every backward; NCCL hangs where gloo aborts): every rank runs
+the same number of chunks per role, in the same order, padding with repeated chunks
+whose gradient is multiplied by zero.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Protocol, Sequence
+
+import torch
+
+from llave_ds.gather import all_ranks_ok, all_reduce_max, is_distributed
+from llave_ds.objective import ContrastiveOutput, ObjectiveConfig, hardness_weighted_loss
+
+Chunk = Any  # whatever the backend's encode() accepts (a dict of tensors for the LMM)
+
+
+class GradCacheError(RuntimeError):
+    """A step could not run on every rank; raised on all ranks together."""
+
+
+@dataclass
+class GradCacheConfig:
+    query_chunk_size: int = 8
+    target_chunk_size: int = 8
+    # "coalesced": one gradient reduction per step (DeepSpeed ZeRO 1-3 keep the full local
+    # gradient until the flush); "per_chunk": reduce after every chunk's backward
+    # (ZeRO-2/3 keep only their partition). See docs/GRADCACHE.md for the measurements.
+    reduction: str = "coalesced"
+
+    def validate(self) -> None:
+        for name in ("query_chunk_size", "target_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"gradcache.{name} must be >= 1, got {getattr(self, name)}")
+        if self.reduction not in ("coalesced", "per_chunk"):
+            raise ValueError(f"gradcache.reduction must be 'coalesced' or 'per_chunk', "
+                             f"got {self.reduction!r}")
+
+
+class StepBackend(Protocol):
+    """What the gradient cache needs from whatever holds the model and optimizer."""
+
+    device: torch.device
+    # The factor by which the backend divides summed gradients over ranks (DeepSpeed
+    # averages: world size; a single process: 1).
+    gradient_average_divisor: int
+
+    def encode(self, chunk: Chunk) -> torch.Tensor: ...
+    def backward(self, surrogate: torch.Tensor, last: bool) -> None: ...
+    def reduction_context(self, mode: str) -> contextlib.AbstractContextManager: ...
+    def step(self) -> dict: ...
+
+
+class RngState:
+    """CPU and accelerator generator states, captured before a chunk and replayed later
+    so dropout draws the same masks in both passes."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+@dataclass
+class StepResult:
+    output: ContrastiveOutput
+    timings: dict = field(default_factory=dict)
+    backend_info: dict = field(default_factory=dict)
+    chunks: dict = field(default_factory=dict)
+
+    def metrics(self) -> dict:
+        return {**self.output.stats(), **self.backend_info,
+                **{f"time_{k}": v for k, v in self.timings.items()}}
+
+
+@dataclass
+class _Role:
+    name: str
+    chunks: list
+    padded_count: int = 0
+    embeddings: list = field(default_factory=list)
+    rng: list = field(default_factory=list)
+
+
+def _agree_chunk_counts(roles: Sequence[_Role], device: torch.device) -> None:
+    """Every rank runs max-over-ranks chunks per role (one small all-reduce)."""
+    counts = torch.tensor([len(r.chunks) for r in roles], dtype=torch.int64, device=device)
+    maxima = all_reduce_max(counts)
+    for role, m in zip(roles, maxima.tolist()):
+        role.padded_count = int(m)
+
+
+def _padded_chunks(role: _Role, fallback: Chunk) -> Iterator[tuple[Chunk, bool]]:
+    """The role's chunks, then repeats (flagged as padding) up to the agreed count."""
+    for i in range(role.padded_count):
+        if i < len(role.chunks):
+            yield role.chunks[i], False
+        else:
+            yield (role.chunks[0] if role.chunks else fallback), True
+
+
+def gradcache_step(backend: StepBackend, query_chunks: Sequence[Chunk],
+                   target_chunks: Sequence[Chunk], objective: ObjectiveConfig,
+                   negative_chunks: Sequence[Chunk] = (), negatives_per_pair: int = 0) -> StepResult:
+    """One optimizer step on this rank's pairs (all ranks call it together).
+
+    ``query_chunks`` / ``target_chunks``: this rank's pairs, chunked in order (the chunk
+    sizes are the caller's: they need not divide the batch). ``negative_chunks``: the
+    hard-negative targets, ``negatives_per_pair`` per pair, pair-major order.
+    """
+    t0 = time.perf_counter()
+    device = backend.device
+    roles = [_Role("query", list(query_chunks)), _Role("target", list(target_chunks)),
+             _Role("negative", list(negative_chunks))]
+    local_ok = bool(roles[0].chunks) and bool(roles[1].chunks)
+    if not all_ranks_ok(local_ok, device):
+        raise GradCacheError("a rank has no query or target chunk for this step; every rank "
+                             "needs at least one pair (check the sampler / skip_bad_rows)")
+    _agree_chunk_counts(roles, device)
+    fallback = roles[1].chunks[0]
+
+    # ---- pass 1: no-grad encode, RNG state recorded per chunk -------------------------
+    error: Optional[BaseException] = None
+    try:
+        with torch.no_grad():
+            for role in roles:
+                for chunk, is_pad in _padded_chunks(role, fallback):
+                    role.rng.append(RngState(device))
+                    emb = backend.encode(chunk)
+                    if not is_pad:
+                        role.embeddings.append(emb.detach().float())
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        error = exc
+    if not all_ranks_ok(error is None, device):
+        raise GradCacheError(f"the no-grad encode pass failed on "
+                             f"{'this rank' if error else 'another rank'}: {error!r}") from error
+    t1 = time.perf_counter()
+
+    # ---- loss on the cached embeddings, gradient w.r.t. each cached embedding ---------
+    cached = {}
+    for role in roles:
+        cached[role.name] = (torch.cat(role.embeddings).requires_grad_(True)
+                             if role.embeddings else None)
+    query, target = cached["query"], cached["target"]
+    if query.shape != target.shape:
+        raise GradCacheError(f"{query.shape[0]} query embeddings but {target.shape[0]} target "
+                             "embeddings: chunks must cover the same pairs")
+    hard = None
+    if cached["negative"] is not None and negatives_per_pair > 0:
+        hard = cached["negative"].view(query.shape[0], negatives_per_pair, query.shape[1])
+    output = hardness_weighted_loss(
+        query, target, temperature=objective.temperature, alpha=objective.alpha,
+        symmetric=objective.symmetric, hard_negatives=hard,
+        false_negative_threshold=objective.false_negative_threshold,
+        gather_mode=objective.gather_mode if is_distributed() else None)
+    # The objective's loss is this rank's share of the global mean, so these gradients
+    # are exactly the global-batch loss's gradients w.r.t. this rank's embeddings.
+    output.loss.backward()
+    t2 = time.perf_counter()
+
+    # ---- pass 2: replay RNG, re-encode with autograd, backprop the cached gradient ----
+    # Why the multiplier: the surrogate's parameter gradient on this rank is the sum over
+    # its embeddings of dL/de * de/dtheta, i.e. this rank's part of the *sum* over ranks.
+    # DeepSpeed then divides the all-reduced sum by the world size (it averages), so we
+    # multiply by that divisor once here: the reduced result is exactly dL/dtheta for the
+    # global batch, whatever the chunk sizes, chunk counts or number of ranks.
+    multiplier = float(backend.gradient_average_divisor)
+    total_chunks = sum(r.padded_count for r in roles)
+    done = 0
+    with backend.reduction_context(_reduction_mode(backend)):
+        for role in roles:
+            grads = cached[role.name].grad if cached[role.name] is not None else None
+            start = 0
+            for i, (chunk, is_pad) in enumerate(_padded_chunks(role, fallback)):
+                role.rng[i].restore()
+                emb = backend.encode(chunk).float()
+                if is_pad:
+                    # Same collectives as a real chunk, zero contribution.
+                    surrogate = emb.sum() * 0.0
+                else:
+                    g = grads[start:start + emb.shape[0]]
+                    start += emb.shape[0]
+                    surrogate = (emb * g).sum() * multiplier
+                done += 1
+                backend.backward(surrogate, last=done == total_chunks)
+    t3 = time.perf_counter()
+    info = backend.step()
+    t4 = time.perf_counter()
+    return StepResult(
+        output=output,
+        timings={"encode": t1 - t0, "loss": t2 - t1, "reencode_backward": t3 - t2, "step": t4 - t3},
+        backend_info=info,
+        chunks={r.name: (len(r.chunks), r.padded_count) for r in roles},
+    )
+
+
+def _reduction_mode(backend) -> str:
+    return getattr(backend, "reduction", "coalesced")
+
+
+class TorchStepBackend:
+    """A plain ``nn.Module`` + ``torch.optim`` optimizer on one process."""
+
+    gradient_average_divisor = 1
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 grad_clip: Optional[float] = None, scheduler=None,
+                 device: Optional[torch.device] = None):
+        if is_distributed():
+            raise GradCacheError("TorchStepBackend is single-process; use the DeepSpeed backend "
+                                 "(llave_ds.engine) for several ranks")
+        self.model, self.optimizer, self.grad_clip, self.scheduler = model, optimizer, grad_clip, scheduler
+        self.device = device or next(model.parameters()).device
+        self.reduction = "coalesced"
+
+    def encode(self, chunk: Chunk) -> torch.Tensor:
+        return self.model(**chunk) if isinstance(chunk, dict) else self.model(chunk)
+
+    def backward(self, surrogate: torch.Tensor, last: bool) -> None:
+        surrogate.backward()
+
+    def reduction_context(self, mode: str):
+        return contextlib.nullcontext()
+
+    def step(self) -> dict:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return {"grad_norm": float(norm), "lr": self.optimizer.param_groups[0]["lr"]}

@@ -1,0 +1,37 @@
+"""llave-ds: hardness-weighted contrastive training of multimodal embedding models
+with gradient caching inside DeepSpeed ZeRO."""
+from setuptools import find_packages, setup
+
+setup(
+    name="llave-ds",
+    version="0.1.0",
+    description="LLaVE-style universal multimodal embedding training with gradient caching under DeepSpeed ZeRO-3",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llave_ds", "llave_ds.*"]),
+    include_package_data=True,
+    package_data={"llave_ds": ["*.json", "*.yaml"]},
+    # Wide ranges on purpose: users on GPU clusters bring their own CUDA torch build.
+    # CI and the README commands pin exact versions through constraints.txt.
+    install_requires=[
+        "torch>=2.3",
+        "deepspeed>=0.15",
+        "transformers>=4.46",
+        "accelerate>=0.34",
+        "datasets>=2.20",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pillow>=10",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "pyarrow>=15",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.5"],
+        "lora": ["peft>=0.12"],
+        "analysis": ["matplotlib>=3.7"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "peft>=0.12", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["llave-ds=llave_ds.cli:main"]},
+)

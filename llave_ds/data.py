@@ -140,6 +140,7 @@ class TrainDataConfig:
     max_substitute_attempts: lazily-found bad rows are replaced by the next rows of the
               same subset; give up (DataError) after this many in a row.
     cache_dir: datasets cache directory (None = the datasets default).
+    homogeneous_batches: draw every global batch from a single subset (VLM2Vec-V2).
     """
     source: str = ""
     source_type: str = "auto"
@@ -159,6 +160,7 @@ class TrainDataConfig:
     max_image_side: Optional[int] = None
     max_substitute_attempts: int = 16
     cache_dir: Optional[str] = None
+    homogeneous_batches: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the offending option."""

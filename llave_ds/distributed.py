@@ -78,8 +78,9 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistributedEnv:
             rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", "0")), master_addr=master,
             master_port=port, source="slurm")
+    # One process: any free port will do (a fixed default collides with parallel jobs).
     return DistributedEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
-                          master_port=int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT)),
+                          master_port=int(env["MASTER_PORT"]) if "MASTER_PORT" in env else free_port(),
                           source="single")
 
 
@@ -131,3 +132,11 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def free_port() -> int:
+    """A free TCP port on this host (for single-node launches)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

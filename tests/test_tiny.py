@@ -1,0 +1,127 @@
+"""Tiny offline checkpoints: build, save, reload with plain transformers, same outputs."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from dataclasses import dataclass  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from llave_ds import tiny  # noqa: E402
+from llave_ds.model import EmbeddingModel  # noqa: E402
+from llave_ds.processing import InputFormatter, load_processor  # noqa: E402
+
+BACKBONES = ["llava_onevision", "qwen2_vl"]
+
+
+@dataclass
+class Side:
+    text: str
+    image: Optional[Image.Image] = None
+
+
+def noise_image(h, w, seed=0):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(autouse=True)
+def offline_and_one_thread(monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the 2 CI cores may be shared with another test process
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {bb: tiny.build_tiny_model_dir(root / bb, bb, seed=0) for bb in BACKBONES}
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_dir_reloads_with_plain_transformers_and_gives_identical_outputs(tiny_dirs, backbone):
+    from transformers import AutoModelForImageTextToText
+
+    path = tiny_dirs[backbone]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "processor_config.json", "preprocessor_config.json", "chat_template.jinja"):
+        assert (path / name).is_file(), name
+
+    reloaded = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    in_memory = tiny.build_tiny_model(backbone, seed=0)
+    assert type(reloaded) is type(in_memory)
+    n_params = sum(p.numel() for p in reloaded.parameters())
+    assert 100_000 < n_params < 250_000, n_params
+
+    processor = load_processor(path)
+    sides = [Side("<|image_1|>\nwhat is this", noise_image(40, 50, 1)), Side("text only row"),
+             Side("another picture", noise_image(30, 30, 2))]
+    batch = InputFormatter(processor, backbone, max_length=128)(sides, "query")
+    with torch.no_grad():
+        a = EmbeddingModel(in_memory, backbone)(**batch)
+        b = EmbeddingModel(reloaded, backbone)(**batch)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_build_is_deterministic_in_seed(backbone):
+    a = tiny.build_tiny_model(backbone, seed=3).state_dict()
+    b = tiny.build_tiny_model(backbone, seed=3).state_dict()
+    c = tiny.build_tiny_model(backbone, seed=4).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_tied_and_untied_heads():
+    llava = tiny.build_tiny_model("llava_onevision")
+    qwen = tiny.build_tiny_model("qwen2_vl")
+    assert llava.lm_head.weight is not llava.get_input_embeddings().weight
+    assert qwen.lm_head.weight is qwen.get_input_embeddings().weight
+
+
+def test_tokenizer_round_trips_through_save_and_auto_tokenizer(tiny_dirs):
+    from transformers import AutoTokenizer
+
+    built = tiny.build_tiny_tokenizer()
+    loaded = AutoTokenizer.from_pretrained(tiny_dirs["qwen2_vl"])
+    text = "<|im_start|>user\nhé, naïve 文字<image><|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
+    ids = built(text, add_special_tokens=False)["input_ids"]
+    assert loaded(text, add_special_tokens=False)["input_ids"] == ids
+    assert loaded.decode(ids) == text
+    for token in tiny.SPECIAL_TOKENS:  # each special token is one id, the same after reload
+        assert loaded(token, add_special_tokens=False)["input_ids"] == [tiny.special_token_id(token)]
+    # one id per UTF-8 byte for plain text, no merges
+    assert len(loaded("héllo", add_special_tokens=False)["input_ids"]) == len("héllo".encode())
+    assert loaded.pad_token == "<|endoftext|>" and loaded.eos_token == "<|im_end|>"
+    assert max(ids) < tiny.TINY_VOCAB_SIZE
+    rendered = loaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                          add_generation_prompt=True)
+    assert rendered.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_processor_reloads_without_video_processor(tiny_dirs, backbone):
+    from transformers import AutoImageProcessor
+
+    built = tiny.build_tiny_processor(backbone)
+    loaded = load_processor(tiny_dirs[backbone])
+    assert type(loaded) is type(built)
+    assert loaded.get_attributes() == ["image_processor", "tokenizer"]
+    assert loaded.image_processor.to_dict() == built.image_processor.to_dict()
+    assert loaded.chat_template == tiny.QWEN_CHAT_TEMPLATE
+    standalone = AutoImageProcessor.from_pretrained(tiny_dirs[backbone])
+    assert standalone.to_dict() == built.image_processor.to_dict()
+
+
+def test_unknown_backbone_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="llava_onevision, qwen2_vl"):
+        tiny.build_tiny_model_dir(tmp_path, "qwen2_5_vl")

@@ -1,0 +1,161 @@
+"""The training entry point: config validation, the single-process path, exact resume
+after a preemption signal, and checkpoint pointer safety."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llave_ds.config import ConfigError, load_config
+from llave_ds.train import TrainConfig
+from tests.distributed_harness import run_distributed
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO / "configs" / "demo_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from llave_ds.synthetic import prepare_synthetic_mmeb
+    from llave_ds.tiny import build_tiny_model_dir
+    root = tmp_path_factory.mktemp("train_assets")
+    train_dir, image_root = prepare_synthetic_mmeb(root / "data", num_train_per_subset=12,
+                                                   num_eval_per_subset=4, seed=3)
+    model_dir = build_tiny_model_dir(root / "tiny", "llava_onevision", seed=1)
+    return {"train": str(train_dir), "images": str(image_root), "model": str(model_dir), "root": root}
+
+
+def overrides_for(assets, run_dir, **extra) -> list[str]:
+    base = {"model.path": assets["model"], "data.source": assets["train"], "data.image_root": assets["images"],
+            "run_dir": str(run_dir), "global_batch_size": 16, "num_workers": 0,
+            "gradcache.query_chunk_size": 3, "gradcache.target_chunk_size": 5,
+            "schedule.epochs": 2, "checkpoint.every_steps": 2, "checkpoint.keep_last": 2,
+            "logging.progress": False, "export.dtype": "float32", "collective_timeout_s": 120}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+# ------------------------------------------------------------------ config validation
+
+@pytest.mark.parametrize("override,message", [
+    ("objective.temperature=-0.1", "temperature must be > 0"),
+    ("objective.alpha=-2", "alpha must be >= 0"),
+    ("gradcache.query_chunk_size=999", "larger than global_batch_size"),
+    ("deepspeed.config=/nonexistent/ds.json", "neither a JSON file nor one of the shipped"),
+    ("objective.temprature=0.1", "Did you mean 'objective.temperature'"),
+    ("schedule.kind=exponential", "schedule.kind"),
+    ("model.gradient_checkpointing=sometimes", "gradient_checkpointing"),
+])
+def test_config_errors_are_clear(assets, tmp_path, override, message):
+    with pytest.raises((ConfigError, ValueError), match=message):
+        load_config(TrainConfig, DEMO_CONFIG, overrides_for(assets, tmp_path) + [override])
+
+
+def test_chunk_larger_than_per_rank_batch_is_refused_before_any_process_group(assets, tmp_path):
+    cfg = load_config(TrainConfig, DEMO_CONFIG, overrides_for(assets, tmp_path, **{"gradcache.query_chunk_size": 12}))
+    with pytest.raises(ConfigError, match="per-rank batch 8"):
+        cfg.validate_for_world(2)
+    with pytest.raises(ConfigError, match="not divisible by the 3 ranks"):
+        cfg.validate_for_world(3)
+
+
+def test_reentrant_checkpointing_with_zero3_is_refused(assets, tmp_path):
+    from llave_ds.engine import EngineConfigError, complete_ds_config, load_ds_config
+    from llave_ds.train import resolve_ds_config_path
+    with pytest.raises(EngineConfigError, match="reentrant"):
+        complete_ds_config(load_ds_config(resolve_ds_config_path("zero3")), local_batch_size=8, world_size=2,
+                           activation_checkpointing="reentrant")
+
+
+def test_shipped_configs_load(assets, tmp_path):
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(TrainConfig, path, [f"model.path={assets['model']}", f"data.source={assets['train']}"])
+        assert cfg.objective.temperature > 0, path
+        header = path.read_text().splitlines()[:12]
+        assert any("llave_ds.train" in line or "llave-ds" in line for line in header), f"{path}: no launch command"
+
+
+# ------------------------------------------------------------------ single process
+
+def test_single_process_path_trains_checkpoints_and_exports(assets, tmp_path):
+    """`python -m llave_ds.train` with no launcher variables: one rank, same code path."""
+    run_dir = tmp_path / "single"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "llave_ds.train", "--config", str(DEMO_CONFIG),
+                           *overrides_for(assets, run_dir, **{"schedule.max_steps": 3})],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and not summary["stopped_early"]
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("loss", "pos_sim", "hardest_neg_sim", "gap", "lr", "grad_norm", "samples_per_s",
+                "tokens_per_s", "peak_mem_gb"):
+        assert all(isinstance(r[key], float) for r in records), key
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert list((run_dir / "export").glob("*.safetensors"))
+
+
+# ------------------------------------------------------------------ exact resume
+
+def _train_rank(rank, world, overrides, preempt_at):
+    from llave_ds.train import train
+    cfg = load_config(TrainConfig, DEMO_CONFIG, overrides)
+
+    def hook(step, result):
+        if preempt_at and step == preempt_at and rank == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)  # as SLURM's --signal would
+    res = train(cfg, on_step_end=hook)
+    return {"steps": res.steps, "stopped_early": res.stopped_early}
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = r["loss"]
+    return out
+
+
+def exported(run_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted((run_dir / "export").glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def test_preempted_and_resumed_run_equals_uninterrupted(assets, tmp_path):
+    """2 ranks, ZeRO-3: SIGUSR1 at step 3 -> checkpoint, stop; --resume auto continues
+    (across the epoch boundary) to the same losses and final parameters (fp32, 1e-6)."""
+    steps = 6  # 48 pairs / 16 per step = 3 steps per epoch, 2 epochs
+    full_dir, split_dir = tmp_path / "full", tmp_path / "split"
+    full = run_distributed(_train_rank, 2, overrides_for(assets, full_dir), 0, timeout_s=300)
+    assert full[0].value == {"steps": steps, "stopped_early": False}
+
+    first = run_distributed(_train_rank, 2, overrides_for(assets, split_dir), 3, timeout_s=300)
+    assert all(o.value == {"steps": 3, "stopped_early": True} for o in first)
+    assert (split_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert not (split_dir / "export").exists()  # a preempted run does not export
+    second = run_distributed(_train_rank, 2, overrides_for(assets, split_dir), 0, timeout_s=300)
+    assert second[0].value == {"steps": steps, "stopped_early": False}
+
+    want, got = losses(full_dir), losses(split_dir)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in want:
+        assert abs(want[step] - got[step]) <= 1e-6, (step, want[step], got[step])
+    a, b = exported(full_dir), exported(split_dir)
+    assert a.keys() == b.keys() and a
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst <= 1e-6, worst
+    # keep_last=2: only the two newest complete checkpoints remain.
+    kept = sorted(p.name for p in (split_dir / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000004", "step_00000006"], kept

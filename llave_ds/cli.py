@@ -8,7 +8,12 @@ from typing import Optional, Sequence
 
 # subcommand -> (module with `add_arguments(parser)` and `run(args) -> int`, help line)
 SUBCOMMANDS = {
+    "demo": ("llave_ds.demo", "the offline demo: synthetic data, tiny model, train -> eval -> export on CPU"),
+    "train": ("llave_ds.train", "train an embedding model (YAML config + dotted overrides)"),
+    "eval": ("llave_ds.eval", "MMEB evaluation (precision@1 per subset, category, IND/OOD, overall)"),
     "synth": ("llave_ds.synthetic", "generate the offline synthetic MMEB-format dataset"),
+    "export": ("llave_ds.export", "consolidate a training checkpoint into a transformers model directory"),
+    "encode": ("llave_ds.embedder", "embed the rows of a .jsonl / .parquet file with an exported model"),
 }
 
 

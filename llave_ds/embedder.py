@@ -1,0 +1,316 @@
+"""Use an exported model: ``LlaveEmbedder`` (Python) and ``llave-ds encode`` (files).
+
+``LlaveEmbedder.from_pretrained(dir)`` loads a directory written by ``llave-ds export``
+(or a stock LLaVA-OneVision / Qwen2-VL checkpoint directory) together with its processor,
+and formats inputs exactly as training did, from the prompt settings in
+``llave_embedding.json``. ``encode`` returns float32, L2-normalised ``[N, D]`` embeddings;
+the cosine similarity of two rows is their dot product.
+
+``llave-ds encode --model DIR --input rows.jsonl --out emb.safetensors`` embeds the rows
+of a JSONL / Parquet file (MMEB field names) and writes one row per input row.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+logger = logging.getLogger("llave_ds.embedder")
+
+EMBEDDING_METADATA = "llave_embedding.json"
+ImageLike = Any  # PIL.Image.Image | str | os.PathLike | None
+
+
+class EncodeError(ValueError):
+    """Bad input to encode; the message names the file, row and field when there is one."""
+
+
+@dataclass
+class Side:
+    text: str = ""
+    image: ImageLike = None
+    where: str = ""  # names the row in error messages
+
+
+def _open_image(image: ImageLike, where: str = ""):
+    """A PIL RGB image from a PIL image or a path (None stays None)."""
+    if image is None:
+        return None
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as img:
+                img.load()
+                return img.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise EncodeError(f"{where}cannot read image {os.fspath(image)!r}: {exc}") from exc
+    raise EncodeError(f"{where}an image must be a PIL image, a path or None, got {type(image).__name__}")
+
+
+def read_metadata(path: Union[str, Path]) -> Optional[dict]:
+    file = Path(path) / EMBEDDING_METADATA
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+
+
+def _resolve_device(device) -> torch.device:
+    """None: this rank's GPU (LOCAL_RANK under torchrun / srun launchers), else the CPU."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device(device)
+
+
+class LlaveEmbedder:
+    """An embedding model ready for inference: model + processor + prompt formatter."""
+
+    def __init__(self, model, formatter, device: torch.device, metadata: Optional[dict] = None):
+        self.model = model.eval()
+        self.formatter = formatter
+        self.device = device
+        self.metadata = metadata or {}
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], device=None, dtype=None,
+                        attn_implementation: str = "auto", **formatter_overrides) -> "LlaveEmbedder":
+        """Load an exported directory (or a base model directory).
+
+        device: "cpu", "cuda", "cuda:1", a torch.device, or None (CUDA when available:
+            ``cuda:$LOCAL_RANK`` under a distributed launcher; else the CPU).
+        dtype: "bfloat16" / "float32" / "float16" or a torch dtype; None: bfloat16 on
+            CUDA, float32 on CPU. The embeddings are float32 either way.
+        formatter_overrides: InputFormatter settings that replace those recorded in
+            ``llave_embedding.json`` (max_length, max_image_tokens, query_instruction,
+            target_instruction, system_prompt, padding_side).
+        """
+        from llave_ds.model import DTYPES, ModelConfig, load_embedding_model
+        from llave_ds.processing import InputFormatter
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+        device = _resolve_device(device)
+        if dtype is None:
+            dtype = "bfloat16" if device.type == "cuda" else "float32"
+        if isinstance(dtype, torch.dtype):
+            dtype = {v: k for k, v in DTYPES.items()}[dtype]
+        metadata = read_metadata(path)
+        model, processor = load_embedding_model(ModelConfig(path=str(path), dtype=dtype,
+                                                            attn_implementation=attn_implementation))
+        model.requires_grad_(False)
+        model.to(device)
+        fmt = dict((metadata or {}).get("input_format") or {})
+        settings = {key: fmt[key] for key in ("max_length", "max_image_tokens", "query_instruction",
+                                              "target_instruction", "system_prompt", "padding_side")
+                    if key in fmt}
+        settings.update(formatter_overrides)
+        formatter = InputFormatter(processor, model.backbone, **settings)
+        if metadata is None:
+            logger.info("%s has no %s: using the default prompt settings", path, EMBEDDING_METADATA)
+        return cls(model, formatter, device, metadata)
+
+    @property
+    def dim(self) -> int:
+        return self.model.hidden_size
+
+    def _formatter_for(self, role: str, instruction: Optional[str]):
+        if instruction is None:
+            return self.formatter
+        fmt = copy.copy(self.formatter)
+        setattr(fmt, "query_instruction" if role == "query" else "target_instruction", instruction)
+        return fmt
+
+    def encode(self, texts: Optional[Sequence[Optional[str]]] = None,
+               images: Optional[Sequence[ImageLike]] = None, instruction: Optional[str] = None,
+               role: str = "query", batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+        """Embed rows of text and/or image: ``[N, D]`` float32, unit norm, on CPU.
+
+        texts / images: lists of the same length where both are given; an image is a PIL
+        image, a path or None (text-only row); a text may be None or "" (image-only row).
+        MMEB's ``<|image_1|>`` in a text marks where the image goes.
+        instruction: replaces the role's instruction recorded at export for this call.
+        """
+        if texts is None and images is None:
+            raise EncodeError("give texts, images or both")
+        if texts is not None and isinstance(texts, str):
+            raise EncodeError("texts must be a list of strings, not one string")
+        if texts is not None and images is not None and len(texts) != len(images):
+            raise EncodeError(f"texts and images differ in length ({len(texts)} vs {len(images)})")
+        n = len(texts) if texts is not None else len(images)
+        sides = [Side(texts[i] if texts is not None else "", images[i] if images is not None else None)
+                 for i in range(n)]
+        return self.encode_sides(sides, role=role, instruction=instruction, batch_size=batch_size,
+                                 progress=progress)
+
+    def encode_sides(self, sides: Sequence[Any], role: str = "query", instruction: Optional[str] = None,
+                     batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+        """Embed objects with ``.text`` and ``.image`` (PIL image, path or None)."""
+        from tqdm.auto import tqdm
+
+        if role not in ("query", "target"):
+            raise EncodeError(f"role must be 'query' or 'target', got {role!r}")
+        if batch_size < 1:
+            raise EncodeError(f"batch_size must be >= 1, got {batch_size}")
+        formatter = self._formatter_for(role, instruction)
+        sides = list(sides)
+        out = []
+        self.model.eval()
+        batches = range(0, len(sides), batch_size)
+        with torch.inference_mode():
+            for start in tqdm(batches, total=math.ceil(len(sides) / batch_size), desc=f"encode {role}",
+                              unit="batch", disable=not progress, dynamic_ncols=True):
+                chunk = [Side(s.text if s.text is not None else "",
+                              _open_image(s.image, getattr(s, "where", None) or f"row {start + i}: "))
+                         for i, s in enumerate(sides[start:start + batch_size])]
+                batch = formatter(chunk, role)
+                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                out.append(self.model(**batch).float().cpu())
+        if not out:
+            return torch.empty(0, self.dim, dtype=torch.float32)
+        return torch.cat(out)
+
+
+# ------------------------------------------------------------------------ encode CLI
+
+ROLE_FIELDS = {"query": ("qry", "qry_image_path"), "target": ("pos_text", "pos_image_path")}
+GENERIC_FIELDS = ("text", "image_path")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a .jsonl or .parquet file (a JSON error names the line)."""
+    if not path.is_file():
+        raise EncodeError(f"input file {path} does not exist")
+    if path.suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise EncodeError(f"{path}, line {lineno}: not valid JSON ({exc})") from exc
+                if not isinstance(row, dict):
+                    raise EncodeError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+        return rows
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as exc:  # noqa: BLE001 - name the file whatever pyarrow raises
+            raise EncodeError(f"cannot read parquet file {path}: {exc}") from exc
+    raise EncodeError(f"input file {path}: expected a .jsonl or .parquet file")
+
+
+def row_side(row: dict, role: str, where: str, image_root: Optional[Path]) -> Side:
+    """The side of one row for ``role`` (MMEB fields first, then generic text/image_path),
+    checked: field types, a non-empty row, and that the image file exists. The image
+    stays a path (decoded batch by batch when encoding)."""
+    text_field, image_field = ROLE_FIELDS[role]
+    if text_field not in row and image_field not in row:
+        text_field, image_field = GENERIC_FIELDS
+        if text_field not in row and image_field not in row:
+            raise EncodeError(f"{where}: no {'/'.join(ROLE_FIELDS[role])} (MMEB {role} fields) and no "
+                              f"{'/'.join(GENERIC_FIELDS)} field; fields present: {sorted(row)}")
+    text, image = row.get(text_field), row.get(image_field)
+    if text is not None and not isinstance(text, str):
+        raise EncodeError(f"{where}, field {text_field!r}: expected a string, got {type(text).__name__}")
+    if image is not None and not isinstance(image, str):
+        raise EncodeError(f"{where}, field {image_field!r}: expected a path string, got {type(image).__name__}")
+    if not text and not image:
+        raise EncodeError(f"{where}: both {text_field!r} and {image_field!r} are empty")
+    image_path = None
+    if image:
+        image_path = Path(image) if image_root is None or os.path.isabs(image) else image_root / image
+        if not image_path.is_file():
+            raise EncodeError(f"{where}, field {image_field!r}: image file not found: {image_path}")
+    return Side(text or "", image_path, f"{where}, field {image_field!r}: ")
+
+
+def write_embeddings(embeddings: torch.Tensor, out: Path) -> None:
+    """.safetensors (tensor "embeddings") or .npy, written to a temp file then renamed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}{out.suffix}")
+    try:
+        if out.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file({"embeddings": embeddings.contiguous()}, str(tmp), metadata={"format": "pt"})
+        else:
+            import numpy as np
+
+            np.save(tmp, embeddings.numpy())
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="exported model directory (llave-ds export)")
+    parser.add_argument("--input", required=True, help=".jsonl or .parquet rows (MMEB field names, or text/image_path)")
+    parser.add_argument("--out", required=True, help="output .safetensors (tensor 'embeddings') or .npy")
+    parser.add_argument("--role", default="query", choices=["query", "target"],
+                        help="query: qry / qry_image_path; target: pos_text / pos_image_path (default query)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-root", default=None,
+                        help="directory image paths are relative to (default: the input file's directory)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
+                        help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    inp, out = Path(args.input), Path(args.out)
+    try:
+        if out.suffix not in (".safetensors", ".npy"):
+            raise EncodeError(f"output file {out}: expected a .safetensors or .npy name")
+        if args.batch_size < 1:
+            raise EncodeError(f"--batch-size must be >= 1, got {args.batch_size}")
+        image_root = Path(args.image_root) if args.image_root else inp.parent
+        if not image_root.is_dir():
+            raise EncodeError(f"image root {image_root} is not a directory")
+        rows = read_rows(inp)
+        if not rows:
+            raise EncodeError(f"input file {inp} has no rows")
+        line_numbers = _line_numbers(inp) if inp.suffix == ".jsonl" else None
+
+        def where(i: int) -> str:
+            return f"{inp}, row {i}" + (f" (line {line_numbers[i]})" if line_numbers else "")
+
+        # Every row is checked (fields, types, image files) before the model loads.
+        sides = [row_side(row, args.role, where(i), image_root) for i, row in enumerate(rows)]
+        embedder = LlaveEmbedder.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        embeddings = embedder.encode_sides(sides, role=args.role, batch_size=args.batch_size,
+                                           progress=not args.no_progress)
+        write_embeddings(embeddings, out)
+    except (EncodeError, FileNotFoundError) as exc:
+        print(f"llave-ds encode: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": str(out), "rows": int(embeddings.shape[0]), "dim": int(embeddings.shape[1])}))
+    return 0
+
+
+def _line_numbers(path: Path) -> list[int]:
+    with open(path, encoding="utf-8") as f:
+        return [n for n, line in enumerate(f, 1) if line.strip()]

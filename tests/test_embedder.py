@@ -1,0 +1,240 @@
+"""LlaveEmbedder (load an exported or base directory, encode in batches) and `llave-ds encode`."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from llave_ds import tiny  # noqa: E402
+from llave_ds.cli import main as cli_main  # noqa: E402
+from llave_ds.model import ModelConfig, load_embedding_model  # noqa: E402
+from llave_ds.processing import InputFormatter  # noqa: E402
+
+BACKBONES = ["llava_onevision", "qwen2_vl"]
+
+
+@dataclass
+class Side:
+    text: str
+    image: Optional[Image.Image] = None
+
+
+def noise_image(h, w, seed=0):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the 2 CI cores may be shared with another test process
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_embedder")
+    return {bb: tiny.build_tiny_model_dir(root / bb, bb) for bb in BACKBONES}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    paths = {}
+    for name, (h, w, seed) in {"a.png": (28, 28, 1), "b.png": (40, 56, 2), "sub/c.png": (30, 30, 3)}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        noise_image(h, w, seed).save(root / name)
+        paths[name] = root / name
+    return root, paths
+
+
+def reference(model, formatter, sides, role, batch_size):
+    """What the EmbeddingModel gives, batch by batch, with its own formatter."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(sides), batch_size):
+            out.append(model(**formatter(sides[i:i + batch_size], role)))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_encode_equals_the_embedding_model_and_is_normalised(tiny_dirs, images, backbone):
+    from llave_ds import LlaveEmbedder
+
+    _, paths = images
+    embedder = LlaveEmbedder.from_pretrained(tiny_dirs[backbone], device="cpu")
+    assert embedder.model.training is False and embedder.dim == 64
+    texts = ["<|image_1|>\nwhat is this?", "plain text row", None, "image after text", "another text"]
+    pil = Image.open(paths["b.png"]).convert("RGB")
+    imgs = [paths["a.png"], None, pil, str(paths["sub/c.png"]), None]
+    got = embedder.encode(texts=texts, images=imgs, batch_size=2, progress=False)
+    assert got.shape == (5, 64) and got.dtype == torch.float32
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(5), atol=1e-5, rtol=0)
+
+    model, processor = load_embedding_model(ModelConfig(path=str(tiny_dirs[backbone]), dtype="float32"))
+    model.eval()
+    fmt = InputFormatter(processor, backbone)  # a base dir: the default prompt settings
+    sides = [Side(t or "", Image.open(i).convert("RGB") if isinstance(i, (str, Path)) else i)
+             for t, i in zip(texts, imgs)]
+    torch.testing.assert_close(got, reference(model, fmt, sides, "query", 2), atol=1e-5, rtol=0)
+    # Batching does not change the result; text-only batches (dummy image) neither.
+    one_batch = embedder.encode(texts=texts, images=imgs, batch_size=16, progress=False)
+    torch.testing.assert_close(one_batch, got, atol=1e-5, rtol=0)
+    text_only = embedder.encode(texts=["plain text row"], progress=False)
+    torch.testing.assert_close(text_only[0], got[1], atol=1e-5, rtol=0)
+
+
+def test_exported_prompt_settings_are_used(tiny_dirs, tmp_path):
+    """llave_embedding.json configures the formatter: instructions, max_length, padding."""
+    from llave_ds import LlaveEmbedder
+    from llave_ds.export import embedding_metadata, write_model_dir
+
+    backbone = "llava_onevision"
+    model, processor = load_embedding_model(ModelConfig(path=str(tiny_dirs[backbone]), dtype="float32"))
+    model.eval()
+    fmt = InputFormatter(processor, backbone, max_length=80, query_instruction="Find: ",
+                         target_instruction="Doc: ", padding_side="left")
+    meta = embedding_metadata(model, fmt, export_dtype="float32", model_class="LlavaOnevisionForConditionalGeneration")
+    out = write_model_dir(model.base_hf_model, None, processor, tmp_path / "exported", meta, "card")
+
+    embedder = LlaveEmbedder.from_pretrained(out, device="cpu", dtype=torch.float32)
+    assert embedder.formatter.query_instruction == "Find: " and embedder.formatter.target_instruction == "Doc: "
+    assert embedder.formatter.max_length == 80 and embedder.formatter.padding_side == "left"
+    texts = ["a short one", "a much longer text that will need to be cut to fit in eighty tokens " * 3]
+    sides = [Side(t) for t in texts]
+    for role in ("query", "target"):
+        got = embedder.encode(texts=texts, role=role, progress=False)
+        torch.testing.assert_close(got, reference(model, fmt, sides, role, 16), atol=1e-5, rtol=0)
+    assert embedder.formatter.num_truncated >= 1
+    # instruction= replaces the recorded one for one call only.
+    other = embedder.encode(texts=texts, instruction="Other: ", progress=False)
+    fmt_other = InputFormatter(processor, backbone, max_length=80, query_instruction="Other: ", padding_side="left")
+    torch.testing.assert_close(other, reference(model, fmt_other, sides, "query", 16), atol=1e-5, rtol=0)
+    assert embedder.formatter.query_instruction == "Find: "
+    assert not torch.allclose(other, embedder.encode(texts=texts, progress=False), atol=1e-3)
+
+
+def test_encode_sides_and_argument_errors(tiny_dirs):
+    from llave_ds import LlaveEmbedder
+    from llave_ds.embedder import EncodeError
+
+    embedder = LlaveEmbedder.from_pretrained(tiny_dirs["qwen2_vl"], device="cpu")
+    sides = [Side("<|image_1|> x", noise_image(28, 28, 5)), Side("y")]
+    got = embedder.encode_sides(sides, role="target", progress=False)
+    torch.testing.assert_close(got, embedder.encode(texts=["<|image_1|> x", "y"], images=[sides[0].image, None],
+                                                    role="target", progress=False), atol=1e-6, rtol=0)
+    assert embedder.encode(texts=[], progress=False).shape == (0, 64)
+    with pytest.raises(EncodeError, match="differ in length"):
+        embedder.encode(texts=["a", "b"], images=[None])
+    with pytest.raises(EncodeError, match="role"):
+        embedder.encode(texts=["a"], role="document")
+    with pytest.raises(EncodeError, match="not one string"):
+        embedder.encode(texts="a")
+    with pytest.raises(EncodeError, match="no_such.png"):
+        embedder.encode(texts=["a"], images=["/no/such/dir/no_such.png"], progress=False)
+
+
+def test_package_import_is_lazy():
+    code = ("import sys, llave_ds; assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert 'LlaveEmbedder' in dir(llave_ds) or True; print(llave_ds.__version__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=str(Path(__file__).resolve().parent.parent))
+    assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------------- encode CLI
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_encode_cli_writes_one_row_per_input_row(tiny_dirs, images, tmp_path):
+    from llave_ds import LlaveEmbedder
+
+    root, _ = images
+    model_dir = tiny_dirs["llava_onevision"]
+    rows = [{"qry": "<|image_1|>\nfind this", "qry_image_path": "a.png", "pos_text": "t1", "pos_image_path": ""},
+            {"qry": "text only query", "qry_image_path": "", "pos_text": "", "pos_image_path": "sub/c.png"},
+            {"qry": "", "qry_image_path": "b.png", "pos_text": "t3", "pos_image_path": "a.png"}]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "q.safetensors"
+    assert cli_main(["encode", "--model", str(model_dir), "--input", str(data), "--out", str(out),
+                     "--image-root", str(root), "--batch-size", "2", "--no-progress"]) == 0
+    emb = load_file(str(out))["embeddings"]
+    assert emb.shape == (3, 64) and emb.dtype == torch.float32
+
+    embedder = LlaveEmbedder.from_pretrained(model_dir, device="cpu")
+    expected = embedder.encode(texts=[r["qry"] for r in rows],
+                               images=[root / r["qry_image_path"] if r["qry_image_path"] else None for r in rows],
+                               role="query", progress=False)
+    torch.testing.assert_close(emb, expected, atol=1e-5, rtol=0)
+
+    # targets (pos_* fields) to .npy
+    out_npy = tmp_path / "t.npy"
+    assert cli_main(["encode", "--model", str(model_dir), "--input", str(data), "--out", str(out_npy),
+                     "--role", "target", "--image-root", str(root), "--no-progress"]) == 0
+    targets = np.load(out_npy)
+    assert targets.shape == (3, 64) and targets.dtype == np.float32
+    expected_t = embedder.encode(texts=[r["pos_text"] for r in rows],
+                                 images=[root / r["pos_image_path"] if r["pos_image_path"] else None for r in rows],
+                                 role="target", progress=False)
+    np.testing.assert_allclose(targets, expected_t.numpy(), atol=1e-5)
+
+    # generic text / image_path columns, from parquet, images relative to the input file
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    generic = [{"text": "hello", "image_path": "a.png"}, {"text": "world", "image_path": None}]
+    pq.write_table(pa.Table.from_pylist(generic), root / "generic.parquet")
+    out_g = tmp_path / "g.safetensors"
+    assert cli_main(["encode", "--model", str(model_dir), "--input", str(root / "generic.parquet"),
+                     "--out", str(out_g), "--no-progress"]) == 0
+    assert load_file(str(out_g))["embeddings"].shape == (2, 64)
+
+
+@pytest.mark.parametrize("row, words", [
+    ({"pos_text": "only target fields"}, ["line 3", "qry", "text", "pos_text"]),
+    ({"qry": 17, "qry_image_path": ""}, ["line 3", "'qry'", "expected a string", "int"]),
+    ({"qry": "x", "qry_image_path": "missing.png"}, ["line 3", "'qry_image_path'", "missing.png"]),
+    ({"qry": "", "qry_image_path": ""}, ["line 3", "empty"]),
+])
+def test_encode_cli_names_file_row_and_field_of_a_bad_row(tiny_dirs, tmp_path, capsys, row, words):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"qry": "fine", "qry_image_path": ""}) + "\n\n" + json.dumps(row) + "\n")
+    out = tmp_path / "never.safetensors"
+    capsys.readouterr()
+    assert cli_main(["encode", "--model", str(tiny_dirs["qwen2_vl"]), "--input", str(data), "--out", str(out),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and "row 1" in err
+    for word in words:
+        assert word in err, (word, err)
+    assert not out.exists()
+
+
+def test_encode_cli_rejects_bad_files(tiny_dirs, tmp_path, capsys):
+    model = str(tiny_dirs["qwen2_vl"])
+    bad_json = tmp_path / "broken.jsonl"
+    bad_json.write_text('{"qry": "a"}\n{"qry": \n')
+    cases = [
+        (["--input", str(bad_json), "--out", str(tmp_path / "o.npy")], [str(bad_json), "line 2", "JSON"]),
+        (["--input", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o.npy")], ["nope.jsonl", "does not exist"]),
+        (["--input", str(bad_json), "--out", str(tmp_path / "o.pt")], ["o.pt", ".safetensors or .npy"]),
+    ]
+    for args, words in cases:
+        capsys.readouterr()
+        assert cli_main(["encode", "--model", model, *args, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), (words, err)

@@ -1,0 +1,470 @@
+"""Export: consolidate 2-rank DeepSpeed checkpoints on one CPU process into transformers
+directories that reload with plain transformers and give the training engine's embeddings."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from llave_ds import tiny  # noqa: E402
+from llave_ds.cli import main as cli_main  # noqa: E402
+
+pytestmark = pytest.mark.slow  # 2-rank DeepSpeed training in the module fixture
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+STEPS = 2
+
+
+@dataclass
+class Side:
+    text: str
+    image: Optional[Image.Image] = None
+
+
+def noise_image(h, w, seed=0):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def pairs_for(rank: int, step: int):
+    """4 hand-made pairs per rank and step: image queries, text targets (and one text query)."""
+    base = 100 * rank + 10 * step
+    queries = [Side("<|image_1|>\nwhat is in this picture?", noise_image(28, 28, base + 1)),
+               Side("a question without an image"),
+               Side("describe", noise_image(40, 30, base + 3)),
+               Side("<|image_1|> which colour dominates", noise_image(28, 56, base + 4))]
+    targets = [Side(f"answer number {base + i} with some words") for i in range(4)]
+    return queries, targets
+
+
+def probe_sides():
+    """The fixed chunk whose embeddings are compared after export (has images: no dummy)."""
+    return [Side("<|image_1|>\na probe image", noise_image(28, 28, 999)),
+            Side("a longer probe text without any image at all"),
+            Side("short", noise_image(56, 28, 998))]
+
+
+QUERY_INSTRUCTION = "Find an answer: "
+
+# backbone, ZeRO stage, LoRA rank per training run. The ZeRO-3 run goes last: while its
+# model lives, transformers builds every from_pretrained under zero.Init.
+RUNS = {
+    "lora_zero1": ("qwen2_vl", 1, 4),
+    "zero3": ("llava_onevision", 3, 0),
+}
+
+
+def run_config(tiny_dir, run_dir, backbone, lora_r):
+    from llave_ds.model import ModelConfig
+    from llave_ds.train import ProcessingConfig, TrainConfig
+
+    cfg = TrainConfig(run_dir=str(run_dir), global_batch_size=8,
+                      model=ModelConfig(path=str(tiny_dir), dtype="float32", lora_r=lora_r, lora_alpha=8.0),
+                      processing=ProcessingConfig(max_length=128, query_instruction=QUERY_INSTRUCTION))
+    cfg.data.source = "hand-made pairs"
+    return cfg
+
+
+def train_worker(rank, world_size, jobs):
+    """Per run: load under ZeRO, 2 gradient-cache steps, probe embeddings, checkpoint,
+    and export_from_engine (the end-of-training path)."""
+    import gc
+
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 30 s JIT build
+    torch.set_num_threads(1)
+    from llave_ds import checkpoint as ckpt
+    from llave_ds import engine as eng
+    from llave_ds.config import load_config
+    from llave_ds.export import export_from_engine
+    from llave_ds.gradcache import gradcache_step
+    from llave_ds.model import load_embedding_model, trainable_parameters
+    from llave_ds.objective import ObjectiveConfig
+    from llave_ds.processing import InputFormatter
+    from llave_ds.train import TrainConfig
+
+    results = {}
+    for name, job in jobs.items():
+        run_dir = Path(job["run_dir"])
+        cfg = load_config(TrainConfig, run_dir / "config.yaml")
+        zero = {"stage": job["stage"]}
+        if job["stage"] == 3:
+            zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
+        ds = eng.complete_ds_config({"zero_optimization": zero, "bf16": {"enabled": False},
+                                     "steps_per_print": 10 ** 9},
+                                    local_batch_size=4, world_size=world_size, gradient_clipping=0.0, bf16=False)
+        eng.attach_deepspeed_comm()
+        model, processor = load_embedding_model(cfg.model, deepspeed_config=ds)
+        fmt = InputFormatter(processor, model.backbone, max_length=cfg.processing.max_length,
+                             query_instruction=cfg.processing.query_instruction)
+        optimizer = torch.optim.AdamW(trainable_parameters(model), lr=2e-2)
+        engine = eng.build_engine(model, optimizer, ds)
+        backend = eng.DeepSpeedStepBackend(engine)
+        torch.manual_seed(0)
+        losses = []
+        for step in range(STEPS):
+            queries, targets = pairs_for(rank, step)
+            q_chunks = [fmt(queries[i:i + 2], "query") for i in (0, 2)]
+            t_chunks = [fmt(targets[i:i + 2], "target") for i in (0, 2)]
+            result = gradcache_step(backend, q_chunks, t_chunks, ObjectiveConfig())
+            losses.append(float(result.output.loss.detach()))
+        probe = fmt(probe_sides(), "query")
+        engine.eval()
+        with torch.no_grad():
+            emb = engine(**probe).detach().clone()
+        eng.save_checkpoint(engine, run_dir / "checkpoints", ckpt.tag_for_step(STEPS),
+                            {"step": STEPS, "world_size": world_size})
+        export_from_engine(engine, model, processor, fmt, job["engine_export"], cfg, dtype="float32",
+                           summary={"steps": STEPS})
+        results[name] = {"emb": emb, "losses": losses,
+                         "probe": {k: v for k, v in probe.items() if k != "dummy_image"}}
+        del engine, model, optimizer, backend
+        gc.collect()
+    return results
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the 2 CI cores may be shared with another test process
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two runs on 2 gloo ranks: ZeRO-3 full fine-tuning (LLaVA-OV) and ZeRO-1 LoRA
+    (Qwen2-VL, tied head); one checkpoint each, written by both ranks."""
+    from llave_ds.config import dump_config
+    from tests.distributed_harness import run_distributed
+
+    root = tmp_path_factory.mktemp("export")
+    jobs, info = {}, {}
+    for name, (backbone, stage, lora_r) in RUNS.items():
+        tiny_dir = tiny.build_tiny_model_dir(root / f"tiny_{backbone}", backbone)
+        run_dir = root / f"run_{name}"
+        dump_config(run_config(tiny_dir, run_dir, backbone, lora_r), run_dir / "config.yaml")
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.5}) + "\n"
+                                               + json.dumps({"step": 2, "loss": 1.25}) + "\n")
+        jobs[name] = {"run_dir": str(run_dir), "stage": stage, "engine_export": str(root / f"engine_export_{name}")}
+        info[name] = {"backbone": backbone, "tiny": tiny_dir, "run_dir": run_dir, "lora": lora_r > 0,
+                      "engine_export": root / f"engine_export_{name}"}
+    outcomes = run_distributed(train_worker, 2, jobs, timeout_s=240, collective_timeout_s=60)
+    for name in RUNS:
+        info[name]["rank_results"] = [o.value[name] for o in outcomes]
+    return {"root": root, "runs": info}
+
+
+def export(checkpoint, out, *extra):
+    return cli_main(["export", str(checkpoint), "--out", str(out), *map(str, extra)])
+
+
+@pytest.fixture(scope="module")
+def fp32_exports(trained):
+    """fp32 export of each run through the CLI (the run dir for one, the checkpoints dir
+    for the other: both ways of naming a checkpoint)."""
+    out = {}
+    for name, run in trained["runs"].items():
+        source = run["run_dir"] if name == "zero3" else run["run_dir"] / "checkpoints"
+        dest = trained["root"] / f"export_{name}"
+        assert export(source, dest, "--dtype", "fp32") == 0
+        out[name] = dest
+    return out
+
+
+PLAIN_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    import torch.nn.functional as F
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    jobs = json.loads(sys.argv[1])
+    results = {}
+    for name, job in jobs.items():
+        config = json.load(open(job["dir"] + "/config.json"))
+        cls = getattr(transformers, config["architectures"][0])
+        model = cls.from_pretrained(job["dir"], dtype=torch.float32).eval()
+        AutoTokenizer.from_pretrained(job["dir"])
+        AutoImageProcessor.from_pretrained(job["dir"])
+        chunk = torch.load(job["chunk"])
+        mask = chunk["attention_mask"]
+        kwargs = {k: v for k, v in chunk.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
+        if config["model_type"] == "qwen2_vl":  # M-RoPE positions, as the processor's outputs give them
+            kwargs["mm_token_type_ids"] = (chunk["input_ids"] == config["image_token_id"]).int()
+        with torch.no_grad():
+            hidden = model.model(input_ids=chunk["input_ids"], attention_mask=mask, use_cache=False,
+                                 **kwargs).last_hidden_state
+        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)          # last non-pad token per row
+        emb = F.normalize(hidden[torch.arange(hidden.shape[0]), last].float(), dim=-1)
+        torch.save(emb, job["out"])
+        results[name] = type(model).__name__
+    assert not any(m == "llave_ds" or m.startswith("llave_ds.") for m in sys.modules), "llave_ds was imported"
+    print(json.dumps(results))
+""")
+
+
+@pytest.fixture(scope="module")
+def plain_reload(trained, fp32_exports):
+    """One fresh process, plain transformers only: reload each export, embed the probe."""
+    root = trained["root"]
+    jobs = {}
+    for name, run in trained["runs"].items():
+        chunk = root / f"probe_{name}.pt"
+        torch.save(run["rank_results"][0]["probe"], chunk)
+        jobs[name] = {"dir": str(fp32_exports[name]), "chunk": str(chunk), "out": str(root / f"plain_{name}.pt")}
+    script = root / "plain_reload.py"
+    script.write_text(PLAIN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([PYTHON, str(script), json.dumps(jobs)], cwd=str(root), env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    classes = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {name: (torch.load(job["out"]), classes[name]) for name, job in jobs.items()}
+
+
+def read_safetensors_dir(path: Path) -> dict:
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_training_really_changed_the_weights_and_both_ranks_agree(trained):
+    for name, run in trained["runs"].items():
+        r0, r1 = run["rank_results"]
+        torch.testing.assert_close(r0["emb"], r1["emb"], atol=1e-6, rtol=0)  # same probe, same weights
+        assert r0["losses"] == r1["losses"], name
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", list(RUNS))
+def test_export_reloads_with_plain_transformers_and_matches_the_engine(trained, fp32_exports, plain_reload, name):
+    run = trained["runs"][name]
+    emb, cls_name = plain_reload[name]
+    engine_emb = run["rank_results"][0]["emb"]
+    assert emb.shape == engine_emb.shape
+    assert (emb - engine_emb).abs().max().item() <= 1e-5, (emb - engine_emb).abs().max()
+    assert cls_name == {"llava_onevision": "LlavaOnevisionForConditionalGeneration",
+                        "qwen2_vl": "Qwen2VLForConditionalGeneration"}[run["backbone"]]
+
+    # The export is not the base model: training moved weights the probe depends on.
+    exported, base = read_safetensors_dir(fp32_exports[name]), read_safetensors_dir(run["tiny"])
+    assert set(exported) == set(base)  # plain transformers names: no hf_model., no LoRA keys
+    assert all(t.dtype == torch.float32 for t in exported.values())
+    moved = max((exported[k] - base[k]).abs().max().item() for k in base)
+    assert moved > 1e-3
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", list(RUNS))
+def test_llave_embedder_on_the_export_formats_like_training(trained, fp32_exports, name):
+    """The prompt settings travel in llave_embedding.json: LlaveEmbedder formats the probe
+    sides from raw text and images exactly as the training formatter did."""
+    from llave_ds import LlaveEmbedder
+
+    embedder = LlaveEmbedder.from_pretrained(fp32_exports[name], device="cpu")
+    assert embedder.formatter.query_instruction == QUERY_INSTRUCTION and embedder.formatter.max_length == 128
+    sides = probe_sides()
+    got = embedder.encode(texts=[s.text for s in sides], images=[s.image for s in sides], progress=False)
+    engine_emb = trained["runs"][name]["rank_results"][0]["emb"]
+    assert (got - engine_emb).abs().max().item() <= 1e-5
+
+
+@pytest.mark.timeout(300)
+def test_lora_export_is_merged(trained, fp32_exports):
+    keys = read_safetensors_dir(fp32_exports["lora_zero1"])
+    assert not [k for k in keys if "lora" in k or "base_layer" in k or k.startswith("base_model")]
+    meta = json.loads((fp32_exports["lora_zero1"] / "llave_embedding.json").read_text())
+    assert meta["lora_merged"] is True
+    # Only the adapters trained: the merged weights moved only in the LM's adapted linears
+    # (the vision tower has q/k/v projections of the same names: they must not move).
+    base = read_safetensors_dir(trained["runs"]["lora_zero1"]["tiny"])
+    moved = {k for k in base if not torch.equal(base[k], keys[k])}
+    assert len(moved) == 2 * 7, sorted(moved)  # 2 layers x q/k/v/o/gate/up/down
+    assert all("visual" not in k and k.endswith("_proj.weight") for k in moved), sorted(moved)
+
+
+@pytest.mark.timeout(300)
+def test_metadata_and_model_card(trained, fp32_exports):
+    out = fp32_exports["zero3"]
+    meta = json.loads((out / "llave_embedding.json").read_text())
+    assert meta["pooling"] == "last_token" and meta["normalized"] is True
+    assert meta["backbone"] == "llava_onevision" and meta["dim"] == 64
+    assert meta["model_class"] == "LlavaOnevisionForConditionalGeneration"
+    assert meta["export_dtype"] == "float32" and meta["lora_merged"] is False
+    fmt = meta["input_format"]
+    assert fmt["query_instruction"] == QUERY_INSTRUCTION and fmt["target_instruction"] is None
+    assert fmt["max_length"] == 128 and fmt["padding_side"] == "right"
+    assert meta["source"]["step"] == STEPS and meta["source"]["world_size"] == 2
+    card = (out / "README.md").read_text()
+    assert "hand-made pairs" in card and '"steps": 2' in card and '"loss": 1.25' in card
+    assert "query_instruction: 'Find an answer: '" in card
+    for name in ("config.json", "tokenizer.json", "processor_config.json", "preprocessor_config.json",
+                 "chat_template.jinja"):
+        assert (out / name).is_file(), name
+    assert not list(out.parent.glob(f".{out.name}.partial-*"))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", list(RUNS))
+def test_export_from_engine_matches_the_checkpoint_export(trained, fp32_exports, name):
+    """The end-of-training path (gathered on 2 ranks; LoRA merged from the gathered tensors)
+    writes the same weights as the checkpoint path (peft merge_and_unload)."""
+    run = trained["runs"][name]
+    from_engine = read_safetensors_dir(run["engine_export"])
+    from_ckpt = read_safetensors_dir(fp32_exports[name])
+    # Same names too: the standard transformers layout, even though the ZeRO-3 model was
+    # loaded with transformers' legacy renamings (language_model.model.model.* otherwise).
+    assert set(from_engine) == set(from_ckpt)
+    for key, tensor in from_engine.items():
+        torch.testing.assert_close(tensor, from_ckpt[key], atol=2e-6, rtol=0, msg=key)
+    meta = json.loads((run["engine_export"] / "llave_embedding.json").read_text())
+    assert meta["lora_merged"] is run["lora"] and meta["input_format"]["query_instruction"] == QUERY_INSTRUCTION
+
+
+@pytest.mark.timeout(300)
+def test_sharded_bf16_export_has_a_consistent_index(trained, fp32_exports):
+    run = trained["runs"]["zero3"]
+    out = trained["root"] / "export_bf16_sharded"
+    assert export(run["run_dir"] / "checkpoints" / f"step_{STEPS:08d}", out, "--max-shard-size", "100KB") == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    weight_map = index["weight_map"]
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(files) >= 3 and sorted(set(weight_map.values())) == files
+    seen = {}
+    for file in files:
+        with safe_open(str(out / file), "pt") as f:
+            for key in f.keys():
+                seen[key] = file
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point():
+                    assert tensor.dtype == torch.bfloat16, key
+    assert seen == weight_map  # every indexed tensor is in its file, and nothing else is
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    fp32 = read_safetensors_dir(fp32_exports["zero3"])
+    for key in weight_map:  # the same weights, rounded
+        with safe_open(str(out / weight_map[key]), "pt") as f:
+            torch.testing.assert_close(f.get_tensor(key), fp32[key].to(torch.bfloat16), atol=0, rtol=0)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import transformers
+    original = transformers.PreTrainedModel.save_pretrained
+    def slow_save(self, *args, **kwargs):
+        original(self, *args, **kwargs)       # the weights are half of the directory
+        open(sys.argv[3], "w").write("saved")
+        time.sleep(120)
+    transformers.PreTrainedModel.save_pretrained = slow_save
+    from llave_ds.cli import main
+    sys.exit(main(["export", sys.argv[1], "--out", sys.argv[2], "--dtype", "fp32"]))
+""")
+
+
+@pytest.mark.timeout(300)
+def test_killed_export_leaves_no_destination_and_a_rerun_succeeds(trained, tmp_path):
+    run = trained["runs"]["zero3"]
+    out, ready = tmp_path / "killed_export", tmp_path / "ready"
+    script = tmp_path / "kill_me.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([PYTHON, str(script), str(run["run_dir"]), str(out), str(ready)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the export never reached its save step"
+            time.sleep(0.1)
+        staging = list(tmp_path.glob(".killed_export.partial-*"))
+        assert staging and list(staging[0].glob("*.safetensors"))  # really halfway through
+        assert not out.exists()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    # The leftover staging dir does not block the next export to the same place.
+    assert export(run["run_dir"], out, "--dtype", "fp32") == 0
+    assert (out / "llave_embedding.json").is_file() and (out / "config.json").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_existing_destination_is_refused_without_force(trained, tmp_path, capsys):
+    run = trained["runs"]["zero3"]
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    capsys.readouterr()
+    assert export(run["run_dir"], out) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--force" in err
+    assert (out / "keep.txt").read_text() == "mine" and not (out / "config.json").exists()
+    assert export(run["run_dir"], out, "--force") == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert not list(tmp_path.glob(".taken.*"))
+
+
+@pytest.mark.timeout(300)
+def test_clear_errors_name_the_path(trained, tmp_path, capsys):
+    run = trained["runs"]["zero3"]
+    ckpt = run["run_dir"] / "checkpoints" / f"step_{STEPS:08d}"
+
+    def error_of(*args) -> str:
+        capsys.readouterr()
+        assert export(*args) == 2
+        return capsys.readouterr().err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = error_of(empty, tmp_path / "o1")
+    assert str(empty) in err and "not a checkpoint" in err
+
+    incomplete = tmp_path / "run" / "checkpoints" / "step_00000007"
+    incomplete.mkdir(parents=True)
+    (incomplete.parent / "latest").write_text("step_00000007")
+    err = error_of(incomplete.parent, tmp_path / "o2")
+    assert str(incomplete) in err and "llave_complete.json" in err
+
+    elsewhere = tmp_path / "moved" / "ckpts" / ckpt.name
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.symlink_to(ckpt, target_is_directory=True)
+    err = error_of(elsewhere, tmp_path / "o3")
+    assert "config.yaml" in err and str(elsewhere) in err and "--config" in err
+
+    from llave_ds.config import dump_config, load_config
+    from llave_ds.train import TrainConfig
+    cfg = load_config(TrainConfig, run["run_dir"] / "config.yaml")
+    cfg.model.path = str(tmp_path / "no_such_base")
+    bad_cfg = dump_config(cfg, tmp_path / "bad" / "config.yaml")
+    err = error_of(ckpt, tmp_path / "o4", "--config", bad_cfg)
+    assert str(tmp_path / "no_such_base") in err and "--base-model" in err
+    # --base-model points at the base where it lives on this machine.
+    assert export(ckpt, tmp_path / "o5", "--config", bad_cfg, "--base-model", run["tiny"]) == 0
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o4").exists()

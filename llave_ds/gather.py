@@ -36,6 +36,7 @@ import torch.distributed as dist
 class GatherMode(str, Enum):
     EXACT = "exact"
     STOP_GRAD = "stop_grad"
+    LOCAL = "local"  # no gather: each rank's negatives are its own rows (ablations)
 
 
 class RankMismatchError(RuntimeError):
@@ -105,6 +106,8 @@ def all_gather_rows(x: torch.Tensor, mode: GatherMode | str = GatherMode.EXACT,
     Without a multi-rank process group it returns ``x`` itself.
     """
     mode = GatherMode(mode)
+    if mode is GatherMode.LOCAL:
+        raise ValueError("all_gather_rows: mode 'local' gathers nothing; the objective handles it")
     if not is_distributed(group):
         return x, GatherLayout((x.shape[0],), 0)
     rank = dist.get_rank(group)

@@ -40,7 +40,7 @@ class ObjectiveConfig:
     alpha: float = 9.0
     symmetric: bool = True
     false_negative_threshold: Optional[float] = None  # delta; None = filter off
-    gather_mode: str = "exact"  # "exact" | "stop_grad"; ignored on one rank
+    gather_mode: str = "exact"  # "exact" | "stop_grad" | "local" (no cross-rank negatives); ignored on one rank
 
     def validate(self) -> None:
         if not self.temperature > 0:
@@ -151,7 +151,14 @@ def hardness_weighted_loss(query: torch.Tensor, target: torch.Tensor, temperatur
         raise ValueError(f"hard_negatives must be [B, K, D] = [{query.shape[0]}, K, "
                          f"{query.shape[1]}]; got {tuple(hard_negatives.shape)}")
     distributed = gather_mode is not None and is_distributed(group)
-    if distributed:
+    local_only = distributed and GatherMode(gather_mode) is GatherMode.LOCAL
+    if local_only:
+        # No cross-rank negatives: each rank's rows against its own candidates only. The
+        # normalisation still uses the global row count, so the global loss is the mean
+        # of every row's loss and the gradient scaling of the exact mode carries over.
+        all_targets, all_queries, offset = target, query, 0
+        total = int(all_reduce_sum(torch.tensor(float(query.shape[0]), device=query.device), group).item())
+    elif distributed:
         all_targets, layout = all_gather_rows(target, gather_mode, group)
         all_queries = all_gather_rows(query, gather_mode, group)[0] if symmetric else None
         offset, total = layout.offset, layout.total

@@ -22,6 +22,8 @@ SCENARIOS = [
     ("qt_exact_empty_rank", (3, 0), False, 0, None, "exact"),
     ("sym_stopgrad", (3, 3), True, 1, None, "stop_grad"),
     ("qt_stopgrad_uneven", (2, 4), False, 0, None, "stop_grad"),
+    ("sym_local_hard", (3, 3), True, 1, None, "local"),
+    ("qt_local_uneven", (4, 2), False, 0, None, "local"),
 ]
 SCENARIOS_W3 = [
     ("sym_exact_w3", (2, 3, 2), True, 1, None, "exact"),
@@ -70,7 +72,18 @@ def _check(outcomes, scenarios):
             lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
             leaves = [x.clone().requires_grad_(True) for x in (q, t)]
             hleaf = hard.clone().requires_grad_(True) if k else None
-            if mode == "exact":
+            if mode == "local":
+                # No cross-rank negatives: every rank's rows against its own candidates,
+                # normalised by the global row count.
+                total = 0.0
+                for r in range(len(sizes)):
+                    a, b = sum(sizes[:r]), sum(sizes[:r + 1])
+                    total = total + reference_loss_sum(leaves[0][a:b], leaves[1][a:b], range(b - a), TAU, ALPHA,
+                                                       symmetric, hleaf[a:b] if k else None, delta)
+                share = total / (n * dirs)
+                share.backward()
+                want_loss = share.detach()
+            elif mode == "exact":
                 # One device holding the global batch: its gradient, sliced to this rank.
                 ref = reference_loss(*leaves, TAU, ALPHA, symmetric, hleaf, delta)
                 ref.backward()
@@ -93,6 +106,8 @@ def _check(outcomes, scenarios):
             if k:
                 torch.testing.assert_close(got["gh"], hleaf.grad[lo:hi], rtol=1e-8, atol=1e-12,
                                            msg=f"{name} rank {rank}: hard-negative grads")
+            if mode == "local":
+                continue  # statistics are over local candidates: not the single-process ones
             for g, w in zip(got["stats"], (single.positive_similarity,
                                            single.hardest_negative_similarity, single.accuracy)):
                 torch.testing.assert_close(g, w, msg=f"{name} rank {rank}: statistics")

@@ -368,9 +368,12 @@ def _image_fields(sides: _RowSides) -> List[Tuple[str, str]]:
 # --------------------------------------------------------------------------- sources
 
 def list_local_subsets(root: str) -> List[str]:
-    """Subset names under a local MMEB-train directory: ``<S>.parquet|jsonl`` or ``<S>/`` with data files."""
+    """Subset names under a local MMEB directory (train or eval): ``<S>.parquet|jsonl``
+    files or ``<S>/`` directories with data files; hidden entries are ignored."""
     names = set()
     for entry in os.scandir(root):
+        if entry.name.startswith("."):
+            continue
         stem, ext = os.path.splitext(entry.name)
         if entry.is_file() and ext in DATA_EXTENSIONS:
             names.add(stem)

@@ -166,17 +166,9 @@ def parse_eval_rows(records: Iterable[Any], *, subset: Optional[str] = None,
 # --------------------------------------------------------------------------- local files
 
 def list_eval_subsets(root: str) -> List[str]:
-    """Subsets in a local MMEB-eval directory: ``<S>.parquet|jsonl`` files and ``<S>/`` dirs with data files."""
-    names = set()
-    for entry in os.scandir(root):
-        if entry.name.startswith("."):
-            continue
-        stem, ext = os.path.splitext(entry.name)
-        if entry.is_file() and ext in DATA_EXTENSIONS:
-            names.add(stem)
-        elif entry.is_dir() and any(f.endswith(DATA_EXTENSIONS) for f in os.listdir(entry.path)):
-            names.add(entry.name)
-    return sorted(names)
+    """Subsets in a local MMEB-eval directory (same layout rules as MMEB-train)."""
+    from llave_ds.data import list_local_subsets
+    return list_local_subsets(root)
 
 
 def _unknown_message(subset: str, available: Sequence[str], where: str) -> str:

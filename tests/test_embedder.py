@@ -7,9 +7,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Optional  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -21,26 +19,8 @@ from llave_ds import tiny  # noqa: E402
 from llave_ds.cli import main as cli_main  # noqa: E402
 from llave_ds.model import ModelConfig, load_embedding_model  # noqa: E402
 from llave_ds.processing import InputFormatter  # noqa: E402
+from tests.multimodal import BACKBONES, Side, noise_image  # noqa: E402
 
-BACKBONES = ["llava_onevision", "qwen2_vl"]
-
-
-@dataclass
-class Side:
-    text: str
-    image: Optional[Image.Image] = None
-
-
-def noise_image(h, w, seed=0):
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the 2 CI cores may be shared with another test process
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

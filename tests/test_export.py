@@ -11,34 +11,21 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Optional  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from llave_ds import tiny  # noqa: E402
 from llave_ds.cli import main as cli_main  # noqa: E402
+from tests.multimodal import Side, noise_image  # noqa: E402
 
 pytestmark = pytest.mark.slow  # 2-rank DeepSpeed training in the module fixture
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 STEPS = 2
-
-
-@dataclass
-class Side:
-    text: str
-    image: Optional[Image.Image] = None
-
-
-def noise_image(h, w, seed=0):
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
 
 
 def pairs_for(rank: int, step: int):
@@ -137,14 +124,6 @@ def train_worker(rank, world_size, jobs):
         del engine, model, optimizer, backend
         gc.collect()
     return results
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the 2 CI cores may be shared with another test process
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ and global gradient norm (relative), must agree to 1e-5.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import pytest

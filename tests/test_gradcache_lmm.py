@@ -6,9 +6,7 @@ text-only pairs (its vision tower runs on a blank image) while the other holds i
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ import torch
 from PIL import Image
 
 from tests.distributed_harness import run_distributed
+from tests.multimodal import Side
 from tests.reference_loss import reference_loss, reference_loss_sum
 
 STEPS, LR, TAU, ALPHA, TOL = 3, 2e-3, 0.1, 4.0, 1e-5
@@ -28,12 +27,6 @@ STEPS, LR, TAU, ALPHA, TOL = 3, 2e-3, 0.1, 4.0, 1e-5
 # get weight decay from DeepSpeed but not from torch (grad None): wd=0 as in the paper.
 ADAM = dict(lr=LR, eps=1e-4, weight_decay=0.0)
 PAIRS_PER_RANK = 4
-
-
-@dataclass
-class Side:
-    text: str
-    image: Optional[Image.Image] = None
 
 
 @dataclass(frozen=True)

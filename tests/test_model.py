@@ -5,14 +5,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import logging  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Optional  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from llave_ds import tiny  # noqa: E402
 from llave_ds.model import (  # noqa: E402
@@ -20,18 +16,8 @@ from llave_ds.model import (  # noqa: E402
     load_embedding_model, trainable_parameters,
 )
 from llave_ds.processing import InputFormatter  # noqa: E402
+from tests.multimodal import BACKBONES, Side, noise_image  # noqa: E402
 
-BACKBONES = ["llava_onevision", "qwen2_vl"]
-
-
-@dataclass
-class Side:
-    text: str
-    image: Optional[Image.Image] = None
-
-
-def noise_image(h, w, seed=0):
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
 
 
 def image_sides():
@@ -43,14 +29,6 @@ def image_sides():
 
 def text_sides():
     return [Side("first text-only side"), Side("second, a bit longer, text-only side"), Side("3")]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the 2 CI cores may be shared with another test process
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -4,29 +4,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from dataclasses import dataclass  # noqa: E402
-from typing import Optional  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from llave_ds import tiny  # noqa: E402
 from llave_ds.model import EmbeddingModel  # noqa: E402
 from llave_ds.processing import InputFormatter, load_processor  # noqa: E402
+from tests.multimodal import BACKBONES, Side, noise_image  # noqa: E402
 
-BACKBONES = ["llava_onevision", "qwen2_vl"]
-
-
-@dataclass
-class Side:
-    text: str
-    image: Optional[Image.Image] = None
-
-
-def noise_image(h, w, seed=0):
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
 
 
 @pytest.fixture(autouse=True)

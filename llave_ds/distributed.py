@@ -1,11 +1,12 @@
 """Everything about the distributed environment, in one place.
 
 Where the process learns its rank: torchrun / the deepspeed launcher variables first
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), then SLURM's (SLURM_PROCID,
-SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST: DeepSpeed reads none of these), then a
-single process. Which backend it uses: NCCL on CUDA, gloo otherwise. How long a
-collective may wait: always an explicit timeout (torch's default is 30 minutes, which
-turns a rank mismatch into a hung CI job).
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), then SLURM's inside an srun
+step (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_STEP_NODELIST / SLURM_JOB_NODELIST,
+port 20000 + job id % 20000 unless MASTER_PORT is set: DeepSpeed reads none of these),
+then a single process (also in a batch script itself, outside srun). Which backend it
+uses: NCCL on CUDA, gloo otherwise. How long a collective may wait: always an explicit
+timeout (torch's default is 30 minutes, which turns a rank mismatch into a hung CI job).
 """
 from __future__ import annotations
 
@@ -59,6 +60,12 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + lo
 
 
+def _in_slurm_batch_step(env: Mapping[str, str]) -> bool:
+    """True in a batch script itself (a job id but no step id): there SLURM_NTASKS is the
+    job's task count, yet only this one process runs; the ranks exist only under srun."""
+    return "SLURM_JOB_ID" in env and "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env
+
+
 def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistributedEnv:
     """Read rank / world size from torchrun variables, then SLURM, else one process."""
     env = os.environ if environ is None else environ
@@ -68,14 +75,18 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistributedEnv:
             local_rank=int(env.get("LOCAL_RANK", "0")),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT)), source="torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and not _in_slurm_batch_step(env):
+        # The step's nodes, not the job's: `srun -N1 -w node2` inside a two-node job runs
+        # rank 0 on node2 while SLURM_JOB_NODELIST still starts with node1.
+        nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+                    or env.get("SLURM_NODELIST") or "127.0.0.1")
         master = env.get("MASTER_ADDR") or _first_slurm_host(nodelist)
         # A port derived from the job id keeps two jobs sharing a node from colliding.
         job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
-        port = int(env.get("MASTER_PORT", 20000 + job_id % 20000))
+        port = int(env.get("MASTER_PORT") or 20000 + job_id % 20000)
+        world = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
         return DistributedEnv(
-            rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
+            rank=int(env["SLURM_PROCID"]), world_size=world,
             local_rank=int(env.get("SLURM_LOCALID", "0")), master_addr=master,
             master_port=port, source="slurm")
     # One process: any free port will do (a fixed default collides with parallel jobs).

@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "synth": ("llave_ds.synthetic", "generate the offline synthetic MMEB-format dataset"),
     "export": ("llave_ds.export", "consolidate a training checkpoint into a transformers model directory"),
     "encode": ("llave_ds.embedder", "embed the rows of a .jsonl / .parquet file with an exported model"),
+    "bench": ("llave_ds.bench", "training throughput (samples/s, MFU, memory) of the cached step at real shapes"),
 }
 
 

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The prepared GPU benchmark run: one H100 or H200, under 10 minutes of command time.
+#
+#   1. installs the carried wheels (benchmarks/wheels/, made by prepare_gpu_wheels.sh on a
+#      CPU machine) with pip --no-index --no-deps into /tmp/site;
+#   2. runs llave_ds.bench on the LLaVA-OV 0.5B and Aquila-VL-2B shapes at real lengths
+#      (384x384 images = 1485 image tokens + 40-120 text tokens per query; 10-60-token
+#      text targets), bf16, gradient cache on; sweeps chunk size, ZeRO-2 vs ZeRO-3 and
+#      activation checkpointing on/off; the uncached step at the same batch where it fits;
+#   3. leaves in $OUT: gpu_run.log (everything), results.jsonl (one JSON line per run), env.txt.
+#
+# Device tool:  command "bash benchmarks/gpu_run.sh", carry ["benchmarks/wheels"], timeout_s 600
+# Dry run here: DRY_RUN=1 bash benchmarks/gpu_run.sh   (the same python command lines with
+#               --device cpu --shape tiny and small batches appended; no install)
+#
+# BUDGET_S (default 500): no run starts after this many seconds, and each run is killed
+# (timeout) when the budget is spent, so whatever finished is in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-/tmp/llave_gpu_run}
+mkdir -p "$OUT"
+LOG=$OUT/gpu_run.log
+RESULTS=$OUT/results.jsonl
+: > "$RESULTS"
+DRY=${DRY_RUN:-0}
+BUDGET=${BUDGET_S:-500}
+START=$(date +%s)
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+say() { echo "[gpu_run $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+
+# ---- 1. environment ------------------------------------------------------------------
+if [ "$DRY" = 1 ]; then
+    PY=${PYTHON:-$ROOT/.venv/bin/python}
+    export DS_ACCELERATOR=cpu
+    export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+    say "DRY RUN: no install; checking the carried wheels are there and built for CPython 3.12"
+    ls benchmarks/wheels/*.whl >>"$LOG" 2>&1 || { say "no wheels: run benchmarks/prepare_gpu_wheels.sh"; exit 1; }
+    for w in benchmarks/wheels/*.whl; do
+        case "$w" in *-py3-none-any.whl|*-cp312-*) ;; *) say "wheel not for cp312/any: $w"; exit 1 ;; esac
+    done
+else
+    PY=${PYTHON:-python3}
+    export DS_ACCELERATOR=cuda
+    say "installing carried wheels into /tmp/site"
+    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site benchmarks/wheels/*.whl >>"$LOG" 2>&1; then
+        say "pip install of the carried wheels failed (see log)"; exit 1
+    fi
+    export PYTHONPATH=$ROOT:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    if ! "$PY" -c "import transformers, transformers.models.llava_onevision" >>"$LOG" 2>&1; then
+        say "carried transformers does not import here: falling back to the image's own"
+        rm -rf /tmp/site/transformers /tmp/site/transformers-*.dist-info
+    fi
+    if ! "$PY" -c "import deepspeed, transformers, llave_ds.bench" >>"$LOG" 2>&1; then
+        say "deepspeed / transformers / llave_ds do not import (see log)"; exit 1
+    fi
+fi
+{
+    echo "date: $(date -u +%FT%TZ)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
+    "$PY" -c "import sys, torch, transformers, deepspeed; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None); print('transformers', transformers.__version__, transformers.__file__); print('deepspeed', deepspeed.__version__, deepspeed.__file__)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt" | tee -a "$LOG"
+
+# ---- 2. the runs ----------------------------------------------------------------------
+COMMON=(--device cuda --dtype bfloat16 --image-size 384x384 --query-text-tokens 40-120
+        --target-text-tokens 10-60 --query-image-fraction 1.0 --target-image-fraction 0.0
+        --warmup 1 --steps 3 --uncached-steps 2)
+DRY_OVERRIDES=(--device cpu --dtype float32 --shape tiny --image-size 28x28 --pairs-per-rank 4
+               --chunk-sizes 2 --query-text-tokens 10-30 --target-text-tokens 5-15 --warmup 1
+               --steps 1 --uncached-steps 1 --peak-tflops 0.05)
+FAILED=0
+
+bench() {  # bench NAME ARGS...: one benchmark invocation, its JSON line appended to results.jsonl
+    local name=$1; shift
+    local now left
+    now=$(date +%s); left=$(( BUDGET - (now - START) ))
+    if [ "$left" -lt 45 ]; then say "SKIP $name: ${left}s of budget left"; return 0; fi
+    local args=("${COMMON[@]}" "$@" --label "$name" --json-out "$OUT/$name.json")
+    [ "$DRY" = 1 ] && args+=("${DRY_OVERRIDES[@]}")
+    say "RUN $name (limit ${left}s): $PY -m llave_ds.bench ${args[*]}"
+    timeout --signal=TERM --kill-after=10 "$left" "$PY" -m llave_ds.bench "${args[@]}" >>"$LOG" 2>&1
+    local rc=$?
+    if [ -s "$OUT/$name.json" ]; then
+        cat "$OUT/$name.json" >> "$RESULTS"
+        rm -f "$OUT/$name.json"   # at most 8 files come back from $OUT: keep them in results.jsonl
+        say "DONE $name (rc $rc)"
+    else
+        say "FAILED $name (rc $rc; no result)"; FAILED=$((FAILED + 1))
+    fi
+}
+
+# Most important first: the budget may end the list early.
+# 2B, ZeRO-3, checkpointing on (the paper's setting): chunk sweep + uncached at 64 pairs.
+bench 2b_zero3_ckpt --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 8 32
+# 0.5B, ZeRO-3, checkpointing on: chunk sweep + uncached.
+bench 05b_zero3_ckpt --shape llava-ov-0.5b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 32
+# 2B, ZeRO-2 vs ZeRO-3 at the same chunk.
+bench 2b_zero2_ckpt --shape aquila-vl-2b --pairs-per-rank 64 --stages 2 --ckpt non_reentrant --chunk-sizes 16
+# 2B, checkpointing off: only small chunks fit (the memory model skips what would not).
+bench 2b_zero3_nockpt --shape aquila-vl-2b --pairs-per-rank 32 --stages 3 --ckpt off --chunk-sizes 4 2
+
+# ---- 3. summary -----------------------------------------------------------------------
+say "finished: $(wc -l < "$RESULTS") result line(s) in $RESULTS, $FAILED failed"
+"$PY" - "$RESULTS" <<'PYEOF' 2>&1 | tee -a "$LOG"
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    for row in r["rows"]:
+        if "step_s" not in row:
+            print(f"{r['label']:>18} zero{row['stage']} ckpt={row['ckpt']:<13} chunk={row['chunk']:<3} skipped: {row.get('skipped')}")
+            continue
+        print(f"{r['label']:>18} zero{row['stage']} ckpt={row['ckpt']:<13} chunk={row['chunk']:<3} "
+              f"step {row['step_s']:.3f}s  {row['samples_per_s']:.1f} samp/s  MFU {100*row['mfu']:.1f}%  "
+              f"HFU {100*row['hfu']:.1f}%  mem {row['peak_memory_gib']:.1f}/{row['predicted_memory_gib']:.1f} GiB  "
+              f"bk {100*row['bookkeeping_frac']:.2f}%  c/u {row.get('cached_over_uncached', float('nan')):.2f}")
+PYEOF
+[ "$FAILED" = 0 ]

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -103,14 +104,34 @@ def complete_ds_config(ds_config: dict, *, local_batch_size: int, world_size: in
     if bf16 is not None:
         # The model's dtype decides: an fp32 run (CPU, tests) must not be cast to bf16.
         cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": bool(bf16)}
+    if cfg.get("bf16", {}).get("enabled"):
+        # A non-finite gradient must skip the step (docs/RELIABILITY.md); under ZeRO-1/2
+        # DeepSpeed only checks bf16 gradients when this is on (its default, made explicit).
+        if cfg["bf16"].get("check_grad_overflow") is False:
+            raise EngineConfigError("bf16.check_grad_overflow=false would let a non-finite gradient into the "
+                                    "optimizer under ZeRO-1/2; remove it (llave-ds skips such steps)")
+        cfg["bf16"]["check_grad_overflow"] = True
     if "optimizer" in cfg:
         raise EngineConfigError(
             "remove the 'optimizer' block from the DeepSpeed config: llave-ds builds a "
             "torch.optim optimizer from its own config (a config-declared optimizer JIT-"
             "compiles fused kernels and bypasses llave-ds's parameter groups)")
-    stage = zero_stage(cfg)
+    try:
+        stage = zero_stage(cfg)
+    except (TypeError, ValueError):
+        raise EngineConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got "
+                                f"{cfg.get('zero_optimization', {}).get('stage')!r}") from None
     if stage not in (0, 1, 2, 3):
         raise EngineConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
+    zero = cfg.get("zero_optimization", {})
+    if zero.get("offload_param", {}).get("device", "none") not in ("none", None) and stage != 3:
+        raise EngineConfigError(f"zero_optimization.offload_param needs ZeRO stage 3, the config has stage {stage}")
+    if zero.get("compute_grad_norm") is False:
+        raise EngineConfigError("zero_optimization.compute_grad_norm=false switches off DeepSpeed's check for "
+                                "non-finite gradients, which llave-ds relies on to skip such steps; remove it")
+    if offloads_optimizer(cfg) and stage == 0:
+        raise EngineConfigError("zero_optimization.offload_optimizer needs ZeRO stage 1, 2 or 3, the config "
+                                "has stage 0")
     if activation_checkpointing not in ("off", "non_reentrant", "reentrant"):
         raise EngineConfigError(f"activation checkpointing must be off, non_reentrant or "
                                 f"reentrant, got {activation_checkpointing!r}")
@@ -156,10 +177,43 @@ class DeepSpeedStepBackend:
         return contextlib.nullcontext()
 
     def step(self) -> dict:
-        self.engine.step()
+        """``engine.step()``; ``"skipped": True`` when the update was dropped because a
+        reduced gradient was non-finite.
+
+        What catches it (DeepSpeed 0.19.8): ZeRO-3 (any dtype) marks the step as an
+        overflow when the global gradient norm is inf/NaN; ZeRO-1/2 do the same for fp32
+        and for bf16 with ``bf16.check_grad_overflow`` (forced on by ``complete_ds_config``);
+        bf16 without ZeRO goes through BF16_Optimizer, which checks the norm too. On such an
+        overflow DeepSpeed clears the gradients, skips the optimizer and the LR scheduler and
+        counts ``engine.skipped_steps``. The flag is all-reduced, so every rank agrees.
+        ZeRO-0 in fp32 hands the torch optimizer the gradients unchecked: that case is
+        checked here (gradients are already all-reduced) and the step is skipped the same
+        way (optimizer and scheduler untouched, gradients cleared).
+        """
+        before = getattr(self.engine, "skipped_steps", 0)
+        if self.engine.zero_optimization_stage() == 0 and not hasattr(self.engine.optimizer, "overflow"):
+            from llave_ds.gather import all_ranks_ok
+            finite = all(p.grad is None or bool(torch.isfinite(p.grad).all())
+                         for p in self.engine.module.parameters())
+            if not all_ranks_ok(finite, self.device):
+                self._skip_unchecked_step()
+            else:
+                self.engine.step()
+        else:
+            self.engine.step()
+        skipped = getattr(self.engine, "skipped_steps", 0) > before
         norm = self.engine.get_global_grad_norm()
         lr = self.engine.get_lr()[0] if self.engine.get_lr() else float("nan")
-        return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
+        return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr, "skipped": skipped}
+
+    def _skip_unchecked_step(self) -> None:
+        """Run ``engine.step()`` with the optimizer's update disabled and reported as an
+        overflow: DeepSpeed then does its own skip bookkeeping (gradients cleared,
+        ``skipped_steps`` + 1, no scheduler step) and its counters stay consistent."""
+        opt = self.engine.optimizer
+        with _instance_override(opt, "step", lambda *args, **kwargs: None), \
+                _instance_override(opt, "overflow", True):
+            self.engine.step()
 
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict,
@@ -223,44 +277,167 @@ def build_optimizer(params, ds_config: dict, *, lr: float, weight_decay: float, 
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
 
 
-def save_checkpoint(engine, root: Path, tag: str, client_state: dict) -> Path:
+def _guarded_deepspeed_save(engine, root: Path, tag: str, client_state: dict) -> list[str]:
+    """``engine.save_checkpoint`` with every file write guarded: a write that fails (full
+    disk, quota, I/O error) is recorded and the later writes are skipped, but DeepSpeed's
+    collectives (barriers, tag check) still run on this rank, so the ranks stay in step
+    and can agree on the failure afterwards. Returns this rank's failure texts."""
+    failures: list[str] = []
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    real_save = getattr(checkpoint_engine, "save", None)
+    real_copy = getattr(engine, "_copy_recovery_script", None)
+
+    def guarded_save(state_dict, path, *args, **kwargs):
+        if failures:
+            return None
+        try:
+            return real_save(state_dict, path, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            failures.append(f"writing {path} failed ({type(exc).__name__}: {exc})")
+            return None
+
+    def guarded_copy(save_path, *args, **kwargs):
+        if failures:
+            return None
+        try:
+            return real_copy(save_path, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"copying DeepSpeed's recovery scripts to {save_path} failed "
+                            f"({type(exc).__name__}: {exc})")
+            return None
+
+    with contextlib.ExitStack() as stack:
+        if real_save is not None:
+            stack.enter_context(_instance_override(checkpoint_engine, "save", guarded_save))
+        if real_copy is not None:
+            stack.enter_context(_instance_override(engine, "_copy_recovery_script", guarded_copy))
+        try:
+            engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        except Exception as exc:  # noqa: BLE001 - a failure outside the guarded writes
+            failures.append(f"DeepSpeed's save_checkpoint raised {type(exc).__name__}: {exc}")
+    return failures
+
+
+@contextlib.contextmanager
+def _instance_override(obj, name: str, value):
+    """Set ``obj.name = value`` for the duration; restore exactly what was there."""
+    had = name in vars(obj)
+    old = vars(obj).get(name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(obj, name, old)
+        else:
+            delattr(obj, name)
+
+
+def save_checkpoint(engine, root: Path, tag: str, client_state: dict, *, checksums: bool = True) -> Path:
     """Save on every rank; ``latest`` moves only once every rank has written everything.
 
-    Order: DeepSpeed's files (all ranks) -> each rank's RNG state -> barrier -> rank 0
-    writes the completion marker and then atomically replaces ``latest``.
+    Order: rank 0 clears what an interrupted save of the same tag left -> DeepSpeed's files
+    (all ranks; write failures recorded, not raised mid-way) -> each rank's RNG state ->
+    the ranks agree on success -> each rank checksums a share of the files -> rank 0 writes
+    the completion marker (with the file manifest) and then atomically replaces
+    ``latest`` -> the ranks agree again.
+
+    Any failure on any rank (a full disk: torch reports it as "unexpected pos") raises
+    CheckpointError on every rank, naming the rank, the file and the previous checkpoint,
+    which stays intact and named by ``latest``; the incomplete directory is removed.
     """
     import torch.distributed as dist
 
     from llave_ds import checkpoint as ckpt
+    from llave_ds.gradcache import rank_errors
 
     root = Path(root)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     path = root / tag
     rank = dist.get_rank() if dist.is_initialized() else 0
-    ckpt.save_rng_state(path, rank)
-    if dist.is_initialized():
-        dist.barrier()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    device = torch.device(engine.device) if getattr(engine, "device", None) is not None else None
+
+    def barrier():
+        if dist.is_initialized() and world > 1:
+            dist.barrier()
+
+    def fail(messages: list[str]):
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        barrier()
+        raise ckpt.CheckpointError(ckpt.save_failure_message(root, tag, messages))
+
+    local: list[str] = []
     if rank == 0:
-        ckpt.mark_complete(path, {"step": client_state.get("step"), "world_size": client_state.get("world_size"),
-                                  "tag": tag})
-        ckpt.set_latest(root, tag)
-    if dist.is_initialized():
-        dist.barrier()
+        try:
+            ckpt.clear_stale_tag(root, tag)
+        except OSError as exc:
+            local.append(f"cannot clear the leftover {path}: {exc}")
+    barrier()
+    if not local:
+        local = _guarded_deepspeed_save(engine, root, tag, client_state)
+    if not local:
+        try:
+            ckpt.save_rng_state(path, rank)
+        except Exception as exc:  # noqa: BLE001
+            local.append(f"writing {path / f'rng_rank{rank}.pt'} failed ({type(exc).__name__}: {exc})")
+    errors = rank_errors("; ".join(local) if local else None, device)
+    if errors:
+        fail(errors)
+
+    # Manifest: sizes of every file, CRC-32 of each rank's share (ranks read in parallel).
+    crcs: dict = {}
+    local_error = None
+    try:
+        files = ckpt.list_checkpoint_files(path)
+        if checksums:
+            crcs = {name: ckpt.file_crc32(path / name) for name in files[rank::world]}
+    except OSError as exc:
+        local_error = f"reading back {path} failed ({exc})"
+    errors = rank_errors(local_error, device)
+    if errors:
+        fail(errors)
+    if checksums and world > 1:
+        shares: list = [None] * world
+        dist.all_gather_object(shares, crcs)
+        crcs = {k: v for share in shares for k, v in share.items()}
+    local_error = None
+    if rank == 0:
+        try:
+            manifest = ckpt.build_manifest(path, files, crcs)
+            ckpt.mark_complete(path, {"step": client_state.get("step"), "world_size": client_state.get("world_size"),
+                                      "tag": tag, "files": manifest})
+            ckpt.set_latest(root, tag)
+        except Exception as exc:  # noqa: BLE001
+            with contextlib.suppress(OSError):
+                (path / ckpt.COMPLETE_MARKER).unlink()
+            local_error = f"writing {path / ckpt.COMPLETE_MARKER} or {root / ckpt.LATEST} failed ({exc})"
+    errors = rank_errors(local_error, device)
+    if errors:
+        fail(errors)
     return path
 
 
 def load_checkpoint(engine, path: Path) -> dict:
-    """Load a checkpoint written by ``save_checkpoint``; returns its client state."""
+    """Load a checkpoint written by ``save_checkpoint``; returns its client state.
+
+    Refuses an incomplete checkpoint or one whose files are missing or of the wrong size
+    (naming the file); when DeepSpeed cannot read it, names the file torch cannot read.
+    """
     from llave_ds import checkpoint as ckpt
 
     path = Path(path)
-    ckpt.describe(path)  # refuses an incomplete one, naming it
+    ckpt.verify_checkpoint(path, checksums=False)  # refuses an incomplete one, naming it
     try:
         load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
                                                          load_optimizer_states=True,
                                                          load_lr_scheduler_states=True)
-    except (FileNotFoundError, RuntimeError, KeyError, EOFError, OSError) as exc:
-        raise ckpt.CheckpointError(f"cannot load checkpoint {path}: {exc}") from exc
+    except (FileNotFoundError, RuntimeError, KeyError, EOFError, OSError, ValueError,
+            AssertionError) as exc:
+        bad = ckpt.find_unreadable_file(path)
+        culprit = f"{bad[0]} cannot be read ({bad[1]}); " if bad else ""
+        raise ckpt.CheckpointError(f"cannot load checkpoint {path}: {culprit}DeepSpeed said: "
+                                   f"{type(exc).__name__}: {exc}") from exc
     if load_path is None:
         raise ckpt.CheckpointError(f"DeepSpeed found no checkpoint at {path}")
     return client_state

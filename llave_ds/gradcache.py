@@ -13,6 +13,12 @@ Ranks must agree on every collective (ZeRO-3 all-gathers parameters in every for
 and reduces gradients in every backward; NCCL hangs where gloo aborts): every rank runs
 the same number of chunks per role, in the same order, padding with repeated chunks
 whose gradient is multiplied by zero.
+
+Non-finite values: a non-finite loss or cached embedding gradient on any rank skips the
+step on every rank *before* pass 2 (one small all-reduce decides), so no reduction is
+ever half done; a non-finite parameter gradient after pass 2 is caught by the backend's
+step (DeepSpeed's overflow check; see ``engine.DeepSpeedStepBackend.step``). Either way
+parameters and optimizer state are untouched and ``StepResult.skipped`` is set.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import torch
+import torch.distributed as dist
 
 from llave_ds.gather import all_ranks_ok, all_reduce_max, is_distributed
 from llave_ds.objective import ContrastiveOutput, ObjectiveConfig, hardness_weighted_loss
@@ -32,6 +39,22 @@ Chunk = Any  # whatever the backend's encode() accepts (a dict of tensors for th
 
 class GradCacheError(RuntimeError):
     """A step could not run on every rank; raised on all ranks together."""
+
+
+def rank_errors(local_error: Optional[str], device: Optional[torch.device] = None) -> list[str]:
+    """Agree on failures: every rank passes its own error text (None when fine) and gets
+    ``["rank R: text", ...]`` for every failing rank (empty when all are fine).
+
+    One tiny all-reduce when everything is fine; the texts travel (all_gather_object) only
+    when some rank failed. Every rank must call it at the same point.
+    """
+    if not is_distributed():
+        return [f"rank 0: {local_error}"] if local_error is not None else []
+    if all_ranks_ok(local_error is None, device):
+        return []
+    texts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(texts, local_error)
+    return [f"rank {r}: {t}" for r, t in enumerate(texts) if t is not None]
 
 
 @dataclass
@@ -87,6 +110,10 @@ class StepResult:
     timings: dict = field(default_factory=dict)
     backend_info: dict = field(default_factory=dict)
     chunks: dict = field(default_factory=dict)
+    # True when the optimizer step was skipped on every rank (non-finite values); the
+    # parameters and optimizer state are then those before the step.
+    skipped: bool = False
+    skip_reason: str = ""
 
     def metrics(self) -> dict:
         return {**self.output.stats(), **self.backend_info,
@@ -108,6 +135,19 @@ def _agree_chunk_counts(roles: Sequence[_Role], device: torch.device) -> None:
     maxima = all_reduce_max(counts)
     for role, m in zip(roles, maxima.tolist()):
         role.padded_count = int(m)
+
+
+_NON_FINITE = {1: "non-finite loss", 2: "non-finite embedding gradient"}
+
+
+def _non_finite_ranks(code: int, device: torch.device) -> dict[int, int]:
+    """Every rank's finiteness code (0 fine, 1 loss, 2 cached gradients), one all-reduce."""
+    world = dist.get_world_size() if is_distributed() else 1
+    rank = dist.get_rank() if is_distributed() else 0
+    codes = torch.zeros(world, dtype=torch.int64, device=device)
+    codes[rank] = code
+    codes = all_reduce_max(codes)
+    return {r: int(c) for r, c in enumerate(codes.tolist()) if c}
 
 
 def _padded_chunks(role: _Role, fallback: Chunk) -> Iterator[tuple[Chunk, bool]]:
@@ -178,6 +218,22 @@ def gradcache_step(backend: StepBackend, query_chunks: Sequence[Chunk],
     output.loss.backward()
     t2 = time.perf_counter()
 
+    # ---- non-finite loss or cached gradient on any rank: every rank skips, before pass 2
+    code = 0
+    if not bool(torch.isfinite(output.loss.detach()).all()):
+        code = 1
+    elif any(c is not None and c.grad is not None and not bool(torch.isfinite(c.grad).all())
+             for c in cached.values()):
+        code = 2
+    bad = _non_finite_ranks(code, device)
+    if bad:
+        where = ", ".join(f"{_NON_FINITE[c]} on rank {r}" for r, c in sorted(bad.items()))
+        return StepResult(
+            output=output, timings={"encode": t1 - t0, "loss": t2 - t1},
+            backend_info={"grad_norm": float("nan")},
+            chunks={r.name: (len(r.chunks), r.padded_count) for r in roles},
+            skipped=True, skip_reason=f"{where}: step skipped before the backward pass")
+
     # ---- pass 2: replay RNG, re-encode with autograd, backprop the cached gradient ----
     # Why the multiplier: the surrogate's parameter gradient on this rank is the sum over
     # its embeddings of dL/de * de/dtheta, i.e. this rank's part of the *sum* over ranks.
@@ -204,13 +260,19 @@ def gradcache_step(backend: StepBackend, query_chunks: Sequence[Chunk],
                 done += 1
                 backend.backward(surrogate, last=done == total_chunks)
     t3 = time.perf_counter()
-    info = backend.step()
+    info = dict(backend.step())
     t4 = time.perf_counter()
+    # The backend skipped the update (non-finite parameter gradient): same on every rank,
+    # since the check runs on the reduced gradients (DeepSpeed all-reduces its overflow flag).
+    skipped = bool(info.pop("skipped", False))
     return StepResult(
         output=output,
         timings={"encode": t1 - t0, "loss": t2 - t1, "reencode_backward": t3 - t2, "step": t4 - t3},
         backend_info=info,
         chunks={r.name: (len(r.chunks), r.padded_count) for r in roles},
+        skipped=skipped,
+        skip_reason=(f"non-finite parameter gradient (global norm {info.get('grad_norm')}): the optimizer "
+                     "step was skipped" if skipped else ""),
     )
 
 
@@ -245,6 +307,10 @@ class TorchStepBackend:
     def step(self) -> dict:
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip else math.inf)
+        if not bool(torch.isfinite(norm)):
+            # Same policy as DeepSpeed's overflow check: no update, no scheduler step.
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"grad_norm": float(norm), "lr": self.optimizer.param_groups[0]["lr"], "skipped": True}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:

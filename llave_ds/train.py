@@ -1,7 +1,14 @@
 """Training entry point: ``llave-ds train --config FILE.yaml key.sub=value ...``
 (also ``python -m llave_ds.train``), under the deepspeed launcher, torchrun, srun or as
-a single process. Reads top to bottom: config -> distributed -> model -> data ->
-engine -> resume -> loop (gradient-cache step, metrics, checkpoints) -> export.
+a single process. Reads top to bottom: config -> preflight (model directory, resume
+checkpoint) -> distributed -> data -> model -> engine -> resume -> loop (gradient-cache
+step, metrics, checkpoints) -> export.
+
+Failure handling (docs/RELIABILITY.md): configuration and checkpoint problems that can be
+seen without the other ranks fail before any process group exists; a failure on one rank
+(data loading, a checkpoint write) is agreed on and raised on every rank with its text;
+a non-finite loss or gradient skips the step on every rank (counted, logged) and too many
+in a row stop the run (``optim.max_consecutive_skips``).
 """
 from __future__ import annotations
 
@@ -24,9 +31,10 @@ import torch
 from llave_ds import checkpoint as ckpt
 from llave_ds import distributed
 from llave_ds.config import ConfigError, config_to_dict, dump_config, load_config
-from llave_ds.data import GlobalBatchSampler, MMEBTrainDataset, PairCollator, TrainDataConfig
-from llave_ds.gather import all_reduce_max, all_reduce_sum
-from llave_ds.gradcache import GradCacheConfig, gradcache_step
+from llave_ds.data import DataError, GlobalBatchSampler, MMEBTrainDataset, PairCollator, TrainDataConfig
+from llave_ds.engine import EngineConfigError, complete_ds_config, load_ds_config
+from llave_ds.gather import all_reduce_max, all_reduce_sum, is_distributed
+from llave_ds.gradcache import GradCacheConfig, gradcache_step, rank_errors
 from llave_ds.model import ModelConfig
 from llave_ds.objective import ObjectiveConfig
 
@@ -67,12 +75,17 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    # A step with a non-finite loss or gradient is skipped on every rank (parameters and
+    # optimizer state untouched, counted in metrics.jsonl); this many in a row stop the run.
+    max_consecutive_skips: int = 5
 
     def validate(self) -> None:
         if not self.lr > 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_consecutive_skips < 1:
+            raise ValueError(f"optim.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
 
 
 @dataclass
@@ -98,6 +111,15 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto (newest complete checkpoint in the run dir, if any) | none | a path
     dir: str = ""  # default: <run_dir>/checkpoints
+    # Record a CRC-32 of every checkpoint file when saving and check it before resuming
+    # (ranks share the reading); sizes are always recorded and checked.
+    checksums: bool = True
+
+    def validate(self) -> None:
+        if self.every_steps < 0:
+            raise ValueError(f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
+        if self.keep_last < 0:
+            raise ValueError(f"checkpoint.keep_last must be >= 0, got {self.keep_last}")
 
 
 @dataclass
@@ -145,7 +167,19 @@ class TrainConfig:
                                  f"global_batch_size={self.global_batch_size}")
         if self.export.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"export.dtype must be bfloat16 or float32, got {self.export.dtype!r}")
-        resolve_ds_config_path(self.deepspeed.config)  # a missing file fails before any process group
+        if self.model.dtype == "float16":
+            raise ValueError("model.dtype=float16 would train fp16 weights without loss scaling, and DeepSpeed's "
+                             "fp16 loss scaling does not mix with the gradient cache; use bfloat16 or float32")
+        # The DeepSpeed config is read and checked here, before any process group: a missing
+        # or invalid file, a ZeRO stage that cannot work, fp16, an optimizer block...
+        path = resolve_ds_config_path(self.deepspeed.config)
+        try:
+            complete_ds_config(load_ds_config(path), local_batch_size=1, world_size=1,
+                               gradient_clipping=self.deepspeed.gradient_clipping,
+                               activation_checkpointing=self.model.gradient_checkpointing,
+                               bf16=self.model.dtype == "bfloat16")
+        except EngineConfigError as exc:
+            raise ValueError(f"deepspeed.config ({path}): {exc}") from None
 
     def validate_for_world(self, world_size: int) -> None:
         """Checks that need the number of ranks (before any model is built)."""
@@ -202,6 +236,135 @@ def count_tokens(chunks) -> int:
     return int(sum(int(c["attention_mask"].sum()) for c in chunks if isinstance(c, dict) and "attention_mask" in c))
 
 
+class TrainingError(RuntimeError):
+    """A failure raised on every rank together, with the failing rank's text (a rank's data
+    loader raised, ranks ran out of data unevenly, too many non-finite steps)."""
+
+
+class NonFiniteLossError(TrainingError):
+    """``optim.max_consecutive_skips`` steps in a row had a non-finite loss or gradient."""
+
+
+class CountingCollator:
+    """Wraps a ``PairCollator``: returns ``(batch, sides truncated while formatting it)``.
+
+    The formatter's ``num_truncated`` counter lives in whichever process runs the collator
+    (a DataLoader worker when ``num_workers > 0``), so the main process never sees it grow;
+    the per-batch difference travels with the batch instead. Picklable.
+    """
+
+    def __init__(self, collator: PairCollator):
+        self.collator = collator
+
+    def __call__(self, pairs):
+        formatter = self.collator.formatter
+        before = getattr(formatter, "num_truncated", 0)
+        batch = self.collator(pairs)
+        return batch, getattr(formatter, "num_truncated", 0) - before
+
+
+def check_model_path(model_cfg) -> None:
+    """Fail before any process group on a model directory that cannot be loaded: missing,
+    no config.json, or an unsupported / mismatching backbone. Hub ids pass (resolved later)."""
+    from llave_ds.processing import detect_backbone
+    raw = model_cfg.path
+    if not raw:
+        raise ConfigError("model.path is empty: give a checkpoint directory or a hub id")
+    path = Path(raw).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.path={raw}: {path} has no config.json (not a transformers checkpoint directory)")
+        try:
+            backbone = detect_backbone(path)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"model.path={raw}: {exc}") from None
+        if model_cfg.backbone != "auto" and model_cfg.backbone != backbone:
+            raise ConfigError(f"model.backbone={model_cfg.backbone!r} but {path} is a {backbone!r} checkpoint")
+    elif path.exists() or path.is_absolute() or raw.startswith((".", "~")):
+        raise ConfigError(f"model.path={raw}: no such directory")
+
+
+def checkpoint_root(cfg: "TrainConfig") -> Path:
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run_dir) / "checkpoints"
+
+
+def resolve_resume(cfg: "TrainConfig", world_size: int) -> Optional[Path]:
+    """The checkpoint to resume from (or None), checked without loading anything: complete,
+    written by this many ranks, every listed file present with its recorded size."""
+    resume = cfg.checkpoint.resume
+    if resume == "auto":
+        path = ckpt.find_resume_checkpoint(checkpoint_root(cfg))
+    elif resume in ("none", ""):
+        return None
+    else:
+        path = Path(resume)
+        if not path.is_dir():
+            raise ckpt.CheckpointError(f"checkpoint.resume={resume}: no such checkpoint directory")
+    if path is None:
+        return None
+    marker = ckpt.describe(path)
+    written_by = marker.get("world_size")
+    if written_by is not None and written_by != world_size:
+        raise ckpt.CheckpointError(
+            f"{path} was written by {written_by} ranks, this run has {world_size}: resume with the same "
+            "number of ranks, or convert it with DeepSpeed's ds_to_universal.py and load it as a universal "
+            "checkpoint")
+    ckpt.verify_checkpoint(path, checksums=False)
+    return path
+
+
+def preflight(cfg: "TrainConfig", world_size: int) -> Optional[Path]:
+    """Every check that needs no other rank, before any process group exists: the number of
+    ranks, the model directory, the resume checkpoint. Returns the checkpoint to resume from."""
+    cfg.validate_for_world(world_size)
+    check_model_path(cfg.model)
+    return resolve_resume(cfg, world_size)
+
+
+def next_batch_agreed(iterator, device: torch.device, step: int):
+    """The next item of ``iterator`` on every rank, or None when every rank's is exhausted.
+
+    One tiny all-reduce per step. A rank whose loader raised makes every rank raise
+    TrainingError with that rank's error text; ranks running out of data at different
+    steps (they would hang in the next collective) make every rank raise too.
+    """
+    item, error = None, None
+    status = 0  # 0 ok, 1 exhausted, 2 failed
+    try:
+        item = next(iterator)
+    except StopIteration:
+        status = 1
+    except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+        status, error = 2, exc
+    flags = torch.tensor([status == 2, status == 1, status == 0], dtype=torch.int64, device=device)
+    any_failed, any_done, any_ok = (bool(v) for v in all_reduce_max(flags).tolist())
+    if any_failed:
+        texts = rank_errors(f"{type(error).__name__}: {error}" if error is not None else None, device)
+        raise TrainingError(f"loading the batch of step {step} failed on "
+                            f"{'this rank' if error is not None else 'another rank'}: {'; '.join(texts)}") from error
+    if any_done and any_ok:
+        done = rank_errors("ran out of data" if status == 1 else None, device)
+        raise TrainingError(f"at step {step} {', '.join(d.split(':')[0] for d in done)} ran out of data while the "
+                            "other ranks still had batches: every rank must draw the same number of steps "
+                            "(same data, same global_batch_size)")
+    return None if any_done else item
+
+
+def check_same_data(dataset, sampler, device: torch.device) -> None:
+    """Every rank must see the same dataset and the same number of steps per epoch, or the
+    first rank to finish an epoch would leave the others waiting in a collective."""
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+    mine = (len(dataset), len(sampler))
+    seen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, mine)
+    if len(set(seen)) > 1:
+        detail = ", ".join(f"rank {r}: {n} pairs / {s} steps per epoch" for r, (n, s) in enumerate(seen))
+        raise DataError(f"the ranks see different training data ({detail}); every rank must read the same "
+                        "data (data.source, data.image_root, data.subsets, data.max_per_subset)")
+
+
 class PreemptionFlag:
     """SIGUSR1 / SIGTERM set a flag; the loop checkpoints at the end of the current step."""
 
@@ -236,11 +399,13 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        # JSON has no NaN / Infinity: a non-finite value (a skipped step's loss) becomes null.
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
                     self.tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
@@ -272,24 +437,48 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
     from llave_ds.model import load_embedding_model, trainable_parameters
     from llave_ds.processing import InputFormatter
 
-    # -- distributed environment, before anything heavy: bad configs fail fast ----------
+    # -- before any process group: config for this world size, model dir, resume checkpoint
     denv = distributed.detect_env()
-    cfg.validate_for_world(denv.world_size)
+    resume_from = preflight(cfg, denv.world_size)
+    # Installed first: SIGUSR1's default action kills the process, and a cluster may send
+    # it while a large model is still loading.
+    preempt = PreemptionFlag()
+    preempt.install()
     env = distributed.init_distributed(timeout_s=cfg.collective_timeout_s)
     rank, world = env.rank, env.world_size
     is_main = rank == 0
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s")
     run_dir = Path(cfg.run_dir)
-    ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    ckpt_root = checkpoint_root(cfg)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt_root.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-    torch.manual_seed(cfg.seed)
     local_batch = cfg.global_batch_size // world
+    device = distributed.default_device(env)
+
+    # -- the resume checkpoint's checksums, read by all ranks in parallel ------------------
+    if resume_from is not None and cfg.checkpoint.checksums:
+        files = sorted((ckpt.read_marker(resume_from) or {}).get("files") or {})
+        local_error = None
+        try:
+            ckpt.verify_checkpoint(resume_from, checksums=True, files=files[rank::world])
+        except ckpt.CheckpointError as exc:
+            local_error = str(exc)
+        errors = rank_errors(local_error, device)
+        if errors:
+            raise ckpt.CheckpointError("; ".join(errors))
+
+    # -- data first (cheap, and bad data should not wait for the model): same on all ranks
+    dataset = MMEBTrainDataset(cfg.data)
+    load_skipped = sum(dataset.skip_counts.values())
+    sampler = GlobalBatchSampler(dataset, cfg.global_batch_size, rank=rank, world_size=world,
+                                 seed=cfg.seed, homogeneous=cfg.data.homogeneous_batches)
+    check_same_data(dataset, sampler, device)
 
     # -- DeepSpeed config, model, formatter ---------------------------------------------
+    torch.manual_seed(cfg.seed)
     ds_config = eng.complete_ds_config(
         eng.load_ds_config(resolve_ds_config_path(cfg.deepspeed.config)),
         local_batch_size=local_batch, world_size=world,
@@ -305,11 +494,9 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
                                system_prompt=cfg.processing.system_prompt,
                                padding_side=cfg.processing.padding_side)
 
-    # -- data: every rank the same number of pairs per step -----------------------------
-    dataset = MMEBTrainDataset(cfg.data)
-    sampler = GlobalBatchSampler(dataset, cfg.global_batch_size, rank=rank, world_size=world,
-                                 seed=cfg.seed, homogeneous=cfg.data.homogeneous_batches)
-    collator = PairCollator(formatter, cfg.gradcache.query_chunk_size, cfg.gradcache.target_chunk_size)
+    # -- loader: every rank the same number of pairs per step ------------------------------
+    collator = CountingCollator(PairCollator(formatter, cfg.gradcache.query_chunk_size,
+                                             cfg.gradcache.target_chunk_size))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
                                          num_workers=cfg.num_workers,
                                          persistent_workers=False)
@@ -328,12 +515,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
 
     # -- resume ---------------------------------------------------------------------------
     step = 0
-    resume_from = None
-    if cfg.checkpoint.resume == "auto":
-        resume_from = ckpt.find_resume_checkpoint(ckpt_root)
-    elif cfg.checkpoint.resume not in ("none", ""):
-        resume_from = Path(cfg.checkpoint.resume)
-        ckpt.describe(resume_from)
+    skipped_steps = consecutive_skips = skipped_rows_total = 0
     if resume_from is not None:
         state = eng.load_checkpoint(engine, resume_from)
         if state.get("world_size") != world:
@@ -342,14 +524,15 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
                 "resume with the same number of ranks, or convert it with DeepSpeed's "
                 "ds_to_universal.py and load it as a universal checkpoint")
         step = int(state["step"])
+        skipped_steps = int(state.get("skipped_steps", 0))
+        consecutive_skips = int(state.get("consecutive_skips", 0))
+        skipped_rows_total = int(state.get("skipped_rows", 0))
         sampler.load_state_dict(state["sampler"])
         ckpt.load_rng_state(resume_from, rank)
         if is_main:
             logger.info("resumed from %s at step %d", resume_from, step)
 
     # -- the loop ---------------------------------------------------------------------------
-    preempt = PreemptionFlag()
-    preempt.install()
     metrics = MetricsWriter(run_dir, is_main, cfg.logging.tensorboard)
     progress = None
     if is_main and cfg.logging.progress:
@@ -359,6 +542,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
     final_loss = float("nan")
     stopped_early = False
     timed = []
+    truncated_total = 0
 
     def save(at_step: int) -> Path:
         # The data position is the global step: epoch = step // steps_per_epoch, and the
@@ -366,8 +550,11 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
         # a function of seed and epoch only).
         sampler_state = {**sampler.state_dict(), "epoch": at_step // steps_per_epoch,
                          "step": at_step % steps_per_epoch}
-        state = {"step": at_step, "world_size": world, "sampler": sampler_state}
-        path = eng.save_checkpoint(engine, ckpt_root, ckpt.tag_for_step(at_step), state)
+        state = {"step": at_step, "world_size": world, "sampler": sampler_state,
+                 "skipped_steps": skipped_steps, "consecutive_skips": consecutive_skips,
+                 "skipped_rows": skipped_rows_total}
+        path = eng.save_checkpoint(engine, ckpt_root, ckpt.tag_for_step(at_step), state,
+                                   checksums=cfg.checkpoint.checksums)
         if is_main:
             ckpt.prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
         return path
@@ -377,7 +564,12 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
         while step < total_steps:
             epoch = step // steps_per_epoch
             sampler.set_epoch(epoch)
-            for batch in loader:
+            batches = iter(loader)
+            while True:
+                item = next_batch_agreed(batches, device, step + 1)
+                if item is None:
+                    break
+                batch, truncated = item
                 t0 = time.perf_counter()
                 torch.manual_seed(step_seed(cfg.seed, step, rank))
                 batch = batch.to(device)
@@ -387,25 +579,50 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
                 elapsed = time.perf_counter() - t0
                 if on_step_end is not None:
                     on_step_end(step, result)
-                # Ranks must agree to stop together: one tiny all-reduce per step.
+                # Ranks must agree to stop together, and the counts are summed over ranks:
+                # two tiny all-reduces per step.
                 flags = torch.tensor([float(preempt.requested),
                                       float(count_tokens(batch.query_chunks) + count_tokens(batch.target_chunks)
-                                            + count_tokens(batch.negative_chunks))], device=device)
+                                            + count_tokens(batch.negative_chunks)),
+                                      float(sum(batch.skipped.values())), float(truncated)], device=device)
                 stop_now = bool(all_reduce_max(flags[:1]).item())
-                tokens = float(all_reduce_sum(flags[1:]).item())
+                tokens, skipped_rows, truncated_sides = (int(v) for v in all_reduce_sum(flags[1:]).tolist())
+                skipped_rows_total += skipped_rows
+                truncated_total += truncated_sides
                 final_loss = float(result.output.loss.detach())
-                if step > cfg.logging.warmup_steps:
+                if result.skipped:  # the same on every rank (gradcache_step agrees on it)
+                    skipped_steps += 1
+                    consecutive_skips += 1
+                    if is_main:
+                        logger.warning("step %d skipped: %s (%d in a row, %d in total; the run stops at "
+                                       "optim.max_consecutive_skips=%d in a row)", step, result.skip_reason,
+                                       consecutive_skips, skipped_steps, cfg.optim.max_consecutive_skips)
+                else:
+                    consecutive_skips = 0
+                if step > cfg.logging.warmup_steps and not result.skipped:
                     timed.append((elapsed, tokens))
                 if is_main and step % max(1, cfg.logging.every_steps) == 0:
                     record = {"step": step, "epoch": epoch, **result.metrics(),
                               "samples_per_s": cfg.global_batch_size / elapsed,
                               "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
-                              "peak_mem_gb": peak_memory_gb(device), "skipped_rows": sum(batch.skipped.values())}
+                              "peak_mem_gb": peak_memory_gb(device), "skipped_rows": skipped_rows,
+                              "skipped_rows_total": skipped_rows_total, "load_skipped_rows": load_skipped,
+                              "truncated_sides": truncated_sides, "skipped_step": int(result.skipped),
+                              "skipped_steps": skipped_steps}
+                    if result.skipped:
+                        record["skip_reason"] = result.skip_reason
                     metrics.write(record)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{final_loss:.4f}", gap=f"{float(result.output.gap):.3f}",
                                          sps=f"{cfg.global_batch_size / elapsed:.1f}")
+                if consecutive_skips >= cfg.optim.max_consecutive_skips:
+                    last = f"; the last complete checkpoint is {saved_path}" if saved_path else ""
+                    raise NonFiniteLossError(
+                        f"step {step}: {consecutive_skips} optimizer steps in a row were skipped for non-finite "
+                        f"values (optim.max_consecutive_skips={cfg.optim.max_consecutive_skips}); last: "
+                        f"{result.skip_reason}. The parameters are those of the last good step{last}. Lower "
+                        "optim.lr, check the data of these steps, or raise the limit")
                 if cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0:
                     saved_path, last_saved = save(step), step
                 if stop_now:
@@ -423,6 +640,11 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
         if progress is not None:
             progress.close()
         metrics.close()
+    if is_main and (load_skipped or skipped_rows_total or truncated_total or skipped_steps):
+        logger.warning("data and numerics: %d bad rows skipped at load %s, %d replaced during training, %d sides "
+                       "truncated to processing.max_length, %d optimizer steps skipped (non-finite)",
+                       load_skipped, dict(dataset.skip_counts) if load_skipped else "", skipped_rows_total,
+                       truncated_total, skipped_steps)
 
     export_dir = ""
     if cfg.export.at_end and not stopped_early:
@@ -443,6 +665,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (see configs/); omitted = built-in defaults")
     parser.add_argument("--resume", help="auto | none | CHECKPOINT_DIR (same as checkpoint.resume=...)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    # The deepspeed launcher appends --local_rank=N unless given --no_local_rank; the rank
+    # comes from the environment either way.
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
 
 
@@ -465,9 +690,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         result = train(cfg)
-    except (ConfigError, ckpt.CheckpointError) as exc:
-        print(f"llave-ds train: {exc}", file=sys.stderr)
+        # Work is checkpointed: a late SIGTERM/SIGUSR1 from the scheduler must not turn the
+        # exit code into 143 while Python shuts down (it resets handlers to the default).
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    except (ConfigError, EngineConfigError) as exc:
+        print(f"llave-ds train: config error: {exc}", file=sys.stderr)
         return 2
+    except ckpt.CheckpointError as exc:
+        print(f"llave-ds train: checkpoint error: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        print(f"llave-ds train: data error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(f"llave-ds train: {exc}", file=sys.stderr)
+        return 1
     finally:
         with contextlib.suppress(Exception):
             distributed.shutdown_distributed()

@@ -1,0 +1,142 @@
+"""Checkpoint faults: a process killed while saving, a missing / truncated / corrupted
+shard, a resume with another number of ranks, a shard DeepSpeed cannot read."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from llave_ds import checkpoint as ckpt
+from tests.reliability import helpers
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_kill_during_checkpoint_save_keeps_latest_on_the_previous_one_and_resume_is_exact(
+        assets, reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    helpers.clone_at_step(reference_run, run_dir, 2)
+    # Rank 1 dies after DeepSpeed wrote its files of step 4, before its RNG state / marker.
+    crash = helpers.run_ranks(helpers.train_rank, 2, helpers.overrides(assets, run_dir),
+                              {"kill_in_save": (4, 1), "marks_dir": str(tmp_path)})
+    assert crash.exitcodes[1] == -9 and not crash.hung, crash.describe()
+    assert "error" in crash.value(0), crash.value(0)
+    root = run_dir / "checkpoints"
+    partial = root / ckpt.tag_for_step(4)
+    assert partial.is_dir() and any(partial.glob("*optim_states.pt"))   # half written ...
+    assert ckpt.read_marker(partial) is None                            # ... never marked complete
+    assert (root / ckpt.LATEST).read_text().strip() == ckpt.tag_for_step(2)
+    assert ckpt.find_resume_checkpoint(root) == root / ckpt.tag_for_step(2)
+    ckpt.verify_checkpoint(root / ckpt.tag_for_step(2), checksums=True)  # the previous one is intact
+
+    resumed = helpers.run_ranks(helpers.train_rank, 2, helpers.overrides(assets, run_dir))
+    assert resumed.all_ok() and resumed.value(0)["steps"] == helpers.STEPS, resumed.describe()
+    assert (root / ckpt.LATEST).read_text().strip() == ckpt.tag_for_step(4)
+    ckpt.verify_checkpoint(partial, checksums=True)  # re-saved from scratch, complete
+    want, got = helpers.last_records(reference_run), helpers.last_records(run_dir)
+    assert all(abs(want[s]["loss"] - got[s]["loss"]) <= 1e-6 for s in want), (want, got)
+    assert helpers.max_export_diff(helpers.exported(reference_run), helpers.exported(run_dir)) <= 1e-6
+
+
+def _copy_run(reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run / "checkpoints", run_dir / "checkpoints")
+    return run_dir, run_dir / "checkpoints" / ckpt.tag_for_step(helpers.STEPS)
+
+
+def _argv(assets, run_dir, *extra):
+    return ["--config", str(helpers.DEMO_CONFIG), *helpers.overrides(assets, run_dir), *extra]
+
+
+@pytest.mark.slow  # needs the reference run's checkpoint
+def test_missing_shard_is_a_clear_error_naming_the_file(assets, reference_run, tmp_path, monkeypatch, capsys):
+    run_dir, latest = _copy_run(reference_run, tmp_path)
+    shard = latest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.unlink()
+    code, err = helpers.train_cli_in_process(_argv(assets, run_dir, "--resume", "auto"), monkeypatch, capsys,
+                                             world_size=2)
+    assert code == 2, err
+    assert f"is missing {shard}" in err and "llave_complete.json" in err, err
+    assert f"checkpoint.resume={latest.parent / ckpt.tag_for_step(2)}" in err, err  # what to do instead
+
+
+@pytest.mark.slow  # needs the reference run's checkpoint
+def test_truncated_shard_is_a_clear_error_naming_the_file(assets, reference_run, tmp_path, monkeypatch, capsys):
+    run_dir, latest = _copy_run(reference_run, tmp_path)
+    shard = latest / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 3)
+    code, err = helpers.train_cli_in_process(_argv(assets, run_dir), monkeypatch, capsys, world_size=2)
+    assert code == 2, err
+    assert f"checkpoint file {shard} is {size // 3} bytes but was {size} bytes when saved" in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_corrupted_shard_of_the_right_size_is_found_by_its_checksum_on_every_rank(assets, reference_run, tmp_path):
+    run_dir, latest = _copy_run(reference_run, tmp_path)
+    shard = latest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    blob = bytearray(shard.read_bytes())
+    middle = len(blob) // 2
+    blob[middle:middle + 64] = bytes(b ^ 0xFF for b in blob[middle:middle + 64])  # same size, other bytes
+    shard.write_bytes(bytes(blob))
+    run = helpers.run_ranks(helpers.train_rank, 2, helpers.overrides(assets, run_dir), timeout_s=150)
+    assert len(run.outcomes) == 2 and not run.hung, run.describe()
+    for rank in (0, 1):
+        error = run.value(rank).get("error", "")
+        assert error.startswith("CheckpointError: rank 1: checkpoint file"), error  # rank 1 read that share
+        assert f"{shard} is corrupted: its CRC-32 is" in error, error
+    # Found before the model was built: no step ran, nothing was written.
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow  # needs the reference run's checkpoint
+def test_resume_with_another_number_of_ranks_is_refused_before_any_process_group(
+        assets, reference_run, tmp_path, monkeypatch, capsys):
+    run_dir, latest = _copy_run(reference_run, tmp_path)
+    code, err = helpers.train_cli_in_process(_argv(assets, run_dir), monkeypatch, capsys)  # 1 rank
+    assert code == 2, err
+    assert f"{latest} was written by 2 ranks, this run has 1" in err and "ds_to_universal" in err, err
+    code, err = helpers.train_cli_in_process(_argv(assets, run_dir, "gradcache.query_chunk_size=2",
+                                                   "gradcache.target_chunk_size=2"), monkeypatch, capsys, world_size=4)
+    assert code == 2 and "written by 2 ranks, this run has 4" in err, err
+
+
+class _FailingEngine:
+    def load_checkpoint(self, *args, **kwargs):
+        raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+
+
+def test_unreadable_shard_without_manifest_is_named_when_deepspeed_fails(tmp_path):
+    """Checkpoints from before the manifest: DeepSpeed's load error is mapped to the file."""
+    import torch
+
+    from llave_ds.engine import load_checkpoint
+    path = tmp_path / "checkpoints" / ckpt.tag_for_step(3)
+    path.mkdir(parents=True)
+    torch.save({"ok": torch.zeros(3)}, path / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    (path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    ckpt.mark_complete(path, {"step": 3, "world_size": 1, "tag": path.name})  # no "files": old format
+    with pytest.raises(ckpt.CheckpointError) as info:
+        load_checkpoint(_FailingEngine(), path)
+    msg = str(info.value)
+    assert f"{path / 'zero_pp_rank_0_mp_rank_00_optim_states.pt'} cannot be read" in msg, msg
+    assert "central directory" in msg
+
+
+def test_latest_naming_an_incomplete_checkpoint_falls_back_to_the_newest_complete(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    for step, complete in ((2, True), (4, True), (6, False)):
+        d = root / ckpt.tag_for_step(step)
+        d.mkdir(parents=True)
+        (d / "x.pt").write_bytes(b"x")
+        if complete:
+            ckpt.mark_complete(d, {"step": step, "files": ckpt.build_manifest(d, ["x.pt"])})
+    ckpt.set_latest(root, ckpt.tag_for_step(6))  # as if a crash hit between marker and latest
+    with caplog.at_level("WARNING", logger="llave_ds.checkpoint"):
+        assert ckpt.find_resume_checkpoint(root) == root / ckpt.tag_for_step(4)
+    assert any("not a complete checkpoint" in r.getMessage() for r in caplog.records)
+    marker = json.loads((root / ckpt.tag_for_step(4) / ckpt.COMPLETE_MARKER).read_text())
+    assert marker["files"] == {"x.pt": {"size": 1}}

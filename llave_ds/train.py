@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import resource
 import signal
 import sys

@@ -7,18 +7,14 @@ import json
 import numpy as np
 import pytest
 
+from tests.assets import build_demo_assets
 from tests.distributed_harness import run_distributed
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from llave_ds.synthetic import prepare_synthetic_mmeb
-    from llave_ds.tiny import build_tiny_model_dir
-    root = tmp_path_factory.mktemp("eval_assets")
-    train_dir, image_root = prepare_synthetic_mmeb(root / "data", num_train_per_subset=4,
-                                                   num_eval_per_subset=5, seed=11)
-    model = build_tiny_model_dir(root / "tiny", "llava_onevision", seed=4)
-    return {"model": str(model), "eval": str(root / "data" / "eval"), "images": str(image_root)}
+    return build_demo_assets(tmp_path_factory.mktemp("eval_assets"), train_per_subset=4, eval_per_subset=5,
+                             data_seed=11, model_seed=4)
 
 
 def _evaluate(model_dir, eval_dir, image_root):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from llave_ds.config import ConfigError, load_config
 from llave_ds.train import TrainConfig
+from tests.assets import build_demo_assets
 from tests.distributed_harness import run_distributed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,13 +24,7 @@ DEMO_CONFIG = REPO / "configs" / "demo_cpu.yaml"
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from llave_ds.synthetic import prepare_synthetic_mmeb
-    from llave_ds.tiny import build_tiny_model_dir
-    root = tmp_path_factory.mktemp("train_assets")
-    train_dir, image_root = prepare_synthetic_mmeb(root / "data", num_train_per_subset=12,
-                                                   num_eval_per_subset=4, seed=3)
-    model_dir = build_tiny_model_dir(root / "tiny", "llava_onevision", seed=1)
-    return {"train": str(train_dir), "images": str(image_root), "model": str(model_dir), "root": root}
+    return build_demo_assets(tmp_path_factory.mktemp("train_assets"))
 
 
 def overrides_for(assets, run_dir, **extra) -> list[str]:

@@ -24,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.assets import build_demo_assets
 from tests.integration.slurm_cluster import running_cluster
 
 pytestmark = pytest.mark.slow
@@ -45,13 +46,7 @@ def slurm_cluster():
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from llave_ds.synthetic import prepare_synthetic_mmeb
-    from llave_ds.tiny import build_tiny_model_dir
-    root = tmp_path_factory.mktemp("slurm_assets")
-    train_dir, image_root = prepare_synthetic_mmeb(root / "data", num_train_per_subset=12,
-                                                   num_eval_per_subset=4, seed=3)
-    model_dir = build_tiny_model_dir(root / "tiny", "llava_onevision", seed=1)
-    return {"train": str(train_dir), "images": str(image_root), "model": str(model_dir)}
+    return build_demo_assets(tmp_path_factory.mktemp("slurm_assets"))
 
 
 def overrides(assets, run_dir: Path) -> list[str]:

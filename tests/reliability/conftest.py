@@ -3,19 +3,14 @@ from __future__ import annotations
 
 import pytest
 
+from tests.assets import build_demo_assets
 from tests.reliability import helpers
 
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     """Synthetic MMEB data (4 subsets x 12 rows) and a tiny LLaVA-OneVision directory."""
-    from llave_ds.synthetic import prepare_synthetic_mmeb
-    from llave_ds.tiny import build_tiny_model_dir
-    root = tmp_path_factory.mktemp("reliability_assets")
-    train_dir, image_root = prepare_synthetic_mmeb(root / "data", num_train_per_subset=12,
-                                                   num_eval_per_subset=4, seed=3)
-    model_dir = build_tiny_model_dir(root / "tiny", "llava_onevision", seed=1)
-    return {"train": str(train_dir), "images": str(image_root), "model": str(model_dir), "root": root}
+    return build_demo_assets(tmp_path_factory.mktemp("reliability_assets"))
 
 
 @pytest.fixture(scope="session")

@@ -349,7 +349,7 @@ def save_checkpoint(engine, root: Path, tag: str, client_state: dict, *, checksu
     import torch.distributed as dist
 
     from llave_ds import checkpoint as ckpt
-    from llave_ds.gradcache import rank_errors
+    from llave_ds.gather import all_gather_objects, rank_errors
 
     root = Path(root)
     path = root / tag
@@ -398,8 +398,7 @@ def save_checkpoint(engine, root: Path, tag: str, client_state: dict, *, checksu
     if errors:
         fail(errors)
     if checksums and world > 1:
-        shares: list = [None] * world
-        dist.all_gather_object(shares, crcs)
+        shares = all_gather_objects(crcs)
         crcs = {k: v for share in shares for k, v in share.items()}
     local_error = None
     if rank == 0:

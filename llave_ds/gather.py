@@ -159,3 +159,37 @@ def all_ranks_ok(ok: bool, device: Optional[torch.device] = None, group=None) ->
     """True only when every rank reports ok: lets all ranks fail together, not hang."""
     flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=device or "cpu")
     return int(all_reduce_max(flag, group).item()) == 0
+
+
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` without a process group)."""
+    if not is_distributed(group):
+        return [obj]
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def rank_codes(code: int, device: Optional[torch.device] = None, group=None) -> dict[int, int]:
+    """Every rank's small status code, by rank, keeping only the non-zero ones (one all-reduce)."""
+    world = dist.get_world_size(group) if is_distributed(group) else 1
+    rank = dist.get_rank(group) if is_distributed(group) else 0
+    codes = torch.zeros(world, dtype=torch.int64, device=device or "cpu")
+    codes[rank] = code
+    codes = all_reduce_max(codes, group)
+    return {r: int(c) for r, c in enumerate(codes.tolist()) if c}
+
+
+def rank_errors(local_error: Optional[str], device: Optional[torch.device] = None, group=None) -> list[str]:
+    """Agree on failures: every rank passes its own error text (None when fine) and gets
+    ``["rank R: text", ...]`` for every failing rank (empty when all are fine).
+
+    One tiny all-reduce when everything is fine; the texts travel only when some rank
+    failed. Every rank must call it at the same point.
+    """
+    if not is_distributed(group):
+        return [f"rank 0: {local_error}"] if local_error is not None else []
+    if all_ranks_ok(local_error is None, device, group):
+        return []
+    texts = all_gather_objects(local_error, group)
+    return [f"rank {r}: {t}" for r, t in enumerate(texts) if t is not None]

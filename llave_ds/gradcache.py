@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import torch
-import torch.distributed as dist
 
-from llave_ds.gather import all_ranks_ok, all_reduce_max, is_distributed
+from llave_ds.gather import all_ranks_ok, all_reduce_max, is_distributed, rank_codes
 from llave_ds.objective import ContrastiveOutput, ObjectiveConfig, hardness_weighted_loss
 
 Chunk = Any  # whatever the backend's encode() accepts (a dict of tensors for the LMM)
@@ -39,22 +38,6 @@ Chunk = Any  # whatever the backend's encode() accepts (a dict of tensors for th
 
 class GradCacheError(RuntimeError):
     """A step could not run on every rank; raised on all ranks together."""
-
-
-def rank_errors(local_error: Optional[str], device: Optional[torch.device] = None) -> list[str]:
-    """Agree on failures: every rank passes its own error text (None when fine) and gets
-    ``["rank R: text", ...]`` for every failing rank (empty when all are fine).
-
-    One tiny all-reduce when everything is fine; the texts travel (all_gather_object) only
-    when some rank failed. Every rank must call it at the same point.
-    """
-    if not is_distributed():
-        return [f"rank 0: {local_error}"] if local_error is not None else []
-    if all_ranks_ok(local_error is None, device):
-        return []
-    texts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(texts, local_error)
-    return [f"rank {r}: {t}" for r, t in enumerate(texts) if t is not None]
 
 
 @dataclass
@@ -140,16 +123,6 @@ def _agree_chunk_counts(roles: Sequence[_Role], device: torch.device) -> None:
 _NON_FINITE = {1: "non-finite loss", 2: "non-finite embedding gradient"}
 
 
-def _non_finite_ranks(code: int, device: torch.device) -> dict[int, int]:
-    """Every rank's finiteness code (0 fine, 1 loss, 2 cached gradients), one all-reduce."""
-    world = dist.get_world_size() if is_distributed() else 1
-    rank = dist.get_rank() if is_distributed() else 0
-    codes = torch.zeros(world, dtype=torch.int64, device=device)
-    codes[rank] = code
-    codes = all_reduce_max(codes)
-    return {r: int(c) for r, c in enumerate(codes.tolist()) if c}
-
-
 def _padded_chunks(role: _Role, fallback: Chunk) -> Iterator[tuple[Chunk, bool]]:
     """The role's chunks, then repeats (flagged as padding) up to the agreed count."""
     for i in range(role.padded_count):
@@ -225,7 +198,7 @@ def gradcache_step(backend: StepBackend, query_chunks: Sequence[Chunk],
     elif any(c is not None and c.grad is not None and not bool(torch.isfinite(c.grad).all())
              for c in cached.values()):
         code = 2
-    bad = _non_finite_ranks(code, device)
+    bad = rank_codes(code, device)  # every rank's finiteness code (0 fine, 1 loss, 2 gradients)
     if bad:
         where = ", ".join(f"{_NON_FINITE[c]} on rank {r}" for r, c in sorted(bad.items()))
         return StepResult(

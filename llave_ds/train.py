@@ -32,8 +32,8 @@ from llave_ds import distributed
 from llave_ds.config import ConfigError, config_to_dict, dump_config, load_config
 from llave_ds.data import DataError, GlobalBatchSampler, MMEBTrainDataset, PairCollator, TrainDataConfig
 from llave_ds.engine import EngineConfigError, complete_ds_config, load_ds_config
-from llave_ds.gather import all_reduce_max, all_reduce_sum, is_distributed
-from llave_ds.gradcache import GradCacheConfig, gradcache_step, rank_errors
+from llave_ds.gather import all_gather_objects, all_reduce_max, all_reduce_sum, is_distributed, rank_errors
+from llave_ds.gradcache import GradCacheConfig, gradcache_step
 from llave_ds.model import ModelConfig
 from llave_ds.objective import ObjectiveConfig
 
@@ -354,10 +354,7 @@ def check_same_data(dataset, sampler, device: torch.device) -> None:
     first rank to finish an epoch would leave the others waiting in a collective."""
     if not is_distributed():
         return
-    import torch.distributed as dist
-    mine = (len(dataset), len(sampler))
-    seen: list = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, mine)
+    seen = all_gather_objects((len(dataset), len(sampler)))
     if len(set(seen)) > 1:
         detail = ", ".join(f"rank {r}: {n} pairs / {s} steps per epoch" for r, (n, s) in enumerate(seen))
         raise DataError(f"the ranks see different training data ({detail}); every rank must read the same "

@@ -1122,15 +1122,20 @@ def _relaunch(args, argv: list[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def _report(table: str, result: dict, json_out: Optional[str]) -> None:
+    """The human table, then the one JSON line last (also written to ``json_out``)."""
+    print(table, flush=True)
+    line = json.dumps(result, default=float)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(line + "\n")
+    print(line, flush=True)
+
+
 def run(args, argv: Optional[list[str]] = None) -> int:
     if args.predict_only:
         result = predict_only(args)
-        print(format_prediction(result), flush=True)
-        line = json.dumps(result, default=float)
-        if args.json_out:
-            Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json_out).write_text(line + "\n")
-        print(line, flush=True)
+        _report(format_prediction(result), result, args.json_out)
         return 0
     if args.ranks > 1 and "RANK" not in os.environ:
         if argv is None:
@@ -1140,12 +1145,7 @@ def run(args, argv: Optional[list[str]] = None) -> int:
         return _relaunch(args, argv)
     result = worker(args)
     if result:
-        print(format_table(result), flush=True)
-        line = json.dumps(result, default=float)
-        if args.json_out:
-            Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json_out).write_text(line + "\n")
-        print(line, flush=True)
+        _report(format_table(result), result, args.json_out)
     return 0
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
+
+from llave_ds.distributed import free_port
 
 
 @dataclass
@@ -23,12 +24,6 @@ class RankOutcome:
     ok: bool
     value: Any = None
     error: str = ""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(fn, rank, world_size, port, collective_timeout_s, env_extra, queue, args):

@@ -25,7 +25,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from tests.distributed_harness import _worker, free_port
+from llave_ds.distributed import free_port
+from tests.distributed_harness import _worker
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo_cpu.yaml"

@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# The prepared GPU benchmark run: one H100 or H200, under 10 minutes of command time.
+# The prepared GPU benchmark run: one H100 or H200, at most 7 minutes of command time.
 #
 #   1. installs the carried wheels (benchmarks/wheels/, made by prepare_gpu_wheels.sh on a
 #      CPU machine) with pip --no-index --no-deps into /tmp/site;
-#   2. runs llave_ds.bench on the LLaVA-OV 0.5B and Aquila-VL-2B shapes at real lengths
+#   2. runs llave_ds.bench on the Aquila-VL-2B and LLaVA-OV 0.5B shapes at real lengths
 #      (384x384 images = 1485 image tokens + 40-120 text tokens per query; 10-60-token
-#      text targets), bf16, gradient cache on; sweeps chunk size, ZeRO-2 vs ZeRO-3 and
-#      activation checkpointing on/off; the uncached step at the same batch where it fits;
+#      text targets), bf16, gradient cache on, chunk 16, 64 pairs, most important first:
+#      (a) ZeRO-3 vs ZeRO-2 with the step optimizations on, with the uncached step;
+#      (d) the peer: sentence-transformers' CachedMultipleNegativesRankingLoss against
+#          llave-ds's cached step on the same Qwen2-0.5B-shaped text encoder
+#          (benchmarks/peer_cached_mnrl.py; the GPU image ships sentence-transformers);
+#      (b) ZeRO-3 with the optimizations off; (c) 0.5B; then one lever off at a time;
 #   3. leaves in $OUT: gpu_run.log (everything), results.jsonl (one JSON line per run), env.txt.
 #
 # Device tool:  command "bash benchmarks/gpu_run.sh", carry ["benchmarks/wheels"], timeout_s 600
 # Dry run here: DRY_RUN=1 bash benchmarks/gpu_run.sh   (the same python command lines with
 #               --device cpu --shape tiny and small batches appended; no install)
 #
-# BUDGET_S (default 500): no run starts after this many seconds, and each run is killed
-# (timeout) when the budget is spent, so whatever finished is in $OUT.
+# BUDGET_S (default 400, so the whole command fits 7 minutes with the install): no run starts
+# after this many seconds, and each run is killed (timeout) when the budget is spent, so
+# whatever finished is in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -24,7 +29,7 @@ LOG=$OUT/gpu_run.log
 RESULTS=$OUT/results.jsonl
 : > "$RESULTS"
 DRY=${DRY_RUN:-0}
-BUDGET=${BUDGET_S:-500}
+BUDGET=${BUDGET_S:-400}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 say() { echo "[gpu_run $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
@@ -66,7 +71,7 @@ cat "$OUT/env.txt" | tee -a "$LOG"
 # ---- 2. the runs ----------------------------------------------------------------------
 COMMON=(--device cuda --dtype bfloat16 --image-size 384x384 --query-text-tokens 40-120
         --target-text-tokens 10-60 --query-image-fraction 1.0 --target-image-fraction 0.0
-        --warmup 1 --steps 3 --uncached-steps 2)
+        --warmup 1 --steps 2 --uncached-steps 2)
 DRY_OVERRIDES=(--device cpu --dtype float32 --shape tiny --image-size 28x28 --pairs-per-rank 4
                --chunk-sizes 2 --query-text-tokens 10-30 --target-text-tokens 5-15 --warmup 1
                --steps 1 --uncached-steps 1 --peak-tflops 0.05)
@@ -91,15 +96,41 @@ bench() {  # bench NAME ARGS...: one benchmark invocation, its JSON line appende
     fi
 }
 
-# Most important first: the budget may end the list early.
-# 2B, ZeRO-3, checkpointing on (the paper's setting): chunk sweep + uncached at 64 pairs.
-bench 2b_zero3_ckpt --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 8 32
-# 0.5B, ZeRO-3, checkpointing on: chunk sweep + uncached.
-bench 05b_zero3_ckpt --shape llava-ov-0.5b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 32
-# 2B, ZeRO-2 vs ZeRO-3 at the same chunk.
-bench 2b_zero2_ckpt --shape aquila-vl-2b --pairs-per-rank 64 --stages 2 --ckpt non_reentrant --chunk-sizes 16
-# 2B, checkpointing off: only small chunks fit (the memory model skips what would not).
-bench 2b_zero3_nockpt --shape aquila-vl-2b --pairs-per-rank 32 --stages 3 --ckpt off --chunk-sizes 4 2
+peer() {  # peer NAME ARGS...: benchmarks/peer_cached_mnrl.py, its JSON line appended to results.jsonl
+    local name=$1; shift
+    local now left
+    now=$(date +%s); left=$(( BUDGET - (now - START) ))
+    if [ "$left" -lt 45 ]; then say "SKIP $name: ${left}s of budget left"; return 0; fi
+    local args=("$@" --json-out "$OUT/$name.json")
+    [ "$DRY" = 1 ] && args+=(--device cpu --layers 2 --pairs 8 --mini-batch 4 --query-tokens 10-30 --target-tokens 5-15 --steps 1)
+    say "RUN $name (limit ${left}s): $PY benchmarks/peer_cached_mnrl.py ${args[*]}"
+    timeout --signal=TERM --kill-after=10 "$left" "$PY" benchmarks/peer_cached_mnrl.py "${args[@]}" >>"$LOG" 2>&1
+    local rc=$?
+    if [ -s "$OUT/$name.json" ]; then
+        cat "$OUT/$name.json" >> "$RESULTS"; rm -f "$OUT/$name.json"; say "DONE $name (rc $rc)"
+    else
+        say "FAILED $name (rc $rc; no result)"; FAILED=$((FAILED + 1))
+    fi
+}
+
+# Most important first: the budget may end the list early. Every run is its own process
+# (ZeRO-3 used to patch F.linear process-wide). "opt" = the defaults: ZeRO-3 fetch units,
+# memory_efficient_linear false, frozen-vision cache; "base" = all three off (the old step).
+# (a) 2B, chunk 16, optimizations on: ZeRO-3 vs ZeRO-2, each with the uncached step.
+bench 2b_z3_opt  --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16
+bench 2b_z2_opt  --shape aquila-vl-2b --pairs-per-rank 64 --stages 2 --ckpt non_reentrant --chunk-sizes 16
+# (d) the peer: sentence-transformers' CachedMNRL vs llave-ds's cached step, same Qwen2-0.5B-shaped text encoder.
+peer  peer_st_05b --pairs 64 --mini-batch 16
+# (b) 2B ZeRO-3 chunk 16 with the optimizations off (before/after on the same machine).
+bench 2b_z3_base --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 \
+      --uncached-steps 0 --no-fetch-units --deepspeed-linear --no-vision-cache
+# (c) 0.5B ZeRO-3, optimizations on.
+bench 05b_z3_opt --shape llava-ov-0.5b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 32
+# one lever at a time, 2B ZeRO-3 chunk 16: without the vision cache; without fetch units.
+bench 2b_z3_novc --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 \
+      --uncached-steps 0 --no-vision-cache
+bench 2b_z3_nofu --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 \
+      --uncached-steps 0 --no-fetch-units
 
 # ---- 3. summary -----------------------------------------------------------------------
 say "finished: $(wc -l < "$RESULTS") result line(s) in $RESULTS, $FAILED failed"
@@ -107,6 +138,11 @@ say "finished: $(wc -l < "$RESULTS") result line(s) in $RESULTS, $FAILED failed"
 import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
+    if r.get("benchmark") == "peer_cached_mnrl":
+        for name, row in r["rows"].items():
+            print(f"{'peer':>18} {name:<34} step {row['step_s']:.3f}s  {row['pairs_per_s']:.1f} pairs/s  first loss {row['first_loss']:.5f}")
+        print(f"{'peer':>18} llave-ds / sentence-transformers = {r['llave_over_st']:.3f}")
+        continue
     for row in r["rows"]:
         if "step_s" not in row:
             print(f"{r['label']:>18} zero{row['stage']} ckpt={row['ckpt']:<13} chunk={row['chunk']:<3} skipped: {row.get('skipped')}")
@@ -114,6 +150,7 @@ for line in open(sys.argv[1]):
         print(f"{r['label']:>18} zero{row['stage']} ckpt={row['ckpt']:<13} chunk={row['chunk']:<3} "
               f"step {row['step_s']:.3f}s  {row['samples_per_s']:.1f} samp/s  MFU {100*row['mfu']:.1f}%  "
               f"HFU {100*row['hfu']:.1f}%  mem {row['peak_memory_gib']:.1f}/{row['predicted_memory_gib']:.1f} GiB  "
-              f"bk {100*row['bookkeeping_frac']:.2f}%  c/u {row.get('cached_over_uncached', float('nan')):.2f}")
+              f"bk {100*row['bookkeeping_frac']:.2f}%  c/u {row.get('cached_over_uncached', float('nan')):.2f}  "
+              f"fetches/step {sum((row.get('zero3_fetches_per_step') or {}).values()):.0f}")
 PYEOF
 [ "$FAILED" = 0 ]

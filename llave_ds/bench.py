@@ -132,6 +132,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefetch-bucket", type=float, default=None, help="stage3_prefetch_bucket_size override")
     g.add_argument("--max-live", type=float, default=None, help="stage3_max_live_parameters override")
     g.add_argument("--max-reuse", type=float, default=None, help="stage3_max_reuse_distance override")
+    g.add_argument("--no-fetch-units", action="store_true",
+                   help="ZeRO-3: hook every submodule (no leaf decoder/vision blocks; the pre-#13 behaviour)")
+    g.add_argument("--deepspeed-linear", action="store_true",
+                   help="ZeRO-3: memory_efficient_linear true (DeepSpeed's default; llave-ds sets false)")
+    g.add_argument("--no-vision-cache", action="store_true",
+                   help="run the frozen tower again in pass 2 instead of reusing pass 1's features")
     g.add_argument("--count-comms", action="store_true",
                    help="DeepSpeed comms logger on: count collectives and bytes per step "
                         "(synchronises after every collective: do not read times from such a run)")
@@ -303,7 +309,8 @@ def _sum_parts(parts: list[dict]) -> dict[str, float]:
     return out
 
 
-def step_flops(fwd: dict[str, float], cached: bool, checkpointing: bool, vision_trained: bool = False) -> dict[str, float]:
+def step_flops(fwd: dict[str, float], cached: bool, checkpointing: bool, vision_trained: bool = False,
+               vision_cached: bool = False) -> dict[str, float]:
     """Model and hardware FLOPs of one step from the summed chunk forward FLOPs.
 
     model    = V * (3 if the tower trains else 1) + 2*P1 + 3*P2 + 3*LLM
@@ -311,6 +318,8 @@ def step_flops(fwd: dict[str, float], cached: bool, checkpointing: bool, vision_
                input needs none; layer 2 and the LLM: forward + 2x for backward)
     hardware = model + padding waste + dummy images + [cache: one more no-grad forward of
                everything] + [checkpointing: one more LLM forward]
+               - [frozen-vision cache: pass 2 reuses pass 1's tower output, so the tower
+               (real and dummy images) runs once, not twice]
     """
     v, p1, p2, llm, pad = fwd["vision"], fwd["proj1"], fwd["proj2"], fwd["llm"], fwd["llm_pad"]
     vd, pd = fwd["vision_dummy"], fwd["proj_dummy"]
@@ -319,6 +328,8 @@ def step_flops(fwd: dict[str, float], cached: bool, checkpointing: bool, vision_
     forward_all = v + p1 + p2 + llm + pad + vd + pd
     hardware = (vision_factor * (v + vd) + 2 * p1 + 3 * p2 + 2.5 * pd + 3 * (llm + pad))
     extra_cache = forward_all if cached else 0.0
+    if cached and vision_cached and not vision_trained:
+        extra_cache -= v + vd
     extra_ckpt = (llm + pad) if checkpointing else 0.0
     hardware += extra_cache + extra_ckpt
     return {"model": model, "hardware": hardware, "cache_extra_forward": extra_cache,
@@ -559,6 +570,10 @@ def ds_config_for(args, stage: int, local_batch: int, world: int, ckpt: str, bf1
         for key, value in overrides.items():
             if value is not None:
                 zo[key] = int(value)
+        if args.no_fetch_units:
+            zo["leaf_module"] = {"classes": []}  # a config of its own: llave-ds adds no fetch units
+        if args.deepspeed_linear:
+            zo["memory_efficient_linear"] = True
     else:
         for key in list(zo):
             if key.startswith("stage3_"):
@@ -575,7 +590,8 @@ def build_model(hf_config, args, dtype_name: str, ckpt: str, ds_cfg: dict, devic
     from llave_ds.model import ModelConfig, build_embedding_model_from_config
 
     mcfg = ModelConfig(backbone="llava_onevision", dtype=dtype_name, attn_implementation=args.attn,
-                       freeze_vision_tower=not args.train_vision_tower, gradient_checkpointing=ckpt)
+                       freeze_vision_tower=not args.train_vision_tower, gradient_checkpointing=ckpt,
+                       cache_frozen_vision=not args.no_vision_cache)
     stage3 = int(ds_cfg.get("zero_optimization", {}).get("stage", 0)) == 3
     if device.type == "cuda" and not stage3:
         # Initialise on the GPU (seconds instead of a minute of CPU init for 2B+ shapes).
@@ -622,7 +638,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 def run_engine(args, env, hf_config, counts, geo, sides_q, sides_t, stage, ckpt, dtype_name,
                device, peak_tflops, probe, on_row=None) -> list[dict]:
-    from llave_ds.engine import DeepSpeedStepBackend, build_engine, build_optimizer
+    from llave_ds.engine import DeepSpeedStepBackend, build_engine, build_optimizer, count_zero3_fetches
     from llave_ds.gradcache import gradcache_step
     from llave_ds.model import trainable_parameters
     from llave_ds.objective import ObjectiveConfig
@@ -663,6 +679,11 @@ def run_engine(args, env, hf_config, counts, geo, sides_q, sides_t, stage, ckpt,
     optimizer = build_optimizer(trainable_parameters(model), ds_cfg, lr=1e-5, weight_decay=0.0)
     engine = build_engine(model, optimizer, ds_cfg)
     build_s = time.perf_counter() - t_build
+    vision_cached = model.vision_cache is not None
+    fetch_units = model.zero3_fetch_units() if stage == 3 and not args.no_fetch_units else []
+    optimizations = {"fetch_units": fetch_units, "vision_cache": vision_cached,
+                     "memory_efficient_linear": bool(ds_cfg["zero_optimization"].get("memory_efficient_linear", True))
+                     if stage == 3 else None}
     if stage == 3:
         persistent = _persistent_numel(engine.module)
     backend = DeepSpeedStepBackend(engine, reduction=args.reduction)
@@ -689,18 +710,20 @@ def run_engine(args, env, hf_config, counts, geo, sides_q, sides_t, stage, ckpt,
             timed = TimedBackend(backend, no_grad_encodes=len(q_chunks) + len(t_chunks))
             times, phases, comms, skipped_steps = [], [], [], 0
             try:
-                for i in range(args.warmup + args.steps):
-                    if i == args.warmup:
-                        probe.reset()
-                        _comms_reset()
-                    timed.begin()
-                    res = gradcache_step(timed, q_chunks, t_chunks, objective)
-                    end = time.perf_counter()
-                    if i >= args.warmup:
-                        skipped_steps += int(bool(getattr(res, "skipped", False)))
-                        times.append(end - timed.marks["start"])
-                        phases.append({**timed.cached_phases(end),
-                                       **{f"gc_{k}": v for k, v in res.timings.items()}})
+                # Fetches are counted over every step, warm-up included: each step runs the same chunks.
+                with (count_zero3_fetches() if stage == 3 else contextlib.nullcontext({})) as fetches:
+                    for i in range(args.warmup + args.steps):
+                        if i == args.warmup:
+                            probe.reset()
+                            _comms_reset()
+                        timed.begin()
+                        res = gradcache_step(timed, q_chunks, t_chunks, objective)
+                        end = time.perf_counter()
+                        if i >= args.warmup:
+                            skipped_steps += int(bool(getattr(res, "skipped", False)))
+                            times.append(end - timed.marks["start"])
+                            phases.append({**timed.cached_phases(end),
+                                           **{f"gc_{k}": v for k, v in res.timings.items()}})
                 loss = float(res.output.loss.detach())
             except Exception as exc:  # noqa: BLE001
                 if not _is_oom(exc):
@@ -721,7 +744,7 @@ def run_engine(args, env, hf_config, counts, geo, sides_q, sides_t, stage, ckpt,
             step_s = statistics.median(times)
             median_phases = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
             flops = step_flops(fwd, cached=True, checkpointing=checkpointing,
-                               vision_trained=args.train_vision_tower)
+                               vision_trained=args.train_vision_tower, vision_cached=vision_cached)
             bookkeeping = median_phases["loss"] + median_phases["rest"]
             row.update({
                 "step_s": step_s, "step_s_all": times, "loss": loss,
@@ -740,7 +763,10 @@ def run_engine(args, env, hf_config, counts, geo, sides_q, sides_t, stage, ckpt,
                 "predicted_memory_gib": pred["total"] / GIB,
                 "memory_rel_err": (mem["peak_allocated"] - pred["total"]) / pred["total"],
                 "chunks_per_role": len(q_chunks), "skipped_steps": skipped_steps,
-                "comms_per_step": comms,
+                "comms_per_step": comms, "optimizations": optimizations,
+                "zero3_fetches_per_step": {k: v / (args.warmup + args.steps) for k, v in fetches.items()},
+                "zero3_fetches_per_chunk_pass": (sum(fetches.values()) / (args.warmup + args.steps)
+                                                 / (3 * (len(q_chunks) + len(t_chunks)))) if fetches else None,
             })
             rows_out.append(row)
             if on_row:
@@ -844,6 +870,15 @@ def format_table(result: dict) -> str:
             f"{ph['step']:>6.3f} {ph['rest']:>6.3f} {row['bookkeeping_frac'] * 100:>5.1f} "
             f"{row['peak_memory_gib']:>8.2f} {row['predicted_memory_gib']:>6.2f} "
             f"{_fmt(row.get('cached_over_uncached'), '.2f'):>5} {_fmt(row.get('cached_over_uncached_flops'), '.2f'):>6}")
+    for row in r["rows"]:
+        f, opt = row.get("zero3_fetches_per_step"), row.get("optimizations")
+        if f:
+            lines.append(f"zero3 chunk={row['chunk']}: {f['forward']:.0f} forward + {f['backward']:.0f} backward "
+                         f"module fetches per step ({row['zero3_fetches_per_chunk_pass']:.1f} per chunk pass)")
+        if opt:
+            lines.append(f"zero{row['stage']} chunk={row['chunk']}: fetch units {', '.join(opt['fetch_units']) or 'none'}; "
+                         f"vision cache {'on' if opt['vision_cache'] else 'off'}; memory_efficient_linear "
+                         f"{opt['memory_efficient_linear']}")
     unc = [(row["stage"], row["ckpt"], row.get("uncached")) for row in r["rows"] if row.get("uncached")]
     seen = set()
     for stage, ckpt, u in unc:
@@ -1053,7 +1088,7 @@ def predict_only(args) -> dict:
                 lists = chunked(sides_q, chunk) + chunked(sides_t, chunk)
                 fwd = _sum_parts([chunk_forward_flops(hf_config, c, geo) for c in lists])
                 fl = step_flops(fwd, cached=True, checkpointing=checkpointing,
-                                vision_trained=args.train_vision_tower)
+                                vision_trained=args.train_vision_tower, vision_cached=not args.no_vision_cache)
                 m = mem(lists)
                 rows.append({
                     "stage": stage, "ckpt": ckpt, "chunk": chunk,

@@ -16,6 +16,7 @@
 # Device tool:  command "bash benchmarks/gpu_run.sh", carry ["benchmarks/wheels"], timeout_s 600
 # Dry run here: DRY_RUN=1 bash benchmarks/gpu_run.sh   (the same python command lines with
 #               --device cpu --shape tiny and small batches appended; no install)
+# Only some:    ONLY="2b_z3_novc peer_st_05b" bash benchmarks/gpu_run.sh
 #
 # BUDGET_S (default 400, so the whole command fits 7 minutes with the install): no run starts
 # after this many seconds, and each run is killed (timeout) when the budget is spent, so
@@ -30,6 +31,7 @@ RESULTS=$OUT/results.jsonl
 : > "$RESULTS"
 DRY=${DRY_RUN:-0}
 BUDGET=${BUDGET_S:-400}
+ONLY=${ONLY:-}  # a space-separated list of run names: run only those (a rerun of what a budget cut off)
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 say() { echo "[gpu_run $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
@@ -77,8 +79,11 @@ DRY_OVERRIDES=(--device cpu --dtype float32 --shape tiny --image-size 28x28 --pa
                --steps 1 --uncached-steps 1 --peak-tflops 0.05)
 FAILED=0
 
+selected() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
+
 bench() {  # bench NAME ARGS...: one benchmark invocation, its JSON line appended to results.jsonl
     local name=$1; shift
+    selected "$name" || return 0
     local now left
     now=$(date +%s); left=$(( BUDGET - (now - START) ))
     if [ "$left" -lt 45 ]; then say "SKIP $name: ${left}s of budget left"; return 0; fi
@@ -98,6 +103,7 @@ bench() {  # bench NAME ARGS...: one benchmark invocation, its JSON line appende
 
 peer() {  # peer NAME ARGS...: benchmarks/peer_cached_mnrl.py, its JSON line appended to results.jsonl
     local name=$1; shift
+    selected "$name" || return 0
     local now left
     now=$(date +%s); left=$(( BUDGET - (now - START) ))
     if [ "$left" -lt 45 ]; then say "SKIP $name: ${left}s of budget left"; return 0; fi

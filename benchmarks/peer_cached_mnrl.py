@@ -85,19 +85,6 @@ def slices(features: dict, size: int) -> list[dict]:
     return [{k: v[i:i + size] for k, v in features.items()} for i in range(0, n, size)]
 
 
-def timed_steps(step_fn, device, warmup: int, steps: int) -> tuple[list[float], list[float]]:
-    times, losses = [], []
-    for i in range(warmup + steps):
-        sync(device)
-        t0 = time.perf_counter()
-        loss = step_fn()
-        sync(device)
-        losses.append(loss)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times, losses
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -108,7 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--mini-batch", type=int, default=16)
     p.add_argument("--query-tokens", default="40-120")
     p.add_argument("--target-tokens", default="10-60")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--json-out", default=None)
@@ -169,11 +156,21 @@ def main(argv=None) -> int:
     def ours_step() -> float:
         return float(gradcache_step(backend, q_chunks, t_chunks, objective).output.loss.detach())
 
-    rows = {}
-    for name, fn in (("llave-ds gradcache_step", ours_step), ("sentence-transformers CachedMNRL", st_step)):
-        times, losses = timed_steps(fn, device, args.warmup, args.steps)
-        rows[name] = {"step_s": statistics.median(times), "step_s_all": times, "first_loss": losses[0],
-                      "pairs_per_s": args.pairs / statistics.median(times)}
+    # Interleaved, one step of each in turn, so clock and allocator drift hit both alike.
+    steps = {"llave-ds gradcache_step": ours_step, "sentence-transformers CachedMNRL": st_step}
+    times = {name: [] for name in steps}
+    losses = {name: [] for name in steps}
+    for i in range(args.warmup + args.steps):
+        for name, fn in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            losses[name].append(fn())
+            sync(device)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    rows = {name: {"step_s": statistics.median(times[name]), "step_s_all": times[name],
+                   "first_loss": losses[name][0], "pairs_per_s": args.pairs / statistics.median(times[name])}
+            for name in steps}
     a, b = rows["llave-ds gradcache_step"], rows["sentence-transformers CachedMNRL"]
     loss_diff = abs(a["first_loss"] - b["first_loss"])
     result = {

@@ -118,6 +118,13 @@ def test_step_flops_bookkeeping():
     assert cached["hardware"] - plain["hardware"] == 10 + 1 + 2 + 100  # one more forward
     ckpt = bench.step_flops(fwd, cached=True, checkpointing=True)
     assert ckpt["hardware"] - cached["hardware"] == 100
+    # Frozen-vision cache: pass 2 does not run the tower (real or dummy images) again.
+    fwd_dummy = dict(fwd, vision_dummy=4.0)
+    vc = bench.step_flops(fwd_dummy, cached=True, checkpointing=False, vision_cached=True)
+    no_vc = bench.step_flops(fwd_dummy, cached=True, checkpointing=False)
+    assert no_vc["hardware"] - vc["hardware"] == 10 + 4 and vc["model"] == no_vc["model"]
+    trained = bench.step_flops(fwd, cached=True, checkpointing=False, vision_trained=True, vision_cached=True)
+    assert trained == bench.step_flops(fwd, cached=True, checkpointing=False, vision_trained=True)
 
 
 # ---------------------------------------------------------------------------- memory model
@@ -285,6 +292,14 @@ def test_bench_cpu_smoke_two_ranks(tmp_path):
     assert "step_s" in row["uncached"]
     assert row["model_tflop_per_step_per_rank"] > 0 and row["hardware_tflop_per_step_per_rank"] > \
         row["model_tflop_per_step_per_rank"]
+    # ZeRO-3 with the defaults: blocks fetched whole, tower reused in pass 2, plain F.linear;
+    # every hooked module fetch counted (2 chunks per role: 4 forwards, 4 re-forwards, 4 backwards).
+    assert row["optimizations"] == {"fetch_units": ["Qwen2DecoderLayer", "SiglipEncoderLayer"],
+                                    "vision_cache": True, "memory_efficient_linear": False}
+    fetches = row["zero3_fetches_per_step"]
+    assert fetches["forward"] > 0 and fetches["backward"] > 0
+    assert row["zero3_fetches_per_chunk_pass"] == pytest.approx(sum(fetches.values()) / 12)
+    assert "zero3 chunk=2:" in proc.stdout and "module fetches per step" in proc.stdout
     print(f"bench smoke run: {wall:.1f} s")
 
 

@@ -43,6 +43,7 @@ class Scenario:
     rank0_text_only: bool = False
     frozen_tower: bool = False  # the paper's setting; turns the frozen-vision cache on
     optimizations: bool = True  # False: no ZeRO-3 fetch units, DeepSpeed's memory-efficient linear
+    reduction: str = "coalesced"
 
 
 def colour_image(step: int, i: int) -> Image.Image:
@@ -96,7 +97,7 @@ def _ranked(rank, world, scenarios, model_dirs):
         formatter = InputFormatter(processor, sc.backbone, max_length=96, system_prompt="E")
         opt = torch.optim.AdamW(trainable_parameters(model), **ADAM)
         engine = eng.build_engine(model, opt, cfg)
-        backend = eng.DeepSpeedStepBackend(engine)
+        backend = eng.DeepSpeedStepBackend(engine, reduction=sc.reduction)
         from deepspeed.utils import get_z3_leaf_modules
         leaves = len(get_z3_leaf_modules(engine.module))
         losses, norms = [], []
@@ -165,6 +166,7 @@ SCENARIOS = [
     Scenario("ov_z2_frozen_tower", stage=2, chunk=2, frozen_tower=True),
     Scenario("qwen_z3_frozen_tower", backbone="qwen2_vl", chunk=2, frozen_tower=True),
     Scenario("ov_z3_optimizations_off", chunk=2, optimizations=False),
+    Scenario("ov_z3_per_chunk_frozen_tower", chunk=2, frozen_tower=True, reduction="per_chunk"),
 ]
 
 

@@ -36,6 +36,11 @@ NEGATIVE_FIELDS = ("neg_text", "neg_image_path")
 KNOWN_FIELDS = REQUIRED_FIELDS + NEGATIVE_FIELDS
 KNOWN_SPLITS = ("original", "diverse_instruction")
 DATA_EXTENSIONS = (".parquet", ".jsonl")
+# LLaVE's local layout: one JSON array of rows per subset, ``<data_path>/<subset>.json``
+# (flat files only: a hub download's directories hold parquet).
+JSON_ARRAY_EXTENSION = ".json"
+# JSON files a dataset directory may hold that are not data (datasets' and the hub's metadata).
+_METADATA_JSON = {"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json"}
 IMAGE_PLACEHOLDER = "<|image_1|>"
 # Far above any MMEB image (the largest documents are ~10 Mpx), far below a bomb.
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
@@ -125,7 +130,13 @@ class TrainDataConfig:
     source_type: "auto" (a directory, or anything that looks like a path, is local),
               "local" or "hub".
     image_root: directory image paths are relative to; defaults to ``source`` when local.
-    subsets:  subset names (list, or comma-separated string); None = all found.
+    subsets:  subset names (list, or comma-separated string). None (the default) = the 20
+              official MMEB-train subsets (``mmeb_subsets.json`` "train") that the source
+              holds; the other subsets found (the hub repository also holds CIFAR_100,
+              FashionIQ, ImageNet-A, ImageNet-R: evaluation tasks) are listed in the log and
+              skipped. A source holding none of the official names (data of your own, the
+              synthetic demo data) trains on every subset found. Name subsets to train on
+              anything else.
     split:    "original" or "diverse_instruction" in MMEB-train.
     max_per_subset / cap_mode / seed: keep the first N rows of each subset ("first", as
               the reference does) or a seeded random N ("random").
@@ -367,15 +378,44 @@ def _image_fields(sides: _RowSides) -> List[Tuple[str, str]]:
 
 # --------------------------------------------------------------------------- sources
 
-def list_local_subsets(root: str) -> List[str]:
+def official_train_subsets() -> List[str]:
+    """The 20 MMEB-train subsets VLM2Vec and LLaVE train on, in their scripts' order."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mmeb_subsets.json")
+    with open(path, encoding="utf-8") as fh:
+        return list(json.load(fh)["train"])
+
+
+def default_train_subsets(found: Sequence[str], source: str) -> List[str]:
+    """What ``subsets: None`` trains on: the official training subsets among ``found``, or
+    everything found when the source holds none of them (logged either way)."""
+    official = official_train_subsets()
+    chosen = [n for n in official if n in found]
+    if not chosen:
+        logger.info("no official MMEB-train subset in %s: training on every subset found (%s)",
+                    source, ", ".join(found))
+        return list(found)
+    skipped = sorted(set(found) - set(chosen))
+    missing = [n for n in official if n not in found]
+    logger.info("training on the %d official MMEB-train subset(s) found in %s%s", len(chosen), source,
+                f"; skipped (not MMEB-train training subsets; name them in data.subsets to train on them): "
+                f"{', '.join(skipped)}" if skipped else "")
+    if missing:
+        logger.warning("%d of the 20 official MMEB-train subsets are not in %s: %s", len(missing), source,
+                       ", ".join(missing))
+    return chosen
+
+
+def list_local_subsets(root: str, json_arrays: bool = False) -> List[str]:
     """Subset names under a local MMEB directory (train or eval): ``<S>.parquet|jsonl``
-    files or ``<S>/`` directories with data files; hidden entries are ignored."""
+    files or ``<S>/`` directories with data files; with ``json_arrays`` also ``<S>.json``
+    files (LLaVE's layout). Hidden entries and dataset metadata files are ignored."""
     names = set()
     for entry in os.scandir(root):
         if entry.name.startswith("."):
             continue
         stem, ext = os.path.splitext(entry.name)
-        if entry.is_file() and ext in DATA_EXTENSIONS:
+        if entry.is_file() and (ext in DATA_EXTENSIONS or (
+                json_arrays and ext == JSON_ARRAY_EXTENSION and entry.name not in _METADATA_JSON)):
             names.add(stem)
         elif entry.is_dir() and any(f.endswith(DATA_EXTENSIONS) for f in os.listdir(entry.path)):
             names.add(entry.name)
@@ -390,7 +430,7 @@ def find_subset_files(root: str, subset: str, split: str) -> List[str]:
     TIGER-Lab/MMEB-train`` tree); ``<root>/<S>/*.ext`` when no file there is named after
     a split.
     """
-    flat = [os.path.join(root, subset + ext) for ext in DATA_EXTENSIONS
+    flat = [os.path.join(root, subset + ext) for ext in DATA_EXTENSIONS + (JSON_ARRAY_EXTENSION,)
             if os.path.isfile(os.path.join(root, subset + ext))]
     subdir = os.path.join(root, subset)
     in_dir = sorted(f for f in os.listdir(subdir) if f.endswith(DATA_EXTENSIONS)) if os.path.isdir(subdir) else []
@@ -402,7 +442,7 @@ def find_subset_files(root: str, subset: str, split: str) -> List[str]:
         return flat
     if not in_dir:
         raise DataError(f"subset {subset!r} not found in {root}; available subsets: "
-                        f"{', '.join(list_local_subsets(root)) or '(none)'}", subset=subset)
+                        f"{', '.join(list_local_subsets(root, json_arrays=True)) or '(none)'}", subset=subset)
     chosen = [f for f in in_dir if os.path.splitext(f)[0] == split or f.startswith(split + "-")]
     if not chosen:
         splits = sorted({m.group("split") for f in in_dir if (m := _SHARD_NAME.match(f))}
@@ -431,15 +471,40 @@ def _first_bad_json_line(path: str) -> Optional[str]:
     return None
 
 
+def _json_array_problem(path: str) -> Optional[str]:
+    """Why a ``<subset>.json`` file is not a JSON array of row objects, or None."""
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        return f"invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})"
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"cannot read it ({exc})"
+    if not isinstance(data, list):
+        return f"expected a JSON array of row objects (LLaVE's <subset>.json), got a {type(data).__name__}"
+    bad = next((i for i, row in enumerate(data) if not isinstance(row, dict)), None)
+    if bad is not None:
+        return f"element {bad}: expected a row object, got {type(data[bad]).__name__}"
+    if not data:
+        return "the array is empty"
+    return None
+
+
 def _load_local_subset(files: List[str], subset: str, cache_dir: Optional[str]):
     import datasets
 
     builder = "parquet" if files[0].endswith(".parquet") else "json"
+    if files[0].endswith(JSON_ARRAY_EXTENSION):
+        # Checked first: datasets' json builder reads a top-level array too, but its errors on
+        # anything else name neither the file's problem nor the expected layout.
+        problem = _json_array_problem(files[0])
+        if problem:
+            raise DataError(f"subset {subset!r}: {files[0]}: {problem}", subset=subset)
     try:
         return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
     except Exception as exc:
         detail = None
-        if builder == "json":
+        if builder == "json" and not files[0].endswith(JSON_ARRAY_EXTENSION):
             detail = next((f"{f}, {d}" for f in files if (d := _first_bad_json_line(f))), None)
         raise DataError(f"subset {subset!r}: cannot read {detail or ', '.join(files)} "
                         f"({type(exc).__name__}: {exc})", subset=subset) from exc
@@ -506,15 +571,15 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
 
         names = config.subset_names()
         if local:
-            available = list_local_subsets(source)
+            available = list_local_subsets(source, json_arrays=True)
             if names is None:
-                names = available
+                names = default_train_subsets(available, source)
             unknown = [n for n in names if n not in available]
             if unknown:
                 raise DataError(f"unknown subset(s) {unknown} in {source}; available subsets: "
                                 f"{', '.join(available) or '(none)'}", subset=unknown[0])
         elif names is None:
-            names = _hub_subsets(source)
+            names = default_train_subsets(_hub_subsets(source), source)
         if not names:
             raise DataError(f"no subsets found in {source!r}")
 

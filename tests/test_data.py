@@ -169,6 +169,90 @@ def test_subset_selection_and_typo(tmp_path):
         MMEBTrainDataset(config(tmp_path, root, subsets=["Alpha", "Alpha"]))
 
 
+def official_layout(tmp_path):
+    """A local MMEB-train download in the hub's layout: two of the 20 training subsets, and
+    two directories the hub repository also holds that are evaluation tasks, one without an
+    'original' split (as ImageNet-A there) and one with it."""
+    root = tmp_path / "mmeb"
+    for name, n in (("ImageNet_1K", 3), ("CIRR", 2)):
+        rows = [mmeb_row(name, i) for i in range(n)]
+        write_subset(str(root), name, rows, layout="hf_shards", split="original")
+        write_images_for(str(root), rows)
+    write_subset(str(root), "ImageNet-A", [mmeb_row("ImageNet-A", 1)], layout="hf_shards", split="test")
+    rows = [mmeb_row("FashionIQ", 1)]
+    write_subset(str(root), "FashionIQ", rows, layout="hf_shards", split="original")
+    write_images_for(str(root), rows)
+    return root
+
+
+def test_default_subsets_are_the_official_training_subsets(tmp_path, caplog):
+    root = official_layout(tmp_path)
+    with caplog.at_level(logging.INFO, logger="llave_ds.data"):
+        ds = MMEBTrainDataset(config(tmp_path, root))
+    # The official order (VLM2Vec's and LLaVE's scripts), not the directory order.
+    assert ds.subsets == ["ImageNet_1K", "CIRR"] and len(ds) == 5
+    assert "skipped (not MMEB-train training subsets; name them in data.subsets to train on them): " \
+           "FashionIQ, ImageNet-A" in caplog.text
+    assert "18 of the 20 official MMEB-train subsets are not in" in caplog.text
+    # Named explicitly, an evaluation directory is read (and one without the split says so).
+    assert MMEBTrainDataset(config(tmp_path, root, subsets=["FashionIQ"])).subsets == ["FashionIQ"]
+    with pytest.raises(DataError, match=r"subset 'ImageNet-A': split 'original' not found"):
+        MMEBTrainDataset(config(tmp_path, root, subsets=["CIRR", "ImageNet-A"]))
+
+
+def test_default_subsets_of_data_without_official_names_is_everything(tmp_path, caplog):
+    root = make_source(tmp_path, sizes={"Alpha": 2, "Beta": 2})
+    with caplog.at_level(logging.INFO, logger="llave_ds.data"):
+        assert MMEBTrainDataset(config(tmp_path, root)).subsets == ["Alpha", "Beta"]
+    assert "no official MMEB-train subset" in caplog.text
+
+
+def test_official_training_subsets_are_the_in_distribution_eval_subsets():
+    from llave_ds.data import official_train_subsets
+    from llave_ds.metrics import official_subsets
+    train = official_train_subsets()
+    ind = [n for n, info in official_subsets().items() if info.distribution == "IND"]
+    assert len(train) == 20 == len(set(train))
+    # Same tasks; MMEB-train spells one of them differently.
+    assert sorted(n.replace("ImageNet_1K", "ImageNet-1K") for n in train) == sorted(ind)
+
+
+def test_hub_default_subsets_skip_the_evaluation_configs(tmp_path, monkeypatch):
+    import datasets
+    root = make_source(tmp_path, sizes={"CIRR": 2})
+    local = datasets.load_dataset("parquet", data_files=str(root / "CIRR.parquet"), split="train",
+                                  cache_dir=str(tmp_path / "hf_cache"))
+    loaded = []
+    monkeypatch.setattr(datasets, "get_dataset_config_names", lambda path: ["CIFAR_100", "CIRR", "ImageNet-R"])
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda path, name=None, split=None, cache_dir=None: loaded.append(name) or local)
+    ds = MMEBTrainDataset(TrainDataConfig(source="TIGER-Lab/MMEB-train", image_root=str(root)))
+    assert loaded == ["CIRR"] and ds.subsets == ["CIRR"]
+
+
+def test_llave_json_array_subsets(tmp_path):
+    """LLaVE's local layout: <data_path>/<subset>.json holding a JSON array of rows."""
+    root = tmp_path / "llave"
+    rows = [mmeb_row("Alpha", i) for i in range(3)]
+    root.mkdir()
+    (root / "Alpha.json").write_text(json.dumps(rows, indent=1))
+    (root / "dataset_infos.json").write_text("{}")  # metadata beside the data: not a subset
+    write_images_for(str(root), rows)
+    ds = MMEBTrainDataset(config(tmp_path, root))
+    assert ds.subsets == ["Alpha"] and len(ds) == 3
+    assert ds[0].query.text == rows[0]["qry"] and ds[0].query.image is not None
+    # Not an array of objects: the file and the expected layout are named.
+    (root / "Alpha.json").write_text(json.dumps({"rows": rows}))
+    with pytest.raises(DataError, match=r"Alpha\.json: expected a JSON array of row objects"):
+        MMEBTrainDataset(config(tmp_path, root))
+    (root / "Alpha.json").write_text('[{"qry": "a",}]')
+    with pytest.raises(DataError, match=r"Alpha\.json: invalid JSON at line 1, column 14"):
+        MMEBTrainDataset(config(tmp_path, root))
+    (root / "Alpha.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(DataError, match="keep one"):
+        MMEBTrainDataset(config(tmp_path, root))
+
+
 def test_cap_first_n_and_seeded_random(tmp_path):
     root = make_source(tmp_path, sizes={"Alpha": 20, "Beta": 20})
     first = MMEBTrainDataset(config(tmp_path, root, max_per_subset=5))

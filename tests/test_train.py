@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from llave_ds.config import ConfigError, load_config
 from llave_ds.train import TrainConfig
-from tests.assets import build_demo_assets
+from tests.assets import build_demo_assets, official_train_layout
 from tests.distributed_harness import run_distributed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,6 +75,39 @@ def test_shipped_configs_load(assets, tmp_path):
         assert cfg.objective.temperature > 0, path
         header = path.read_text().splitlines()[:12]
         assert any("llave_ds.train" in line or "llave-ds" in line for line in header), f"{path}: no launch command"
+
+
+def test_shipped_configs_read_an_official_layout_download_without_naming_subsets(assets, tmp_path):
+    """The paper's configs set no data.subsets: on a hub-layout MMEB-train download they take
+    the official training subsets found and skip the evaluation directories beside them."""
+    from llave_ds.data import MMEBTrainDataset
+    source = official_train_layout(assets, tmp_path / "MMEB-train")
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        if path.name == "demo_cpu.yaml":
+            continue
+        cfg = load_config(TrainConfig, path, [f"model.path={assets['model']}", f"data.source={source}",
+                                              f"data.image_root={assets['images']}"])
+        assert cfg.data.subsets is None, path
+        assert MMEBTrainDataset(cfg.data).subsets == ["ImageNet_1K", "CIRR"], path
+
+
+def test_paper_config_trains_on_an_official_layout_download(assets, tmp_path):
+    """configs/llave_0.5b.yaml, unchanged but for paths, sizes and CPU precision, trains on it."""
+    source = official_train_layout(assets, tmp_path / "MMEB-train")
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    overrides = {"model.path": assets["model"], "model.dtype": "float32", "model.attn_implementation": "sdpa",
+                 "data.source": str(source), "data.image_root": assets["images"], "run_dir": str(run_dir),
+                 "global_batch_size": 8, "num_workers": 0, "gradcache.query_chunk_size": 4,
+                 "gradcache.target_chunk_size": 4, "schedule.max_steps": 2, "processing.max_length": 128,
+                 "logging.progress": False, "collective_timeout_s": 120}
+    proc = subprocess.run([sys.executable, "-m", "llave_ds.train", "--config", str(REPO / "configs" / "llave_0.5b.yaml"),
+                           *[f"{k}={v}" for k, v in overrides.items()]],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["steps"] == 2
+    assert "skipped (not MMEB-train training subsets" in proc.stderr and "FashionIQ, ImageNet-A" in proc.stderr
 
 
 # ------------------------------------------------------------------ single process

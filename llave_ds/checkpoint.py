@@ -131,18 +131,55 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_resume_checkpoint(root: Path) -> Optional[Path]:
-    """The checkpoint ``latest`` names if it is complete, else the newest complete one."""
+def resume_candidates(root: Path) -> list[Path]:
+    """What ``--resume auto`` may resume from, best first: the checkpoint ``latest`` names
+    (if complete), then every other complete checkpoint, newest first. Logs, as warnings,
+    a ``latest`` that names an incomplete checkpoint and every incomplete checkpoint newer
+    than the best candidate (a save that was interrupted: never resumable)."""
+    done = [p for _, p in reversed(complete_checkpoints(root))]
     latest = root / LATEST
     if latest.is_file():
-        tag = latest.read_text().strip()
-        candidate = root / tag
-        if read_marker(candidate) is not None:
-            return candidate
-        logger.warning("%s names %s, which is not a complete checkpoint; falling back to the "
-                       "newest complete one", latest, candidate)
-    done = complete_checkpoints(root)
-    return done[-1][1] if done else None
+        candidate = root / latest.read_text().strip()
+        if candidate in done:
+            done.remove(candidate)
+            done.insert(0, candidate)
+        else:
+            logger.warning("%s names %s, which is not a complete checkpoint; falling back to the "
+                           "newest complete one", latest, candidate)
+    best = int(_TAG.match(done[0].name).group(1)) if done else -1
+    for child in sorted(root.iterdir()) if root.is_dir() else []:
+        m = _TAG.match(child.name)
+        if m and child.is_dir() and int(m.group(1)) > best and read_marker(child) is None:
+            logger.warning("skipping %s: it has no %s, so its save was interrupted (it is not resumable)",
+                           child, COMPLETE_MARKER)
+    return done
+
+
+def find_resume_checkpoint(root: Path) -> Optional[Path]:
+    """The checkpoint ``latest`` names if it is complete, else the newest complete one."""
+    candidates = resume_candidates(root)
+    return candidates[0] if candidates else None
+
+
+def move_aside(run_dir: Path, ckpt_root: Path) -> Optional[Path]:
+    """Move a run's checkpoints and metrics into ``run_dir/previous-<UTC time>/`` (for a
+    deliberate fresh start in a used run directory); returns that folder, or None when
+    there was nothing to move. Nothing is deleted."""
+    import time
+
+    movable = [p for p in (ckpt_root, run_dir / "metrics.jsonl", run_dir / "metrics.superseded.jsonl")
+               if p.exists()]
+    if not movable:
+        return None
+    dest = run_dir / time.strftime("previous-%Y%m%dT%H%M%SZ", time.gmtime())
+    n = 0
+    while dest.exists():
+        n += 1
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+    dest.mkdir(parents=True)
+    for p in movable:
+        shutil.move(str(p), str(dest / p.name))
+    return dest
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:

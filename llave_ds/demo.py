@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
     model_dir = build_tiny_model_dir(out / "tiny_model", "llava_onevision", seed=args.seed)
 
     run_dir = out / "run"
+    if run_dir.exists():
+        # The demo regenerates its data and model: an earlier demo run cannot be resumed, and
+        # training refuses to start afresh over checkpoints it could resume.
+        print(f"[demo] removing the previous demo run {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
     overrides = [f"model.path={model_dir}", f"data.source={train_dir}", f"data.image_root={image_root}",
                  f"run_dir={run_dir}", f"seed={args.seed}", f"export.dir={out / 'export'}",
                  "checkpoint.resume=none"]

@@ -1,5 +1,7 @@
 """Checkpoint faults: a process killed while saving, a missing / truncated / corrupted
-shard, a resume with another number of ranks, a shard DeepSpeed cannot read."""
+shard (an error for an explicit --resume, a loud fallback to the previous checkpoint under
+--resume auto), a fresh start over a run's checkpoints, metrics after a resume, a resume
+with another number of ranks, a shard DeepSpeed cannot read."""
 from __future__ import annotations
 
 import json
@@ -49,47 +51,123 @@ def _argv(assets, run_dir, *extra):
     return ["--config", str(helpers.DEMO_CONFIG), *helpers.overrides(assets, run_dir), *extra]
 
 
+def _auto_candidates(assets, run_dir, caplog):
+    """What ``--resume auto`` would try, best first, and the warnings it logged."""
+    from llave_ds.train import resolve_resume
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        found = resolve_resume(helpers._load(helpers.overrides(assets, run_dir)), 2)
+    return found, caplog.text
+
+
 @pytest.mark.slow  # needs the reference run's checkpoint
-def test_missing_shard_is_a_clear_error_naming_the_file(assets, reference_run, tmp_path, monkeypatch, capsys):
+def test_missing_shard_is_a_clear_error_naming_the_file(assets, reference_run, tmp_path, monkeypatch, capsys,
+                                                        caplog):
     run_dir, latest = _copy_run(reference_run, tmp_path)
     shard = latest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.unlink()
-    code, err = helpers.train_cli_in_process(_argv(assets, run_dir, "--resume", "auto"), monkeypatch, capsys,
+    previous = latest.parent / ckpt.tag_for_step(2)
+    # Named explicitly: an error naming the file and what to resume from instead.
+    code, err = helpers.train_cli_in_process(_argv(assets, run_dir, "--resume", str(latest)), monkeypatch, capsys,
                                              world_size=2)
     assert code == 2, err
     assert f"is missing {shard}" in err and "llave_complete.json" in err, err
-    assert f"checkpoint.resume={latest.parent / ckpt.tag_for_step(2)}" in err, err  # what to do instead
+    assert f"checkpoint.resume={previous}" in err, err  # what to do instead
+    # --resume auto (an unattended requeue): the damaged newest is skipped, loudly.
+    found, log = _auto_candidates(assets, run_dir, caplog)
+    assert found == [previous]
+    assert f"--resume auto: skipping {latest}" in log and f"is missing {shard}" in log, log
 
 
 @pytest.mark.slow  # needs the reference run's checkpoint
-def test_truncated_shard_is_a_clear_error_naming_the_file(assets, reference_run, tmp_path, monkeypatch, capsys):
+def test_truncated_shard_is_a_clear_error_naming_the_file(assets, reference_run, tmp_path, monkeypatch, capsys,
+                                                          caplog):
     run_dir, latest = _copy_run(reference_run, tmp_path)
     shard = latest / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     size = shard.stat().st_size
     with open(shard, "r+b") as f:
         f.truncate(size // 3)
-    code, err = helpers.train_cli_in_process(_argv(assets, run_dir), monkeypatch, capsys, world_size=2)
+    code, err = helpers.train_cli_in_process(_argv(assets, run_dir, "--resume", str(latest)), monkeypatch, capsys,
+                                             world_size=2)
     assert code == 2, err
     assert f"checkpoint file {shard} is {size // 3} bytes but was {size} bytes when saved" in err, err
+    found, log = _auto_candidates(assets, run_dir, caplog)
+    assert found == [latest.parent / ckpt.tag_for_step(2)]
+    assert f"{shard} is {size // 3} bytes but was {size} bytes" in log, log
+    # Nothing usable at all: an error listing what was wrong with each, never a fresh start.
+    for other in latest.parent.glob("step_*/zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        other.write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="--resume auto: no checkpoint in .* is usable"):
+        _auto_candidates(assets, run_dir, caplog)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(200)
-def test_corrupted_shard_of_the_right_size_is_found_by_its_checksum_on_every_rank(assets, reference_run, tmp_path):
+@pytest.mark.timeout(300)
+def test_corrupted_newest_checkpoint_under_auto_resumes_from_the_previous_one(assets, reference_run, tmp_path):
+    """A flipped byte (same size) is found by its CRC, on the rank that reads that share. An
+    explicit --resume of it fails on every rank; --resume auto skips it with a warning and
+    resumes from the previous checkpoint, reproducing the reference run; the interrupted
+    attempt's later metric rows (and a line torn by the crash) move to a side file."""
     run_dir, latest = _copy_run(reference_run, tmp_path)
     shard = latest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     blob = bytearray(shard.read_bytes())
     middle = len(blob) // 2
     blob[middle:middle + 64] = bytes(b ^ 0xFF for b in blob[middle:middle + 64])  # same size, other bytes
     shard.write_bytes(bytes(blob))
-    run = helpers.run_ranks(helpers.train_rank, 2, helpers.overrides(assets, run_dir), timeout_s=150)
-    assert len(run.outcomes) == 2 and not run.hung, run.describe()
+
+    explicit = helpers.run_ranks(helpers.train_rank, 2,
+                                 helpers.overrides(assets, run_dir, **{"checkpoint.resume": str(latest)}),
+                                 timeout_s=150)
+    assert len(explicit.outcomes) == 2 and not explicit.hung, explicit.describe()
     for rank in (0, 1):
-        error = run.value(rank).get("error", "")
+        error = explicit.value(rank).get("error", "")
         assert error.startswith("CheckpointError: rank 1: checkpoint file"), error  # rank 1 read that share
         assert f"{shard} is corrupted: its CRC-32 is" in error, error
     # Found before the model was built: no step ran, nothing was written.
     assert not (run_dir / "metrics.jsonl").exists()
+
+    # The interrupted attempt had logged steps 1-4, the last line torn by the crash.
+    rows = [json.dumps(r) for r in helpers.records(reference_run)]
+    (run_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows) + '{"step": 5, "lo')
+    auto = helpers.run_ranks(helpers.train_rank, 2, helpers.overrides(assets, run_dir), timeout_s=200)
+    assert auto.all_ok() and auto.value(0)["steps"] == helpers.STEPS, auto.describe()
+    log = (run_dir / "rank0.log").read_text()
+    assert f"--resume auto: skipping {latest}, it does not verify" in log and "is corrupted" in log, log
+    got = [r["step"] for r in helpers.records(run_dir)]
+    assert got == [1, 2, 3, 4], got  # one row per step
+    want = {r["step"]: r for r in helpers.records(reference_run)}
+    assert all(abs(r["loss"] - want[r["step"]]["loss"]) <= 1e-6 for r in helpers.records(run_dir))
+    superseded = [json.loads(line) for line in (run_dir / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert [r.get("step") for r in superseded] == [3, 4, None]
+    assert all(r["superseded_by_resume_from"] == 2 for r in superseded) and "unreadable_line" in superseded[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fresh_start_over_checkpoints_is_refused_unless_asked_and_then_nothing_is_lost(
+        assets, reference_run, tmp_path, monkeypatch, capsys):
+    run_dir, latest = _copy_run(reference_run, tmp_path)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in helpers.records(reference_run)))
+    code, err = helpers.train_cli_in_process(_argv(assets, run_dir, "--resume", "none"), monkeypatch, capsys,
+                                             world_size=2)
+    assert code == 2, err
+    assert f"holds checkpoints up to step {helpers.STEPS}" in err and "--resume none --overwrite" in err, err
+    code, err = helpers.train_cli_in_process(_argv(assets, run_dir, "--overwrite"), monkeypatch, capsys,
+                                             world_size=2)
+    assert code == 2 and "needs checkpoint.resume=none" in err, err
+
+    fresh = helpers.run_ranks(helpers.train_rank, 2, helpers.overrides(
+        assets, run_dir, **{"checkpoint.resume": "none", "checkpoint.overwrite": "true", "schedule.max_steps": 2}))
+    assert fresh.all_ok() and fresh.value(0)["steps"] == 2, fresh.describe()
+    (previous,) = run_dir.glob("previous-*")  # the earlier run, moved aside whole
+    assert (previous / "checkpoints" / latest.name / ckpt.COMPLETE_MARKER).is_file()
+    assert [r["step"] for r in helpers.records(previous)] == list(range(1, helpers.STEPS + 1))
+    assert [r["step"] for r in helpers.records(run_dir)] == [1, 2]
+    # The saved config resumes: relaunching with it continues this run, it does not restart it.
+    from llave_ds.config import load_config
+    from llave_ds.train import TrainConfig
+    saved = load_config(TrainConfig, run_dir / "config.yaml")
+    assert saved.checkpoint.resume == "auto" and saved.checkpoint.overwrite is False
 
 
 @pytest.mark.slow  # needs the reference run's checkpoint
@@ -138,5 +216,8 @@ def test_latest_naming_an_incomplete_checkpoint_falls_back_to_the_newest_complet
     with caplog.at_level("WARNING", logger="llave_ds.checkpoint"):
         assert ckpt.find_resume_checkpoint(root) == root / ckpt.tag_for_step(4)
     assert any("not a complete checkpoint" in r.getMessage() for r in caplog.records)
+    # The half-written save is named, not skipped without a word.
+    assert any(f"skipping {root / ckpt.tag_for_step(6)}: it has no {ckpt.COMPLETE_MARKER}, so its save was "
+               "interrupted" in r.getMessage() for r in caplog.records), caplog.text
     marker = json.loads((root / ckpt.tag_for_step(4) / ckpt.COMPLETE_MARKER).read_text())
     assert marker["files"] == {"x.pt": {"size": 1}}

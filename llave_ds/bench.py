@@ -876,8 +876,9 @@ def format_table(result: dict) -> str:
             lines.append(f"zero3 chunk={row['chunk']}: {f['forward']:.0f} forward + {f['backward']:.0f} backward "
                          f"module fetches per step ({row['zero3_fetches_per_chunk_pass']:.1f} per chunk pass)")
         if opt:
-            lines.append(f"zero{row['stage']} chunk={row['chunk']}: fetch units {', '.join(opt['fetch_units']) or 'none'}; "
-                         f"vision cache {'on' if opt['vision_cache'] else 'off'}; memory_efficient_linear "
+            units = ", ".join(opt["fetch_units"]) or "none"
+            lines.append(f"zero{row['stage']} chunk={row['chunk']}: fetch units {units}; vision cache "
+                         f"{'on' if opt['vision_cache'] else 'off'}; memory_efficient_linear "
                          f"{opt['memory_efficient_linear']}")
     unc = [(row["stage"], row["ckpt"], row.get("uncached")) for row in r["rows"] if row.get("uncached")]
     seen = set()

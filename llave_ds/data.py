@@ -665,7 +665,9 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
         if problems:
             rest = "".join(f"\n  also: {p}" for p in problems[1:])
             more = "\n  (checking stopped there)" if len(problems) >= 5 else ""
-            raise DataError(f"{problems[0]}{rest}{more}\n(set skip_bad_rows=True to skip bad rows)",
+            raise DataError(f"{problems[0]}{rest}{more}\n(to skip bad rows, counted and logged: "
+                            "data.skip_bad_rows=true on the command line or in the YAML config; "
+                            "TrainDataConfig(skip_bad_rows=True) in Python)",
                             reason=problems[0].reason, subset=name, row=problems[0].row, field=problems[0].field)
         if counts:
             skipped = sum(counts.values())

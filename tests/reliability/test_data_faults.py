@@ -175,7 +175,7 @@ def test_without_skip_bad_rows_the_first_bad_row_stops_the_run_before_the_model(
     for result in data_runs["results"]:
         error = result["no_skip"]["error"]
         assert error.startswith(expected), error
-        assert "set skip_bad_rows=True to skip bad rows" in error
+        assert "data.skip_bad_rows=true on the command line" in error
         assert result["no_skip"]["model_built"] is False
     assert not (data_runs["root"] / "no_skip" / "metrics.jsonl").exists()  # no step ran
 

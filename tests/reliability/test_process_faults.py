@@ -24,7 +24,11 @@ def test_kill_9_mid_step_ends_the_other_rank_in_time_and_resume_is_exact(assets,
     assert crash.exitcodes[1] == -9 and 1 not in crash.outcomes, crash.describe()
     assert not crash.hung, crash.describe()
     survivor = crash.value(0)
-    assert "error" in survivor, survivor  # rank 0 stops with an error (gloo: peer gone) ...
+    # Rank 0 stops with one clear line, not gloo's error: what, where, how to go on ...
+    assert survivor.get("error", "").startswith(
+        "PeerStoppedError: another rank stopped (killed, crashed or stuck) during step 3;"), survivor
+    assert f"last complete checkpoint is {run_dir / 'checkpoints' / ckpt.tag_for_step(2)}" in survivor["error"]
+    assert "relaunch with --resume auto" in survivor["error"]
     killed_at = json.loads((tmp_path / "killed_rank1.json").read_text())
     assert "step 3" in killed_at["what"]
     # ... well within the collective timeout (gloo sees the closed connection at once).

@@ -248,20 +248,24 @@ def build_manifest(ckpt_dir: Path, files: Sequence[str], crcs: Optional[dict] = 
     return manifest
 
 
-def _other_checkpoints_hint(ckpt_dir: Path) -> str:
+def _other_checkpoints_hint(ckpt_dir: Path, purpose: str = "resume") -> str:
     others = [p for _, p in complete_checkpoints(ckpt_dir.parent) if p != ckpt_dir]
     if not others:
         return "no other complete checkpoint exists in " + str(ckpt_dir.parent)
+    if purpose == "export":
+        return f"export the previous complete checkpoint instead: llave-ds export {others[-1]} --out ..."
     return (f"to resume from the previous complete checkpoint set checkpoint.resume={others[-1]} "
             f"(or --resume {others[-1]})")
 
 
-def verify_checkpoint(ckpt_dir: Path, *, checksums: bool = True, files: Optional[Iterable[str]] = None) -> dict:
+def verify_checkpoint(ckpt_dir: Path, *, checksums: bool = True, files: Optional[Iterable[str]] = None,
+                      purpose: str = "resume") -> dict:
     """Check the files the marker lists: present, same size, and (``checksums``) same CRC-32.
 
-    Raises CheckpointError naming the first bad file. ``files`` limits the CRC check to a
-    subset (ranks share the reading); sizes are always checked for every file. Returns the
-    marker. A marker without a manifest (older checkpoints) passes unchecked.
+    Raises CheckpointError naming the first bad file and what to use instead (``purpose``:
+    "resume" or "export" words the hint). ``files`` limits the CRC check to a subset (ranks
+    share the reading); sizes are always checked for every file. Returns the marker. A
+    marker without a manifest (older checkpoints) passes unchecked.
     """
     ckpt_dir = Path(ckpt_dir)
     marker = describe(ckpt_dir)
@@ -274,12 +278,12 @@ def verify_checkpoint(ckpt_dir: Path, *, checksums: bool = True, files: Optional
         if not path.is_file():
             raise CheckpointError(f"checkpoint {ckpt_dir} is missing {path} (listed in {COMPLETE_MARKER} when "
                                   f"it was saved): the checkpoint cannot be loaded; restore the file, or "
-                                  f"{_other_checkpoints_hint(ckpt_dir)}")
+                                  f"{_other_checkpoints_hint(ckpt_dir, purpose)}")
         size = path.stat().st_size
         if want is not None and size != want:
             raise CheckpointError(f"checkpoint file {path} is {size} bytes but was {want} bytes when saved: it "
                                   f"is truncated or was overwritten; restore the file, or "
-                                  f"{_other_checkpoints_hint(ckpt_dir)}")
+                                  f"{_other_checkpoints_hint(ckpt_dir, purpose)}")
     if checksums:
         for name in sorted(manifest) if files is None else files:
             want = manifest.get(name, {}).get("crc32")
@@ -289,7 +293,8 @@ def verify_checkpoint(ckpt_dir: Path, *, checksums: bool = True, files: Optional
             got = file_crc32(path)
             if got != want:
                 raise CheckpointError(f"checkpoint file {path} is corrupted: its CRC-32 is {got}, {want} when it "
-                                      f"was saved; restore the file, or {_other_checkpoints_hint(ckpt_dir)}")
+                                      f"was saved; restore the file, or "
+                                      f"{_other_checkpoints_hint(ckpt_dir, purpose)}")
     return marker
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -96,12 +97,16 @@ class LlaveEmbedder:
             ``cuda:$LOCAL_RANK`` under a distributed launcher; else the CPU).
         dtype: "bfloat16" / "float32" / "float16" or a torch dtype; None: bfloat16 on
             CUDA, float32 on CPU. The embeddings are float32 either way.
-        formatter_overrides: InputFormatter settings that replace those recorded in
+        formatter_overrides: ``ProcessingConfig`` fields that replace those recorded in
             ``llave_embedding.json`` (max_length, max_image_tokens, query_instruction,
-            target_instruction, system_prompt, padding_side).
+            target_instruction, system_prompt, padding_side, prompt_format).
+
+        The formatter is ``InputFormatter.from_config`` of the ``ProcessingConfig`` read
+        from the ``input_format`` of ``llave_embedding.json`` (the defaults without one),
+        the constructor training used: an export formats exactly as its run did.
         """
         from llave_ds.model import DTYPES, ModelConfig, load_embedding_model
-        from llave_ds.processing import InputFormatter
+        from llave_ds.processing import InputFormatter, ProcessingConfig
 
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -112,16 +117,18 @@ class LlaveEmbedder:
         if isinstance(dtype, torch.dtype):
             dtype = {v: k for k, v in DTYPES.items()}[dtype]
         metadata = read_metadata(path)
+        processing = ProcessingConfig.from_metadata((metadata or {}).get("input_format"),
+                                                    source=str(path / EMBEDDING_METADATA))
+        unknown = sorted(set(formatter_overrides) - set(ProcessingConfig.field_names()))
+        if unknown:
+            raise TypeError(f"unknown formatter setting(s) {', '.join(unknown)}; the settings are "
+                            f"{', '.join(ProcessingConfig.field_names())}")
+        processing = dataclasses.replace(processing, **formatter_overrides)
         model, processor = load_embedding_model(ModelConfig(path=str(path), dtype=dtype,
                                                             attn_implementation=attn_implementation))
         model.requires_grad_(False)
         model.to(device)
-        fmt = dict((metadata or {}).get("input_format") or {})
-        settings = {key: fmt[key] for key in ("max_length", "max_image_tokens", "query_instruction",
-                                              "target_instruction", "system_prompt", "padding_side")
-                    if key in fmt}
-        settings.update(formatter_overrides)
-        formatter = InputFormatter(processor, model.backbone, **settings)
+        formatter = InputFormatter.from_config(processor, model.backbone, processing)
         if metadata is None:
             logger.info("%s has no %s: using the default prompt settings", path, EMBEDDING_METADATA)
         return cls(model, formatter, device, metadata)

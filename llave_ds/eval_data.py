@@ -12,7 +12,10 @@ An MMEB-eval row is one query and its candidates, the ground truth first:
 Sources: a local directory (``<dir>/<Subset>.parquet|jsonl``, or the hub snapshot layout
 ``<dir>/<Subset>/test-00000-of-00001.parquet``) or a hub dataset id read with
 ``datasets.load_dataset(id, subset, split="test")``; both go through `parse_eval_rows`.
-Bad rows raise `EvalDataError` (a ValueError) naming subset, file, row and field.
+Bad rows raise `EvalDataError` (a ValueError) naming subset, file, row and field. A query
+or candidate with no text and no image is not bad: the official VLM2Vec eval embeds it as
+``""``, and so do we (counted in ``EvalSubset.empty_sides`` and logged); ``strict_empty=True``
+refuses it instead.
 
 `unique_items` maps every query and candidate to a deduplicated item list so each
 distinct (role, text, image) is embedded once; `shard` / `reassemble` split that list
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import math
 import os
 import re
@@ -30,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+
+logger = logging.getLogger("llave_ds.eval_data")
 
 EVAL_FIELDS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
 DATA_EXTENSIONS = (".parquet", ".jsonl")
@@ -103,7 +109,7 @@ def _as_str_list(value: Any, field_name: str) -> Tuple[str, ...]:
     return tuple(_as_str(v, f"{field_name}[{i}]") for i, v in enumerate(value))
 
 
-def _parse_record(record: Any) -> Tuple[str, str, Tuple[str, ...], Tuple[str, ...]]:
+def _parse_record(record: Any, strict_empty: bool = False) -> Tuple[str, str, Tuple[str, ...], Tuple[str, ...]]:
     if not isinstance(record, Mapping):
         raise _Problem("", f"expected a row object, got {type(record).__name__}")
     missing = [f for f in EVAL_FIELDS if f not in record]
@@ -118,12 +124,29 @@ def _parse_record(record: Any) -> Tuple[str, str, Tuple[str, ...], Tuple[str, ..
     if len(tgt_text) != len(tgt_img):
         raise _Problem("tgt_img_path", f"has {len(tgt_img)} entries but tgt_text has {len(tgt_text)}; "
                                        "each candidate needs one text and one image path (\"\" for none)")
-    if not qry_text and not qry_img:
-        raise _Problem("qry_text", "empty query: no text and no image")
-    for j, (t, p) in enumerate(zip(tgt_text, tgt_img)):
-        if not t and not p:
-            raise _Problem(f"tgt_text[{j}]", f"empty candidate {j}: no text and no image")
+    if strict_empty:
+        if not qry_text and not qry_img:
+            raise _Problem("qry_text", "empty query: no text and no image (strict_empty refuses it; by default "
+                                       "it is embedded as \"\", as the official VLM2Vec eval does)")
+        for j, (t, p) in enumerate(zip(tgt_text, tgt_img)):
+            if not t and not p:
+                raise _Problem(f"tgt_text[{j}]", f"empty candidate {j}: no text and no image (strict_empty "
+                                                 "refuses it; by default it is embedded as \"\")")
     return qry_text, qry_img, tgt_text, tgt_img
+
+
+def is_empty_side(text: str, image_path: str) -> bool:
+    """No text and no image: the official VLM2Vec eval embeds such a side as ``""``."""
+    return not text and not image_path
+
+
+def count_empty_sides(rows: Iterable["EvalRow"]) -> Dict[str, int]:
+    """``{"query": n, "candidate": m}``: sides with no text and no image (embedded as ``""``)."""
+    counts = {QUERY: 0, CANDIDATE: 0}
+    for r in rows:
+        counts[QUERY] += is_empty_side(r.qry_text, r.qry_img_path)
+        counts[CANDIDATE] += sum(is_empty_side(t, p) for t, p in zip(r.tgt_text, r.tgt_img_path))
+    return counts
 
 
 def _where(subset: Optional[str], file: Optional[str], row: Optional[int], line: Optional[int]) -> str:
@@ -140,11 +163,13 @@ def _where(subset: Optional[str], file: Optional[str], row: Optional[int], line:
 
 
 def parse_eval_rows(records: Iterable[Any], *, subset: Optional[str] = None,
-                    file: Optional[str] = None) -> List[EvalRow]:
+                    file: Optional[str] = None, strict_empty: bool = False) -> List[EvalRow]:
     """Check and convert MMEB-eval records (dicts, e.g. from ``datasets`` or pyarrow) to `EvalRow`s.
 
     ``records`` may also yield ``(file, row_in_file, line, record)`` tuples (what the local
-    readers produce) so errors name the exact file, row and line.
+    readers produce) so errors name the exact file, row and line. A query or candidate
+    with no text and no image is kept (embedded as ``""``, like the official eval; see
+    `count_empty_sides`) unless ``strict_empty``, which refuses it.
     """
     rows: List[EvalRow] = []
     for i, item in enumerate(records):
@@ -153,7 +178,7 @@ def parse_eval_rows(records: Iterable[Any], *, subset: Optional[str] = None,
         else:
             f, r, line, record = file, i, None, item
         try:
-            q, qi, tt, ti = _parse_record(record)
+            q, qi, tt, ti = _parse_record(record, strict_empty)
         except _Problem as p:
             loc = _where(subset, f, r, line)
             fld = f", field {p.field!r}" if p.field else ""
@@ -308,6 +333,11 @@ class EvalSubset:
     def num_candidates(self) -> List[int]:
         return [r.num_candidates for r in self.rows]
 
+    @property
+    def empty_sides(self) -> Dict[str, int]:
+        """Queries / candidates with no text and no image (embedded as ``""``)."""
+        return count_empty_sides(self.rows)
+
     def image_path(self, path: str) -> Optional[str]:
         """Absolute path of an image path from this subset's rows (None for ``""``)."""
         if not path:
@@ -346,7 +376,7 @@ def _hub_records(source: str, subset: str, split: str, cache_dir: Optional[str])
 
 def load_eval_subset(source: str, subset: str, *, split: str = DEFAULT_SPLIT, image_root: Optional[str] = None,
                      source_type: str = "auto", check_images: bool = True, max_rows: Optional[int] = None,
-                     cache_dir: Optional[str] = None) -> EvalSubset:
+                     cache_dir: Optional[str] = None, strict_empty: bool = False) -> EvalSubset:
     """Load and check one MMEB-eval subset.
 
     source: a local directory (see `find_eval_files`) or a hub dataset id such as
@@ -358,6 +388,9 @@ def load_eval_subset(source: str, subset: str, *, split: str = DEFAULT_SPLIT, im
     check_images: every distinct image path must stay inside the root and exist as a
         non-empty file (checked with ``stat`` only; nothing is decoded).
     max_rows: keep only the first rows (smoke tests).
+    strict_empty: refuse a query or candidate with no text and no image. Default: keep it
+        (embedded as ``""``, as the official VLM2Vec eval does), counted in
+        ``EvalSubset.empty_sides`` and logged.
 
     Raises `EvalDataError` naming subset, file, row and field.
     """
@@ -389,10 +422,16 @@ def load_eval_subset(source: str, subset: str, *, split: str = DEFAULT_SPLIT, im
             locations.append((f, r, line))
             yield f, r, line, record
 
-    rows = parse_eval_rows(tap(), subset=subset)
+    rows = parse_eval_rows(tap(), subset=subset, strict_empty=strict_empty)
     if not rows:
         raise EvalDataError(f"MMEB-eval subset {subset!r} ({where}) has no rows", subset=subset)
     out = EvalSubset(subset, where, rows, None if image_root is None else os.path.abspath(image_root), locations)
+    empty = out.empty_sides
+    if any(empty.values()):
+        logger.warning("subset %s: %d empty quer%s and %d empty candidate%s (no text, no image) will be embedded "
+                       "as \"\" (official VLM2Vec behaviour; strict_empty / --strict-empty refuses them)", subset,
+                       empty[QUERY], "y" if empty[QUERY] == 1 else "ies", empty[CANDIDATE],
+                       "" if empty[CANDIDATE] == 1 else "s")
     if image_root is not None:
         _check_image_paths(out, check_images)
     return out
@@ -440,12 +479,12 @@ def _file_problem(full: str) -> Optional[str]:
     return None
 
 
-def load_eval_subsets(source: str, subsets: Optional[Sequence[str]] = None, **options: Any) -> Dict[str, EvalSubset]:
-    """`load_eval_subset` for several subsets (None: every subset of a local directory).
-
-    Unknown names are all reported at once, with the available subsets, before anything loads.
-    """
-    local = _is_local(source, options.get("source_type", "auto"))
+def check_subset_names(source: str, subsets: Optional[Sequence[str]] = None,
+                       source_type: str = "auto") -> List[str]:
+    """The subset names to load: ``subsets`` checked (no duplicates; for a local directory,
+    every name present, all unknown names reported at once with the available subsets), or
+    None: every subset of a local directory. Reads no rows."""
+    local = _is_local(source, source_type)
     if subsets is None:
         if not local:
             raise ValueError("name the subsets to load from a hub dataset (e.g. llave_ds.metrics.official_subsets())")
@@ -465,7 +504,17 @@ def load_eval_subsets(source: str, subsets: Optional[Sequence[str]] = None, **op
             errs = [_unknown_message(s, available, source) for s in unknown]
             raise EvalDataError("; ".join(errs) + f"; available subsets: {', '.join(available) or '(none)'}",
                                 subset=unknown[0])
-    return {s: load_eval_subset(source, s, **options) for s in subsets}
+    return subsets
+
+
+def load_eval_subsets(source: str, subsets: Optional[Sequence[str]] = None, **options: Any) -> Dict[str, EvalSubset]:
+    """`load_eval_subset` for several subsets (None: every subset of a local directory).
+
+    Unknown names are all reported at once, with the available subsets, before anything
+    loads. ``options`` go to `load_eval_subset` (``strict_empty=True`` refuses empty sides).
+    """
+    names = check_subset_names(source, subsets, options.get("source_type", "auto"))
+    return {s: load_eval_subset(source, s, **options) for s in names}
 
 
 # --------------------------------------------------------------------------- deduplication

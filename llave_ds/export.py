@@ -12,8 +12,11 @@ Two ways in:
 
 The directory holds ``config.json``, sharded ``*.safetensors`` (+ index when several),
 the tokenizer, processor and image-processor configs of the base model, ``README.md``
-(model card) and ``llave_embedding.json`` (pooling, normalisation, prompt format). The
-weights load with ``<ConcreteClass>.from_pretrained`` without llave-ds installed.
+(model card) and ``llave_embedding.json`` (pooling, normalisation, and the prompt
+format: every ``processing`` field of the run, from the formatter built by
+``InputFormatter.from_config``). The weights load with ``<ConcreteClass>.from_pretrained``
+without llave-ds installed; ``processor_config.json`` names the stock processor class
+(``LlavaOnevisionProcessor`` / ``Qwen2VLProcessor``) for ``AutoProcessor``.
 
 It is written into a temporary sibling and renamed into place at the end, so an
 interrupted export never leaves a half directory at the destination.
@@ -182,9 +185,7 @@ def embedding_metadata(model, formatter, *, export_dtype: Union[str, torch.dtype
     from llave_ds import __version__
 
     meta = {"format_version": METADATA_FORMAT_VERSION, "library": "llave-ds", "llave_ds_version": __version__}
-    meta.update(model.embedding_metadata(formatter))
-    if formatter is not None:
-        meta["input_format"]["padding_side"] = formatter.padding_side
+    meta.update(model.embedding_metadata(formatter))  # input_format: formatter.metadata()
     meta.update({"similarity": "cosine", "model_class": model_class,
                  "export_dtype": _dtype_name(_dtype(export_dtype)), "lora_merged": bool(lora_merged)})
     if source:
@@ -422,7 +423,7 @@ def read_run_config(path: Path):
 
     from llave_ds.config import ConfigError, config_from_dict
     from llave_ds.model import ModelConfig
-    from llave_ds.train import ProcessingConfig
+    from llave_ds.processing import ProcessingConfig
 
     try:
         raw = yaml.safe_load(path.read_text())
@@ -473,7 +474,9 @@ def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], *
     out = Path(out_dir)
     check_destination(out, force)  # before the (long) consolidation
     ckpt_dir = resolve_checkpoint_dir(checkpoint)
-    marker = ckpt.describe(ckpt_dir)
+    # What resume checks, checked here too: a flipped byte in the fp32 masters would
+    # otherwise be exported without a word (sizes and CRC-32 of every file, ~2 GB/s).
+    marker = ckpt.verify_checkpoint(ckpt_dir, checksums=True, purpose="export")
     cfg_file = find_run_config(ckpt_dir, config_path)
     raw, model_cfg, processing = read_run_config(cfg_file)
     base = _check_base_model(base_model or model_cfg.path, cfg_file, base_model is not None)
@@ -490,11 +493,8 @@ def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], *
     hf_model.to(target)
 
     processor = load_processor(str(base), model.backbone)
-    formatter = InputFormatter(processor, model.backbone, max_length=processing.max_length,
-                               max_image_tokens=processing.max_image_tokens,
-                               query_instruction=processing.query_instruction,
-                               target_instruction=processing.target_instruction,
-                               padding_side=processing.padding_side)
+    # The training formatter: every processing field of the run config, as train.py builds it.
+    formatter = InputFormatter.from_config(processor, model.backbone, processing)
     run_dir = cfg_file.parent
     source = {"checkpoint": str(ckpt_dir.resolve()), "step": marker.get("step"),
               "world_size": marker.get("world_size"), "base_model": str(base)}

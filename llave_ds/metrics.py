@@ -289,13 +289,19 @@ def candidate_scores(item_embeddings: ArrayLike, query_index: ArrayLike, candida
 
 # --------------------------------------------------------------------------- aggregation
 
+UNKNOWN_POLICIES: Tuple[str, ...] = ("raise", "separate")
+
+
 def aggregate(per_subset: Mapping[str, float], subset_info: Optional[Mapping[str, SubsetSpec]] = None,
-              ) -> Dict[str, Any]:
+              unknown: str = "raise") -> Dict[str, Any]:
     """MMEB summary of per-subset precision@1 values (fractions in [0, 1]).
 
     Every mean is the unweighted mean of the subset scores it covers (the MMEB convention),
     over the subsets present only. ``subset_info`` adds user subsets to the official and
-    synthetic ones (see `subset_registry`); a subset known to neither raises ValueError.
+    synthetic ones (see `subset_registry`). A subset known to neither raises ValueError
+    (``unknown="raise"``, default: a silent drop would hide a typo) or, with
+    ``unknown="separate"``, is reported under ``other`` and left out of every mean (so one
+    extra subset, e.g. the CIFAR-100 directory of the hub download, costs nothing else).
 
     Returns a dict:
       ``overall``: mean over all subsets given (None when none);
@@ -304,20 +310,26 @@ def aggregate(per_subset: Mapping[str, float], subset_info: Optional[Mapping[str
       ``counts``: number of subsets behind each of these means (same keys, plus "overall");
       ``per_subset``: the input scores; ``subsets``: name -> {category, distribution, official};
       ``missing_official``: official subsets not given, in benchmark order (of ``num_official``);
-      ``comparable_to_mmeb``: all 36 official subsets present and nothing else.
+      ``comparable_to_mmeb``: all 36 official subsets present and nothing else;
+      ``other``: {name: score} of the subsets without a known category (``unknown="separate"``
+      only; empty when there are none).
     """
+    if unknown not in UNKNOWN_POLICIES:
+        raise ValueError(f"unknown must be one of {list(UNKNOWN_POLICIES)}, got {unknown!r}")
     registry = subset_registry(subset_info)
-    unknown = [name for name in per_subset if name not in registry]
-    if unknown:
-        raise ValueError(f"no category known for subset(s) {unknown}: pass subset_info={{name: category}} "
-                         f"(one of {list(CATEGORIES)}) or {{name: {{'category': ..., 'distribution': ...}}}}")
+    unknown_names = [name for name in per_subset if name not in registry]
+    if unknown_names and unknown == "raise":
+        raise ValueError(f"no category known for subset(s) {unknown_names}: pass subset_info={{name: category}} "
+                         f"(one of {list(CATEGORIES)}) or {{name: {{'category': ..., 'distribution': ...}}}}, "
+                         "or unknown='separate' to report them apart from every aggregate")
     scores: Dict[str, float] = {}
+    other: Dict[str, float] = {}
     for name, value in per_subset.items():
         v = float(value)
         if not math.isfinite(v) or not 0.0 <= v <= 1.0:
             hint = " (looks like a percentage: pass fractions, e.g. 0.652 not 65.2)" if 1.0 < v <= 100.0 else ""
             raise ValueError(f"subset {name!r}: score must be a fraction in [0, 1], got {value!r}{hint}")
-        scores[name] = v
+        (other if name in unknown_names else scores)[name] = v
 
     def mean(names: List[str]) -> Optional[float]:
         return float(np.mean([scores[n] for n in names])) if names else None
@@ -343,6 +355,7 @@ def aggregate(per_subset: Mapping[str, float], subset_info: Optional[Mapping[str
         missing_official=missing,
         num_official=len(official),
         comparable_to_mmeb=not missing and len(scores) == len(official),
+        **({"other": other} if unknown == "separate" else {}),
     )
 
 
@@ -358,7 +371,7 @@ def markdown_table(result: Mapping[str, Any], *, percent: bool = True, digits: i
 
     A summary row (overall, per category, IND/OOD[/synthetic]) with subset counts, then,
     with ``per_subset``, one row per subset grouped by category, then a note on missing
-    official subsets.
+    official subsets, then the ``other`` subsets (no known category), which no aggregate covers.
     """
     dists = list(result["by_distribution"])
     head = ["Overall"] + [CATEGORY_ABBREVIATIONS[c] for c in CATEGORIES] + dists
@@ -387,6 +400,11 @@ def markdown_table(result: Mapping[str, Any], *, percent: bool = True, digits: i
         if any(not i["official"] for i in result["subsets"].values()):
             parts.append("non-official subsets included")
         lines += ["", "Not comparable to published MMEB scores: " + "; ".join(parts) + "."]
+    other = result.get("other") or {}
+    if other:
+        lines += ["", f"Other subsets ({len(other)}; no known category, in no aggregate above):", "",
+                  "| subset | P@1 |", "|---|---|"]
+        lines += [f"| {n} | {_fmt(v, percent, digits)} |" for n, v in other.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -42,7 +42,8 @@ class ModelConfig:
     """How to build the embedding model. Flat, simple types (maps 1:1 to a YAML section).
 
     path: local checkpoint directory or hub id (same ``from_pretrained`` code path).
-    backbone: "auto" (from config.json ``model_type``), "llava_onevision" or "qwen2_vl".
+    backbone: "auto" (from config.json ``model_type``), "llava_onevision", "qwen2_vl" or
+        "qwen2_5_vl".
     dtype: "bfloat16" (paper), "float32" or "float16".
     attn_implementation: "auto" = flash_attention_2 when flash_attn imports and CUDA is
         available, else sdpa; or an explicit "sdpa" / "eager" / "flash_attention_2".
@@ -102,10 +103,14 @@ def resolve_attn_implementation(requested: str) -> str:
 
 
 def _model_class(backbone: str):
-    from transformers import LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration
+    from transformers import (
+        LlavaOnevisionForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
+    )
 
     return {"llava_onevision": LlavaOnevisionForConditionalGeneration,
-            "qwen2_vl": Qwen2VLForConditionalGeneration}[check_backbone(backbone)]
+            "qwen2_vl": Qwen2VLForConditionalGeneration,
+            "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[check_backbone(backbone)]
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -117,8 +122,9 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 def vision_modules(hf_model: nn.Module, backbone: str) -> tuple[list[nn.Module], list[nn.Parameter]]:
     """(vision tower modules, projector modules + loose projector params) of a backbone.
 
-    Qwen2-VL keeps its projector (the patch merger) inside ``visual``; LLaVA-OV's projector
-    is the MLP plus the ``image_newline`` vector that separates rows of tiles.
+    Qwen2-VL and Qwen2.5-VL keep their projector (the patch merger) inside ``visual``;
+    LLaVA-OV's projector is the MLP plus the ``image_newline`` vector that separates rows of
+    tiles.
     """
     inner = hf_model.model
     if backbone == "llava_onevision":
@@ -176,7 +182,8 @@ def apply_gradient_checkpointing(hf_model: nn.Module, mode: str) -> None:
 
 
 class EmbeddingModel(nn.Module):
-    """Wraps a LLaVA-OV / Qwen2-VL ForConditionalGeneration model (optionally peft-wrapped).
+    """Wraps a LLaVA-OV / Qwen2-VL / Qwen2.5-VL ForConditionalGeneration model (optionally
+    peft-wrapped).
 
     ``forward`` takes the formatter's keys and returns ``[B, D]`` float32 unit vectors.
     State-dict keys carry the prefix ``hf_model.`` (plus peft's ``base_model.model.`` when
@@ -192,9 +199,10 @@ class EmbeddingModel(nn.Module):
         self._warned_no_vision = False
         self.vision_cache: Optional[FrozenVisionCache] = None
         tower, _ = vision_modules(self.base_hf_model, self.backbone)
-        if (config is None or config.cache_frozen_vision) and \
+        installer = VISION_CACHE_INSTALLERS.get(self.backbone)  # none: the tower always runs
+        if installer is not None and (config is None or config.cache_frozen_vision) and \
                 not any(p.requires_grad for p in _parameters_of(tower)):
-            self.vision_cache = VISION_CACHE_INSTALLERS[self.backbone](self.base_hf_model.model)
+            self.vision_cache = installer(self.base_hf_model.model)
 
     def zero3_fetch_units(self) -> list[str]:
         """Class names of the blocks ZeRO-3 should fetch whole (``engine.set_fetch_units``):
@@ -245,6 +253,8 @@ class EmbeddingModel(nn.Module):
             vision = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
             if mm_token_type_ids is None:
                 mm_token_type_ids = (input_ids == inner.config.image_token_id).to(torch.int32)
+            # M-RoPE (Qwen2-VL, Qwen2.5-VL): keyword arguments only, so Qwen2.5-VL's extra
+            # video arguments (video_grid_thw, second_per_grid_ts) keep their None defaults.
             position_ids, _ = inner.get_rope_index(
                 input_ids, mm_token_type_ids=mm_token_type_ids,
                 image_grid_thw=None if is_dummy else image_grid_thw, attention_mask=attention_mask)

@@ -1,7 +1,9 @@
 """From (text, image) sides to the tensors one forward of the embedding model takes.
 
-Three things live here:
+Four things live here:
 
+* ``ProcessingConfig``: the ``processing`` section of a run config, which is also the
+  ``input_format`` block of an export's ``llave_embedding.json``;
 * the video-free processors (``LlavaOnevisionImageTextProcessor``,
   ``Qwen2VLImageTextProcessor``): the stock ones insist on a video processor, which needs
   torchvision; these are the same classes without it, and load both their own saves and
@@ -11,32 +13,59 @@ Three things live here:
   tokens, instruction prefixes, truncation that never cuts image tokens or the pooled
   (last) token, an image-token cap, and the blank "dummy" image that keeps text-only chunks
   running the vision tower (every rank and chunk must run the same modules under ZeRO-3).
+  ``InputFormatter.from_config(processor, backbone, processing_config)`` is the one way
+  training, ``llave-ds export`` and ``LlaveEmbedder`` build it, so all three format alike.
 
 Sequence layout of one side (the pooled token is the last one, the ``\\n`` after
 ``assistant``)::
 
     <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n
 
+That is ``prompt_format="qwen_chat"`` (the default). ``prompt_format="llave"`` is LLaVE's
+own prompt (what the released LLaVE checkpoints expect): a lone placeholder not at the start
+moves the image to the front of the content, and an assistant turn ``\\n`` closed by
+``<|im_end|>\\n`` follows; its final ``\\n`` is pooled (docs/MODELS.md "Prompt formats").
+
 Text is tokenized per segment between special tokens (the chat markers and the image
 tokens), which is how the tokenizer splits a whole prompt anyway.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
-from transformers import LlavaOnevisionProcessor, Qwen2VLProcessor
+from transformers import LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
 
 logger = logging.getLogger("llave_ds.processing")
 
-SUPPORTED_BACKBONES = ("llava_onevision", "qwen2_vl")
+SUPPORTED_BACKBONES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl")
+# Backbones with Qwen2-VL-style inputs: <|vision_start|> <|image_pad|>*n <|vision_end|>,
+# flattened patches + image_grid_thw, M-RoPE positions (Qwen2.5-VL shares the image processor).
+QWEN_BACKBONES = ("qwen2_vl", "qwen2_5_vl")
 MMEB_IMAGE_PLACEHOLDER = "<|image_1|>"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 ROLES = ("query", "target")
+PROMPT_FORMAT = "qwen_chat"  # the default prompt format
+# qwen_chat: the Qwen chat prompt up to the generation prompt, image where the placeholder is.
+# llave: LLaVE's training/eval prompt (DeepLearnXMU/LLaVE llava/train/train.py): the image
+# moved to the front of the user turn, then an assistant turn "\n" closed by <|im_end|>\n.
+# docs/MODELS.md "Prompt formats" spells out both token by token.
+PROMPT_FORMATS = ("qwen_chat", "llave")
+# What follows the user content; the last token of it is the pooled one.
+TEMPLATE_TAILS = {"qwen_chat": "<|im_end|>\n<|im_start|>assistant\n",
+                  "llave": "<|im_end|>\n<|im_start|>assistant\n\n<|im_end|>\n"}
+
+
+def check_prompt_format(prompt_format: str, field: str = "prompt_format") -> str:
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"{field} must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+    return prompt_format
 
 
 def check_backbone(backbone: str) -> str:
@@ -66,15 +95,106 @@ def detect_backbone(path: Union[str, Path]) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# Processing config
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class ProcessingConfig:
+    """How sides become token sequences (the arguments of ``InputFormatter``).
+
+    The ``processing`` section of a training config; an export records the same fields in
+    the ``input_format`` block of ``llave_embedding.json`` (``InputFormatter.metadata``)
+    and ``LlaveEmbedder`` reads them back with ``from_metadata``.
+    """
+    max_length: int = 1024
+    max_image_tokens: Optional[int] = None
+    query_instruction: Optional[str] = None
+    target_instruction: Optional[str] = None
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    padding_side: str = "right"
+    prompt_format: str = PROMPT_FORMAT  # "qwen_chat" or "llave" (LLaVE checkpoints)
+
+    def validate(self) -> None:
+        check_prompt_format(self.prompt_format, "processing.prompt_format")
+        if self.max_length < 8:
+            raise ValueError(f"processing.max_length must be >= 8, got {self.max_length}")
+        if self.max_image_tokens is not None and self.max_image_tokens < 1:
+            raise ValueError(f"processing.max_image_tokens must be >= 1 or null, got {self.max_image_tokens}")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"processing.padding_side must be left or right, got {self.padding_side!r}")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_metadata(cls, input_format: Optional[Mapping], source: str) -> "ProcessingConfig":
+        """From the ``input_format`` block of ``llave_embedding.json`` (``source`` names the
+        file in errors). Fields it lacks keep their defaults; its descriptive keys
+        (``prompt_format``, ``pooled_token``, ...) are checked or ignored."""
+        from llave_ds.config import config_from_dict
+
+        if input_format is None:
+            return cls()
+        if not isinstance(input_format, Mapping):
+            raise ValueError(f"{source}: input_format must be a mapping, got {type(input_format).__name__}")
+        prompt_format = input_format.get("prompt_format", PROMPT_FORMAT)
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"{source}: input_format.prompt_format is {prompt_format!r}; this version of "
+                             f"llave-ds formats {', '.join(repr(f) for f in PROMPT_FORMATS)} prompts")
+        settings = {key: input_format[key] for key in cls.field_names() if key in input_format}
+        try:
+            return config_from_dict(cls, settings, source=f"{source} (input_format)")
+        except ValueError as exc:
+            if getattr(exc, "source", None):
+                raise  # a type error: the message already names the file and the field
+            raise ValueError(f"{source} (input_format): {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------
 # Video-free processors
 # ---------------------------------------------------------------------------------------
 
-class LlavaOnevisionImageTextProcessor(LlavaOnevisionProcessor):
+class _SavedAsStockProcessor:
+    """Save under the stock class name, so the directory is a stock one.
+
+    ``processor_config.json`` and ``tokenizer_config.json`` name the backbone's own
+    processor class (``LlavaOnevisionProcessor`` / ``Qwen2VLProcessor``), so that
+    ``transformers.AutoProcessor.from_pretrained(dir)`` builds that class (video processor
+    included, derived from ``preprocessor_config.json`` by transformers, which needs
+    torchvision) instead of falling back to a bare tokenizer. llave-ds itself loads such a
+    directory with ``load_processor``, which picks the class from ``config.json``.
+    """
+
+    stock_class: type
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["processor_class"] = self.stock_class.__name__
+        return out
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        # The tokenizer records the class of the processor that saved it.
+        tokenizer_config = Path(save_directory) / "tokenizer_config.json"
+        if tokenizer_config.is_file():
+            config = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+            if config.get("processor_class") == type(self).__name__:
+                config["processor_class"] = self.stock_class.__name__
+                tokenizer_config.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                            encoding="utf-8")
+        return files
+
+
+class LlavaOnevisionImageTextProcessor(_SavedAsStockProcessor, LlavaOnevisionProcessor):
     """``LlavaOnevisionProcessor`` without the video processor (so without torchvision).
 
     Only ``image_processor`` and ``tokenizer`` are sub-processors (transformers derives
     them from this ``__init__`` signature), so save/load never touch a video processor.
+    Saved directories name ``LlavaOnevisionProcessor`` (see ``_SavedAsStockProcessor``).
     """
+
+    stock_class = LlavaOnevisionProcessor
 
     def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
                  vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
@@ -86,8 +206,22 @@ class LlavaOnevisionImageTextProcessor(LlavaOnevisionProcessor):
                          video_token=video_token, vision_aspect_ratio=vision_aspect_ratio, **kwargs)
 
 
-class Qwen2VLImageTextProcessor(Qwen2VLProcessor):
-    """``Qwen2VLProcessor`` without the video processor (so without torchvision)."""
+class Qwen2VLImageTextProcessor(_SavedAsStockProcessor, Qwen2VLProcessor):
+    """``Qwen2VLProcessor`` without the video processor (so without torchvision).
+    Saved directories name ``Qwen2VLProcessor``."""
+
+    stock_class = Qwen2VLProcessor
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                         chat_template=chat_template, **kwargs)
+
+
+class Qwen2_5_VLImageTextProcessor(_SavedAsStockProcessor, Qwen2_5_VLProcessor):
+    """``Qwen2_5_VLProcessor`` without the video processor (so without torchvision); its
+    image processor is Qwen2-VL's. Saved directories name ``Qwen2_5_VLProcessor``."""
+
+    stock_class = Qwen2_5_VLProcessor
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
@@ -97,6 +231,7 @@ class Qwen2VLImageTextProcessor(Qwen2VLProcessor):
 PROCESSOR_CLASSES = {
     "llava_onevision": LlavaOnevisionImageTextProcessor,
     "qwen2_vl": Qwen2VLImageTextProcessor,
+    "qwen2_5_vl": Qwen2_5_VLImageTextProcessor,
 }
 
 
@@ -122,7 +257,7 @@ class InputFormatter:
 
     * llava_onevision: ``input_ids``, ``attention_mask``, ``pixel_values``
       ``[n_images, n_tiles, 3, H, W]``, ``image_sizes`` ``[n_images, 2]``, ``dummy_image``;
-    * qwen2_vl: ``input_ids``, ``attention_mask``, ``pixel_values`` ``[n_patches, C*T*P*P]``,
+    * qwen2_vl / qwen2_5_vl: ``input_ids``, ``attention_mask``, ``pixel_values`` ``[n_patches, C*T*P*P]``,
       ``image_grid_thw`` ``[n_images, 3]``, ``dummy_image``.
 
     ``dummy_image`` is a 0-dim bool tensor. When no side of the chunk has an image, the
@@ -136,7 +271,7 @@ class InputFormatter:
     Args:
         processor: a processor from ``load_processor`` (or any with ``.tokenizer`` and
             ``.image_processor`` of the backbone).
-        backbone: "llava_onevision" or "qwen2_vl".
+        backbone: "llava_onevision", "qwen2_vl" or "qwen2_5_vl".
         max_length: longest sequence in tokens, image tokens and chat markers included.
             Longer sides get their text content cut from the end (counted in
             ``num_truncated``); image tokens and the closing template never are.
@@ -150,14 +285,27 @@ class InputFormatter:
         system_prompt: the system turn of the Qwen chat template.
         padding_side: "right" (default; no fully-masked attention rows) or "left". The
             model pools the last attended token either way.
+        prompt_format: "qwen_chat" (default): the prompt ends with the generation prompt
+            ``<|im_start|>assistant\n`` and the image sits where the placeholder is.
+            "llave": LLaVE's own prompt, what the released LLaVE checkpoints were trained
+            and evaluated with: a lone placeholder that is not at the start of the content
+            moves to the front (``<image>\n`` + the stripped rest), and the prompt ends with
+            the assistant turn ``<|im_start|>assistant\n\n<|im_end|>\n``, whose final
+            ``\n`` is pooled. See docs/MODELS.md "Prompt formats".
+
+    Build it with ``InputFormatter.from_config(processor, backbone, ProcessingConfig)``
+    wherever the settings come from a config or an export (training, ``llave-ds export``,
+    ``LlaveEmbedder``): one constructor, so no setting is dropped on the way.
     """
 
     def __init__(self, processor, backbone: str, max_length: int = 1024,
                  max_image_tokens: Optional[int] = None, query_instruction: Optional[str] = None,
                  target_instruction: Optional[str] = None,
-                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, padding_side: str = "right"):
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, padding_side: str = "right",
+                 prompt_format: str = PROMPT_FORMAT):
         self.processor = processor
         self.backbone = check_backbone(backbone)
+        self.prompt_format = check_prompt_format(prompt_format)
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if max_image_tokens is not None and max_image_tokens < 1:
@@ -187,7 +335,7 @@ class InputFormatter:
 
         self.head_ids = self._encode_template(
             f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n")
-        self.tail_ids = self._encode_template("<|im_end|>\n<|im_start|>assistant\n")
+        self.tail_ids = self._encode_template(TEMPLATE_TAILS[self.prompt_format])
         min_len = len(self.head_ids) + len(self.tail_ids) + 1
         if self.max_length < min_len:
             raise ValueError(f"max_length={self.max_length} leaves no room: the chat template "
@@ -196,6 +344,19 @@ class InputFormatter:
         self.num_formatted = 0   # sides formatted so far
         self.num_truncated = 0   # of which had their text cut to fit max_length
         self._dummy: Optional[dict[str, torch.Tensor]] = None
+
+    @classmethod
+    def from_config(cls, processor, backbone: str, config: ProcessingConfig) -> "InputFormatter":
+        """The formatter of a ``ProcessingConfig``: every field of it, validated."""
+        if not isinstance(config, ProcessingConfig):
+            raise TypeError(f"config must be a ProcessingConfig, got {type(config).__name__}")
+        config.validate()
+        return cls(processor, backbone, **dataclasses.asdict(config))
+
+    @property
+    def config(self) -> ProcessingConfig:
+        """The ``ProcessingConfig`` this formatter formats with."""
+        return ProcessingConfig(**{name: getattr(self, name) for name in ProcessingConfig.field_names()})
 
     # -- public --------------------------------------------------------------------------
 
@@ -217,7 +378,9 @@ class InputFormatter:
         segments: list[tuple[str, str]] = []
         for side in sides:
             content = (instruction or "") + (side.text or "")
-            if side.image is None:
+            if self.prompt_format == "llave":
+                segments.append(self._llave_segments(content, side.image is not None))
+            elif side.image is None:
                 segments.append((content.replace(MMEB_IMAGE_PLACEHOLDER, ""), ""))
             elif MMEB_IMAGE_PLACEHOLDER in content:
                 before, after = content.split(MMEB_IMAGE_PLACEHOLDER, 1)
@@ -243,26 +406,55 @@ class InputFormatter:
         return out
 
     def metadata(self) -> dict:
-        """How prompts are built, for export next to the weights."""
+        """How prompts are built, for export next to the weights (the ``input_format`` of
+        ``llave_embedding.json``): every ``ProcessingConfig`` field, plus descriptions."""
         return {
-            "prompt_format": "qwen_chat",
+            "prompt_format": self.prompt_format,
             "system_prompt": self.system_prompt,
-            "pooled_token": "last token of '<|im_end|>\\n<|im_start|>assistant\\n'",
+            "pooled_token": f"last token of {TEMPLATE_TAILS[self.prompt_format]!r}",
             "image_placeholder": MMEB_IMAGE_PLACEHOLDER,
-            "image_without_placeholder": "image tokens first, then '\\n' and the text",
+            "image_without_placeholder": ("image tokens first, then '\\n' and the text"
+                                          if self.prompt_format == PROMPT_FORMAT else
+                                          "image tokens first, then '\\n' and the stripped text "
+                                          "(as for one placeholder not at the start)"),
             "query_instruction": self.query_instruction,
             "target_instruction": self.target_instruction,
             "max_length": self.max_length,
             "max_image_tokens": self.max_image_tokens,
+            "padding_side": self.padding_side,
         }
 
     # -- text ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _llave_segments(content: str, has_image: bool) -> tuple[str, str]:
+        """(before, after) the image for the llave format: LLaVE's ``preprocess_multimodal``
+        (DeepLearnXMU/LLaVE llava/train/train.py and llava/eval/model_embed.py).
+
+        * one placeholder, not at the very start: it is removed, the rest is ``strip()``-ed
+          and the image goes first: ``<image>\\n{rest}`` (``<image>`` alone if rest is empty);
+        * placeholder at the very start: the text stays as it is (``<image> Represent ...``);
+        * an image but no placeholder: LLaVE would drop the image; here it is placed as in
+          the first case;
+        * two or more placeholders (LLaVE keeps them all in place): the image takes the
+          first one, the others are removed;
+        * no image: placeholders are removed.
+        """
+        placeholder = MMEB_IMAGE_PLACEHOLDER
+        count = content.count(placeholder)
+        if not has_image:
+            return content.replace(placeholder, ""), ""
+        if count == 0 or (count == 1 and not content.startswith(placeholder)):
+            rest = content.replace(placeholder, "").strip()
+            return "", ("\n" + rest if rest else "")
+        before, after = content.split(placeholder, 1)
+        return before, after.replace(placeholder, "")
 
     def _encode_template(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _image_ids(self, n_tokens: int) -> list[int]:
-        if self.backbone == "qwen2_vl":
+        if self.backbone in QWEN_BACKBONES:
             return [self.vision_start_id] + [self.image_token_id] * n_tokens + [self.vision_end_id]
         return [self.image_token_id] * n_tokens
 
@@ -299,7 +491,7 @@ class InputFormatter:
     # -- images --------------------------------------------------------------------------
 
     def _image_processor_kwargs(self) -> dict:
-        if self.backbone != "qwen2_vl" or self.max_image_tokens is None:
+        if self.backbone not in QWEN_BACKBONES or self.max_image_tokens is None:
             return {}
         ip = self.image_processor
         pixels_per_token = (ip.patch_size * ip.merge_size) ** 2
@@ -309,13 +501,13 @@ class InputFormatter:
 
     def _process_images(self, images: list) -> dict[str, torch.Tensor]:
         out = self.image_processor(images, return_tensors="pt", **self.image_kwargs)
-        if self.backbone == "qwen2_vl":
+        if self.backbone in QWEN_BACKBONES:
             return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
         # batch_num_images is dropped: one image per side is the single-image (anyres) case.
         return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
 
     def _image_token_counts(self, vision: dict[str, torch.Tensor], n_images: int) -> list[int]:
-        if self.backbone == "qwen2_vl":
+        if self.backbone in QWEN_BACKBONES:
             merge = self.image_processor.merge_size
             return [int(thw.prod()) // merge ** 2 for thw in vision["image_grid_thw"]]
         inputs = {**vision, "batch_num_images": [1] * n_images}
@@ -351,7 +543,7 @@ class InputFormatter:
         if self._dummy is None:
             from PIL import Image
 
-            if self.backbone == "qwen2_vl":
+            if self.backbone in QWEN_BACKBONES:
                 side = self.image_processor.patch_size * self.image_processor.merge_size
                 size = (side, side)  # resized up to the processor's minimum
             else:

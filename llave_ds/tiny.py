@@ -1,12 +1,12 @@
-"""Tiny, randomly initialised LLaVA-OneVision and Qwen2-VL checkpoints built offline.
+"""Tiny, randomly initialised LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL checkpoints built offline.
 
 ``build_tiny_model_dir`` writes an ordinary transformers model directory (config.json,
 model.safetensors, tokenizer files, processor + preprocessor config, chat template) whose
 model loads with plain ``from_pretrained`` and whose processor loads with
 ``llave_ds.processing.load_processor``. Nothing is downloaded: the tokenizer is a byte-level
-``Qwen2Tokenizer`` (one token per byte, no merges) plus the special tokens the two
+``Qwen2Tokenizer`` (one token per byte, no merges) plus the special tokens the three
 backbones use, and the architectures are the real ones at toy sizes (~150-200K parameters,
-images of 28-56 pixels) so a forward of 8 pairs takes a few hundredths of a second on CPU.
+images of 28-112 pixels) so a forward of 8 pairs takes a few hundredths of a second on CPU.
 """
 from __future__ import annotations
 
@@ -17,14 +17,15 @@ from typing import Union
 import torch
 
 from llave_ds.processing import (
-    SUPPORTED_BACKBONES, LlavaOnevisionImageTextProcessor, Qwen2VLImageTextProcessor, check_backbone,
+    SUPPORTED_BACKBONES, LlavaOnevisionImageTextProcessor, Qwen2_5_VLImageTextProcessor,
+    Qwen2VLImageTextProcessor, check_backbone,
 )
 
-# One shared token layout for both backbones: ids 0-255 are the bytes, then these.
+# One shared token layout for all backbones: ids 0-255 are the bytes, then these.
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
     "<image>", "<video>",                                             # LLaVA-OneVision
-    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",  # Qwen2-VL
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",  # Qwen2(.5)-VL
 )
 TINY_VOCAB_SIZE = 272  # 256 bytes + 10 special tokens, rounded up to a multiple of 16
 
@@ -107,13 +108,22 @@ TINY_LLAVA_PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]
 # Qwen2-VL: images resized to 28..56 px per side -> 1..4 image tokens after the 2x2 merge.
 TINY_QWEN_MIN_PIXELS = 28 * 28
 TINY_QWEN_MAX_PIXELS = 56 * 56
+# Qwen2.5-VL: window attention over 2x2 merged tokens (the real 112-px windows are 4x4 merged
+# tokens of 28 px), with block 0 windowed and block 1 full (like fullatt_block_indexes
+# 7/15/23/31 of 32). Images are resized to 84..112 px per side, so every image (and the
+# blank dummy) has a merged grid of at least 3x3 = 9 tokens and so more than one window:
+# the window permutation that ``visual`` applies and undoes is never the identity.
+TINY_QWEN25_WINDOW_SIZE = 56
+TINY_QWEN25_MIN_PIXELS = 84 * 84
+TINY_QWEN25_MAX_PIXELS = 112 * 112
 
 
 def tiny_config(backbone: str):
     """The transformers config of the tiny model for ``backbone``.
 
-    The LLaVA-OV one has an untied LM head (like LLaVA-OV-7B), the Qwen2-VL one a tied head
-    (like Qwen2-VL-2B), so both code paths of the embedding model get exercised.
+    The LLaVA-OV one has an untied LM head (like LLaVA-OV-7B), the Qwen2-VL and Qwen2.5-VL
+    ones a tied head (like Qwen2-VL-2B and Qwen2.5-VL-3B), so both code paths of the embedding
+    model get exercised.
     """
     check_backbone(backbone)
     if backbone == "llava_onevision":
@@ -131,20 +141,33 @@ def tiny_config(backbone: str):
             image_grid_pinpoints=TINY_LLAVA_PINPOINTS, vision_feature_select_strategy="full",
             vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9", tie_word_embeddings=False,
         )
-    from transformers import Qwen2VLConfig
-
     text = _tiny_text_config(tie_word_embeddings=True)
     # M-RoPE splits head_dim/2 = 8 rotary frequencies over (time, height, width).
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-    return Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        text_config=text,
+    qwen_tokens = dict(
         image_token_id=special_token_id("<|image_pad|>"),
         video_token_id=special_token_id("<|video_pad|>"),
         vision_start_token_id=special_token_id("<|vision_start|>"),
         vision_end_token_id=special_token_id("<|vision_end|>"),
-        tie_word_embeddings=True,
+    )
+    if backbone == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig
+
+        # Qwen2.5-VL's vision ``hidden_size`` is the tower width (Qwen2-VL's ``embed_dim``);
+        # ``out_hidden_size`` is what the merger projects to, the LM's hidden size.
+        return Qwen2_5_VLConfig(
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                               out_hidden_size=text["hidden_size"], patch_size=14,
+                               spatial_merge_size=2, temporal_patch_size=2,
+                               window_size=TINY_QWEN25_WINDOW_SIZE, fullatt_block_indexes=[1]),
+            text_config=text, tie_word_embeddings=True, **qwen_tokens,
+        )
+    from transformers import Qwen2VLConfig
+
+    return Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        text_config=text, tie_word_embeddings=True, **qwen_tokens,
     )
 
 
@@ -167,11 +190,16 @@ def build_tiny_processor(backbone: str):
             vision_aspect_ratio="anyres_max_9", chat_template=QWEN_CHAT_TEMPLATE)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    if backbone == "qwen2_5_vl":  # Qwen2.5-VL checkpoints ship Qwen2-VL's image processor
+        min_pixels, max_pixels = TINY_QWEN25_MIN_PIXELS, TINY_QWEN25_MAX_PIXELS
+        processor_cls = Qwen2_5_VLImageTextProcessor
+    else:
+        min_pixels, max_pixels = TINY_QWEN_MIN_PIXELS, TINY_QWEN_MAX_PIXELS
+        processor_cls = Qwen2VLImageTextProcessor
     image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=TINY_QWEN_MIN_PIXELS, max_pixels=TINY_QWEN_MAX_PIXELS,
-        patch_size=14, temporal_patch_size=2, merge_size=2)
-    return Qwen2VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                     chat_template=QWEN_CHAT_TEMPLATE)
+        min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2)
+    return processor_cls(image_processor=image_processor, tokenizer=tokenizer,
+                         chat_template=QWEN_CHAT_TEMPLATE)
 
 
 def build_tiny_model(backbone: str, seed: int = 0):
@@ -179,11 +207,15 @@ def build_tiny_model(backbone: str, seed: int = 0):
 
     Uses a forked RNG so the caller's global torch random state is left untouched.
     """
-    from transformers import LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration
+    from transformers import (
+        LlavaOnevisionForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
+    )
 
     config = tiny_config(backbone)
-    model_cls = (LlavaOnevisionForConditionalGeneration if backbone == "llava_onevision"
-                 else Qwen2VLForConditionalGeneration)
+    model_cls = {"llava_onevision": LlavaOnevisionForConditionalGeneration,
+                 "qwen2_vl": Qwen2VLForConditionalGeneration,
+                 "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[backbone]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
+import os
 import resource
 import signal
 import sys
@@ -36,6 +38,8 @@ from llave_ds.gather import all_gather_objects, all_reduce_max, all_reduce_sum, 
 from llave_ds.gradcache import GradCacheConfig, gradcache_step
 from llave_ds.model import ModelConfig
 from llave_ds.objective import ObjectiveConfig
+# The `processing` section; defined next to InputFormatter, which is built from it.
+from llave_ds.processing import ProcessingConfig  # noqa: F401 - also llave_ds.train.ProcessingConfig
 
 logger = logging.getLogger("llave_ds.train")
 
@@ -43,22 +47,6 @@ DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
 
 # ------------------------------------------------------------------------------ config
-
-@dataclass
-class ProcessingConfig:
-    max_length: int = 1024
-    max_image_tokens: Optional[int] = None
-    query_instruction: Optional[str] = None
-    target_instruction: Optional[str] = None
-    system_prompt: str = "You are a helpful assistant."
-    padding_side: str = "right"
-
-    def validate(self) -> None:
-        if self.max_length < 8:
-            raise ValueError(f"processing.max_length must be >= 8, got {self.max_length}")
-        if self.padding_side not in ("left", "right"):
-            raise ValueError(f"processing.padding_side must be left or right, got {self.padding_side!r}")
-
 
 @dataclass
 class DeepSpeedConfig:
@@ -108,7 +96,12 @@ class ScheduleConfig:
 class CheckpointConfig:
     every_steps: int = 500  # 0: only at the end (and on preemption)
     keep_last: int = 2
-    resume: str = "auto"  # auto (newest complete checkpoint in the run dir, if any) | none | a path
+    # auto: the newest complete checkpoint that verifies (older ones when the newest is
+    # damaged, with a warning naming what was skipped) | none: start fresh | a checkpoint path.
+    resume: str = "auto"
+    # With resume: none in a run directory that holds checkpoints: start fresh anyway, after
+    # moving its checkpoints and metrics into <run_dir>/previous-<time>/ (refused otherwise).
+    overwrite: bool = False
     dir: str = ""  # default: <run_dir>/checkpoints
     # Record a CRC-32 of every checkpoint file when saving and check it before resuming
     # (ranks share the reading); sizes are always recorded and checked.
@@ -119,6 +112,9 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
         if self.keep_last < 0:
             raise ValueError(f"checkpoint.keep_last must be >= 0, got {self.keep_last}")
+        if self.overwrite and self.resume not in ("none", ""):
+            raise ValueError(f"checkpoint.overwrite=true starts a run afresh and needs checkpoint.resume=none "
+                             f"(--resume none --overwrite), got checkpoint.resume={self.resume}")
 
 
 @dataclass
@@ -240,6 +236,25 @@ class TrainingError(RuntimeError):
     loader raised, ranks ran out of data unevenly, too many non-finite steps)."""
 
 
+class PeerStoppedError(TrainingError):
+    """Another rank is gone (killed, crashed, its node lost) while this one was in a collective:
+    raised on the surviving ranks instead of the communication library's own error."""
+
+
+# Texts of gloo / NCCL / c10d errors when a peer process is gone (not a bug in the step).
+_PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe", "socket closed",
+              "nccl communicator was aborted", "remote process exited", "connection refused", "read timed out",
+              "timed out", "watchdog caught collective operation timeout")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the communication layer reporting a peer that went away."""
+    import torch.distributed as dist
+    kinds = tuple(k for k in (getattr(dist, "DistError", None),) if k is not None)
+    text = str(exc).lower()
+    return (isinstance(exc, kinds) or isinstance(exc, RuntimeError)) and any(p in text for p in _PEER_GONE)
+
+
 class NonFiniteLossError(TrainingError):
     """``optim.max_consecutive_skips`` steps in a row had a non-finite loss or gradient."""
 
@@ -287,37 +302,93 @@ def checkpoint_root(cfg: "TrainConfig") -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run_dir) / "checkpoints"
 
 
-def resolve_resume(cfg: "TrainConfig", world_size: int) -> Optional[Path]:
-    """The checkpoint to resume from (or None), checked without loading anything: complete,
-    written by this many ranks, every listed file present with its recorded size."""
-    resume = cfg.checkpoint.resume
-    if resume == "auto":
-        path = ckpt.find_resume_checkpoint(checkpoint_root(cfg))
-    elif resume in ("none", ""):
-        return None
-    else:
-        path = Path(resume)
-        if not path.is_dir():
-            raise ckpt.CheckpointError(f"checkpoint.resume={resume}: no such checkpoint directory")
-    if path is None:
-        return None
-    marker = ckpt.describe(path)
-    written_by = marker.get("world_size")
+def _check_written_by(path: Path, world_size: int) -> None:
+    written_by = ckpt.describe(path).get("world_size")
     if written_by is not None and written_by != world_size:
         raise ckpt.CheckpointError(
             f"{path} was written by {written_by} ranks, this run has {world_size}: resume with the same "
             "number of ranks, or convert it with DeepSpeed's ds_to_universal.py and load it as a universal "
             "checkpoint")
-    ckpt.verify_checkpoint(path, checksums=False)
-    return path
 
 
-def preflight(cfg: "TrainConfig", world_size: int) -> Optional[Path]:
+def resolve_resume(cfg: "TrainConfig", world_size: int) -> list[Path]:
+    """The checkpoints to try resuming from, best first, checked without loading anything:
+    complete, written by this many ranks, every listed file present with its recorded size.
+
+    ``auto``: every complete checkpoint of the run that passes, newest first; one that does
+    not is skipped with a warning naming it and why (an unattended requeue must recover, not
+    fail again). An explicit path: that one, or an error. ``none``: nothing, and refused
+    when the run directory holds checkpoints, unless ``checkpoint.overwrite``.
+    """
+    resume = cfg.checkpoint.resume
+    root = checkpoint_root(cfg)
+    if resume in ("none", ""):
+        existing = ckpt.complete_checkpoints(root)
+        if existing and not cfg.checkpoint.overwrite:
+            raise ckpt.CheckpointError(
+                f"{root} holds checkpoints up to step {existing[-1][0]}: starting fresh (checkpoint.resume=none) "
+                f"would append a new run to {Path(cfg.run_dir) / 'metrics.jsonl'} and move 'latest' away from "
+                "them. Resume with --resume auto, or start over with --resume none --overwrite (the old "
+                "checkpoints and metrics are moved to <run_dir>/previous-<time>/), or choose another run_dir")
+        return []
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir():
+            raise ckpt.CheckpointError(f"checkpoint.resume={resume}: no such checkpoint directory")
+        _check_written_by(path, world_size)
+        ckpt.verify_checkpoint(path, checksums=False)
+        return [path]
+    found = ckpt.resume_candidates(root)
+    usable, problems = [], []
+    for path in found:
+        _check_written_by(path, world_size)  # a setup mistake, not damage: never skipped
+        try:
+            ckpt.verify_checkpoint(path, checksums=False)
+        except ckpt.CheckpointError as exc:
+            problems.append(str(exc))
+            logger.warning("--resume auto: skipping %s: %s", path, exc)
+            continue
+        usable.append(path)
+    if found and not usable:
+        raise ckpt.CheckpointError(f"--resume auto: no checkpoint in {root} is usable: " + "; ".join(problems))
+    return usable
+
+
+def preflight(cfg: "TrainConfig", world_size: int) -> list[Path]:
     """Every check that needs no other rank, before any process group exists: the number of
-    ranks, the model directory, the resume checkpoint. Returns the checkpoint to resume from."""
+    ranks, the model directory, the resume checkpoint. Returns the checkpoints to try
+    resuming from, best first (see ``resolve_resume``)."""
     cfg.validate_for_world(world_size)
     check_model_path(cfg.model)
     return resolve_resume(cfg, world_size)
+
+
+def choose_verified(cfg: "TrainConfig", candidates: list[Path], rank: int, world: int, device,
+                    is_main: bool) -> Optional[Path]:
+    """The first candidate whose files match their checksums (each rank reads a share; the
+    ranks agree through one gather per candidate). Under ``resume: auto`` a damaged one is
+    skipped with a warning naming the file; an explicit checkpoint that fails is an error."""
+    if not cfg.checkpoint.checksums:
+        return candidates[0] if candidates else None
+    failures = []
+    for path in candidates:
+        files = sorted((ckpt.read_marker(path) or {}).get("files") or {})
+        local_error = None
+        try:
+            ckpt.verify_checkpoint(path, checksums=True, files=files[rank::world])
+        except ckpt.CheckpointError as exc:
+            local_error = str(exc)
+        errors = rank_errors(local_error, device)  # every rank gets every rank's verdict
+        if not errors:
+            return path
+        if cfg.checkpoint.resume != "auto":
+            raise ckpt.CheckpointError("; ".join(errors))
+        failures.append("; ".join(errors))
+        if is_main:
+            logger.warning("--resume auto: skipping %s, it does not verify: %s", path, "; ".join(errors))
+    if failures:
+        raise ckpt.CheckpointError("--resume auto: no checkpoint verifies: " + " | ".join(failures))
+    return None
 
 
 def next_batch_agreed(iterator, device: torch.device, step: int):
@@ -362,26 +433,88 @@ def check_same_data(dataset, sampler, device: torch.device) -> None:
 
 
 class PreemptionFlag:
-    """SIGUSR1 / SIGTERM set a flag; the loop checkpoints at the end of the current step."""
+    """SIGUSR1 / SIGTERM set a flag; the loop checkpoints at the end of the current step.
+
+    A dead launcher counts too (``poll``): SIGUSR1 kills torchrun or the ``deepspeed`` runner
+    at once (its default action) and would leave the ranks training unsupervised to the end;
+    under a launcher the ranks watch it and stop, checkpointed, at the next step boundary.
+    """
 
     def __init__(self):
         self.requested = False
         self.signal_name = ""
+        self.watched: dict[int, str] = {}
 
     def install(self) -> None:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handler)
+        self.watched = launcher_processes()
 
     def _handler(self, signum, frame):
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
+    def poll(self) -> bool:
+        """Set the flag if a watched launcher process is gone; returns ``requested``."""
+        if not self.requested and self.watched:
+            alive = _ancestors()
+            gone = [f"{name} (pid {pid})" for pid, name in self.watched.items() if pid not in alive]
+            if gone:
+                self.requested = True
+                self.signal_name = f"the launcher exited: {', '.join(gone)}"
+        return self.requested
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _ancestors() -> list[int]:
+    """This process's parent, grandparent, ... (Linux /proc; empty elsewhere)."""
+    out, pid = [], os.getppid()
+    while pid > 1 and len(out) < 8:
+        out.append(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return out
+
+
+def launcher_processes() -> dict[int, str]:
+    """The launcher processes this rank should outlive only briefly: torchrun (the parent of
+    its ranks), or DeepSpeed's per-node ``launch`` process and the ``deepspeed`` runner above
+    it. Nothing under srun or a plain process (a shell may exit on purpose, e.g. nohup)."""
+    chain = _ancestors()
+    if not chain:
+        return {}
+    parent = chain[0]
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return {parent: "torchrun"}
+    if "deepspeed.launcher.launch" in _cmdline(parent):
+        watched = {parent: "deepspeed launch"}
+        if len(chain) > 1 and "deepspeed" in _cmdline(chain[1]):
+            watched[chain[1]] = "deepspeed"
+        return watched
+    return {}
+
 
 class MetricsWriter:
-    """Per-step JSONL on rank 0 (appended across resumes), optional TensorBoard."""
+    """Per-step JSONL on rank 0, one row per step across resumes; optional TensorBoard.
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    Resuming at step S keeps the rows of steps <= S and moves the rest (the interrupted
+    attempt's steps after its last checkpoint, which the resumed run repeats) to
+    ``metrics.superseded.jsonl``, each marked with the step resumed from.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resumed_at: Optional[int] = None):
         self.enabled = enabled
+        if enabled and resumed_at is not None:
+            self._truncate(run_dir, resumed_at)
         self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
         self.tb = None
         if enabled and tensorboard:
@@ -391,6 +524,31 @@ class MetricsWriter:
                 raise ConfigError("logging.tensorboard=true needs the tensorboard package "
                                   "(pip install tensorboard)") from exc
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    @staticmethod
+    def _truncate(run_dir: Path, resumed_at: int) -> None:
+        path = run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep, superseded = [], []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                step = int(row["step"])
+            except (ValueError, KeyError, TypeError):  # a line torn by the crash
+                superseded.append(json.dumps({"superseded_by_resume_from": resumed_at, "unreadable_line": line}))
+                continue
+            if step <= resumed_at:
+                keep.append(line)
+            else:
+                superseded.append(json.dumps({**row, "superseded_by_resume_from": resumed_at}))
+        if not superseded:
+            return
+        with open(run_dir / "metrics.superseded.jsonl", "a", encoding="utf-8") as fh:
+            fh.write("".join(r + "\n" for r in superseded))
+        ckpt.atomic_write_text(path, "".join(r + "\n" for r in keep))
+        logger.info("resumed at step %d: %d later row(s) of the interrupted attempt moved from %s to %s",
+                    resumed_at, len(superseded), path, run_dir / "metrics.superseded.jsonl")
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -435,7 +593,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
 
     # -- before any process group: config for this world size, model dir, resume checkpoint
     denv = distributed.detect_env()
-    resume_from = preflight(cfg, denv.world_size)
+    resume_candidates = preflight(cfg, denv.world_size)
     # Installed first: SIGUSR1's default action kills the process, and a cluster may send
     # it while a large model is still loading.
     preempt = PreemptionFlag()
@@ -449,22 +607,22 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
     ckpt_root = checkpoint_root(cfg)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.checkpoint.overwrite and not resume_candidates:
+            moved = ckpt.move_aside(run_dir, ckpt_root)
+            if moved is not None:
+                logger.warning("checkpoint.overwrite: moved the earlier checkpoints and metrics of %s to %s",
+                               run_dir, moved)
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
+        # Resuming is a decision of each launch, not a property of the run: the saved config
+        # resumes (a run started with --resume none must stay resumable from its config.yaml).
+        dump_config(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto",
+                                                                             overwrite=False)),
+                    run_dir / "config.yaml")
     local_batch = cfg.global_batch_size // world
     device = distributed.default_device(env)
 
     # -- the resume checkpoint's checksums, read by all ranks in parallel ------------------
-    if resume_from is not None and cfg.checkpoint.checksums:
-        files = sorted((ckpt.read_marker(resume_from) or {}).get("files") or {})
-        local_error = None
-        try:
-            ckpt.verify_checkpoint(resume_from, checksums=True, files=files[rank::world])
-        except ckpt.CheckpointError as exc:
-            local_error = str(exc)
-        errors = rank_errors(local_error, device)
-        if errors:
-            raise ckpt.CheckpointError("; ".join(errors))
+    resume_from = choose_verified(cfg, resume_candidates, rank, world, device, is_main)
 
     # -- data first (cheap, and bad data should not wait for the model): same on all ranks
     dataset = MMEBTrainDataset(cfg.data)
@@ -483,12 +641,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
         bf16=cfg.model.dtype == "bfloat16")
     eng.attach_deepspeed_comm()
     model, processor = load_embedding_model(cfg.model, deepspeed_config=ds_config)
-    formatter = InputFormatter(processor, model.backbone, max_length=cfg.processing.max_length,
-                               max_image_tokens=cfg.processing.max_image_tokens,
-                               query_instruction=cfg.processing.query_instruction,
-                               target_instruction=cfg.processing.target_instruction,
-                               system_prompt=cfg.processing.system_prompt,
-                               padding_side=cfg.processing.padding_side)
+    formatter = InputFormatter.from_config(processor, model.backbone, cfg.processing)
 
     # -- loader: every rank the same number of pairs per step ------------------------------
     collator = CountingCollator(PairCollator(formatter, cfg.gradcache.query_chunk_size,
@@ -529,11 +682,17 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
             logger.info("resumed from %s at step %d", resume_from, step)
 
     # -- the loop ---------------------------------------------------------------------------
-    metrics = MetricsWriter(run_dir, is_main, cfg.logging.tensorboard)
+    metrics = MetricsWriter(run_dir, is_main, cfg.logging.tensorboard,
+                            resumed_at=step if resume_from is not None else None)
     progress = None
+    log_above_bar = contextlib.ExitStack()
     if is_main and cfg.logging.progress:
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
         progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        # Warnings during training (a replaced row, a skipped step) print on their own line
+        # above the bar, not glued to the end of its line.
+        log_above_bar.enter_context(logging_redirect_tqdm())
     last_saved = step if resume_from is not None else -1
     final_loss = float("nan")
     stopped_early = False
@@ -577,7 +736,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
                     on_step_end(step, result)
                 # Ranks must agree to stop together, and the counts are summed over ranks:
                 # two tiny all-reduces per step.
-                flags = torch.tensor([float(preempt.requested),
+                flags = torch.tensor([float(preempt.poll()),
                                       float(count_tokens(batch.query_chunks) + count_tokens(batch.target_chunks)
                                             + count_tokens(batch.negative_chunks)),
                                       float(sum(batch.skipped.values())), float(truncated)], device=device)
@@ -632,7 +791,18 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
                 break
         if last_saved != step:
             saved_path, last_saved = save(step), step
+    except Exception as exc:
+        if not is_peer_failure(exc):
+            raise
+        # One line for the user instead of gloo's / NCCL's traceback: what happened, where,
+        # and how to go on (the checkpoints of this run are intact: saves are all-or-nothing).
+        raise PeerStoppedError(
+            f"another rank stopped (killed, crashed or stuck) during step {step + 1}; the communication layer "
+            f"said: {str(exc).splitlines()[0][:200]}. The last complete checkpoint is "
+            f"{ckpt.find_resume_checkpoint(ckpt_root) or 'none (no checkpoint yet)'}: relaunch with --resume auto "
+            "to continue from it") from None
     finally:
+        log_above_bar.close()
         if progress is not None:
             progress.close()
         metrics.close()
@@ -660,6 +830,9 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (see configs/); omitted = built-in defaults")
     parser.add_argument("--resume", help="auto | none | CHECKPOINT_DIR (same as checkpoint.resume=...)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --resume none in a run directory that holds checkpoints: start fresh, moving "
+                             "them and the metrics to <run_dir>/previous-<time>/ (checkpoint.overwrite=true)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     # The deepspeed launcher appends --local_rank=N unless given --no_local_rank; the rank
     # comes from the environment either way.
@@ -671,14 +844,37 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
+    if args.overwrite:
+        overrides.append("checkpoint.overwrite=true")
     return load_config(TrainConfig, args.config, overrides)
+
+
+def report_error(text: str) -> None:
+    """``llave-ds train: TEXT`` on stderr in one write (one line per rank: under a launcher
+    the ranks share the terminal, and print()'s separate writes interleaved their lines)."""
+    env = distributed.detect_env()
+    prefix = f"[rank {env.rank}] " if env.world_size > 1 else ""
+    line = f"{prefix}llave-ds train: {text}\n".encode("utf-8", "replace")
+    sys.stderr.flush()
+    if _has_fileno(sys.stderr):
+        os.write(sys.stderr.fileno(), line)
+    else:
+        sys.stderr.write(line.decode())
+
+
+def _has_fileno(stream) -> bool:
+    try:
+        stream.fileno()
+        return True
+    except (AttributeError, OSError, ValueError):  # a captured stream (tests) has none
+        return False
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
     except (ConfigError, ValueError) as exc:
-        print(f"llave-ds train: config error: {exc}", file=sys.stderr)
+        report_error(f"config error: {exc}")
         return 2
     if args.print_config:
         import yaml
@@ -691,17 +887,17 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
     except (ConfigError, EngineConfigError) as exc:
-        print(f"llave-ds train: config error: {exc}", file=sys.stderr)
-        return 2
+        report_error(f"config error: {exc}")
+        return write_exit_status(cfg, 2, "failed", f"config error: {exc}")
     except ckpt.CheckpointError as exc:
-        print(f"llave-ds train: checkpoint error: {exc}", file=sys.stderr)
-        return 2
+        report_error(f"checkpoint error: {exc}")
+        return write_exit_status(cfg, 2, "failed", f"checkpoint error: {exc}")
     except DataError as exc:
-        print(f"llave-ds train: data error: {exc}", file=sys.stderr)
-        return 2
+        report_error(f"data error: {exc}")
+        return write_exit_status(cfg, 2, "failed", f"data error: {exc}")
     except TrainingError as exc:
-        print(f"llave-ds train: {exc}", file=sys.stderr)
-        return 1
+        report_error(str(exc))
+        return write_exit_status(cfg, 1, "failed", str(exc))
     finally:
         with contextlib.suppress(Exception):
             distributed.shutdown_distributed()
@@ -710,7 +906,27 @@ def run(args: argparse.Namespace) -> int:
                           "checkpoint": result.checkpoint, "export": result.export_dir,
                           "stopped_early": result.stopped_early}))
     # Preempted: a distinct exit code lets launch scripts requeue.
-    return 3 if result.stopped_early else 0
+    if result.stopped_early:
+        return write_exit_status(cfg, 3, "preempted", f"checkpointed at step {result.steps}; resume with "
+                                 "--resume auto", step=result.steps)
+    return write_exit_status(cfg, 0, "completed", "", step=result.steps)
+
+
+EXIT_STATUS_FILE = "exit_status.json"
+
+
+def write_exit_status(cfg: "TrainConfig", code: int, status: str, message: str, step: Optional[int] = None) -> int:
+    """Rank 0 records how the run ended in ``RUN_DIR/exit_status.json`` and returns ``code``.
+
+    Why: a launcher does not pass the ranks' exit code on (torchrun exits 1 when its ranks
+    exit 3; a launcher killed by a signal reports nothing), so a wrapper that requeues on
+    "preempted" reads this file instead (``launch/run_with_status.sh``)."""
+    if distributed.detect_env().rank == 0 and Path(cfg.run_dir).is_dir():
+        record = {"status": status, "exit_code": code, "step": step, "message": message[:2000],
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with contextlib.suppress(OSError):  # reporting must never be what fails
+            ckpt.atomic_write_text(Path(cfg.run_dir) / EXIT_STATUS_FILE, json.dumps(record, indent=2) + "\n")
+    return code
 
 
 def main(argv=None) -> int:

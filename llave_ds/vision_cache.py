@@ -10,8 +10,10 @@ How: the tower module's ``forward`` is replaced on the instance (parameters, sta
 keys and DeepSpeed's hooks stay where they are). ``EmbeddingModel.forward`` names the
 chunk's ``pixel_values`` tensor as the key; then
 
-* no autograd (pass 1): run the tower and keep what the backbone reads of its output (LLaVA-OV: the selected hidden states; Qwen2-VL: the patch features before the
-  trained merger), plus the RNG state after the tower;
+* no autograd (pass 1): run the tower and keep what the backbone reads of its output
+  (LLaVA-OV: the selected hidden states; Qwen2-VL: the patch features before the trained
+  merger; Qwen2.5-VL: the same, still in window order, plus the index that undoes the
+  window order after the merger), plus the RNG state after the tower;
 * autograd on, an entry for this very tensor (same object, not modified in place since):
   return the kept output without running the tower, and set the RNG state to what it was
   after the tower in pass 1, so dropout anywhere after it draws the same masks;
@@ -48,12 +50,15 @@ class _Entry:
 class FrozenVisionCache:
     """Installs itself on a backbone's vision tower; see the module docstring."""
 
-    def __init__(self, tower: nn.Module, keep: Callable[[Any], Any], replay: Callable[[Any], Any]):
-        """``keep(output) -> features`` picks what to store from the tower's output;
-        ``replay(features) -> output`` rebuilds what the backbone reads (may run trained
-        modules such as Qwen2-VL's merger)."""
+    def __init__(self, tower: nn.Module, keep: Callable[..., Any], replay: Callable[[Any], Any],
+                 keep_inputs: bool = False):
+        """``keep(output) -> features`` picks what to store from the tower's output (with
+        ``keep_inputs``: ``keep(output, *args, **kwargs)``, also given the tower's call
+        arguments); ``replay(features) -> output`` rebuilds what the backbone reads (may run
+        trained modules such as Qwen2-VL's merger)."""
         self.tower = tower
         self._keep, self._replay = keep, replay
+        self._keep_inputs = keep_inputs
         self._original = tower.forward
         self._entries: dict[int, _Entry] = {}
         self._key: Optional[torch.Tensor] = None
@@ -102,7 +107,8 @@ class FrozenVisionCache:
             key_id = id(key)
             self._entries[key_id] = _Entry(
                 tensor=weakref.ref(key, lambda _ref, k=key_id: self._forget(k)), version=key._version,
-                features=self._keep(output), cpu_rng=torch.get_rng_state(),
+                features=self._keep(output, *args, **kwargs) if self._keep_inputs else self._keep(output),
+                cpu_rng=torch.get_rng_state(),
                 cuda_rng=torch.cuda.get_rng_state(key.device) if key.device.type == "cuda" else None)
         return output
 
@@ -143,4 +149,39 @@ def install_qwen2_vl(inner: nn.Module) -> FrozenVisionCache:
     return FrozenVisionCache(visual, keep, replay)
 
 
-INSTALLERS = {"llava_onevision": install_llava_onevision, "qwen2_vl": install_qwen2_vl}
+def _qwen2_5_vl_window_index(visual: nn.Module, grid_thw: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The ``window_index`` that ``visual.forward`` ordered the patches by (a precomputed one
+    passed in ``kwargs`` wins, as in the forward itself)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    window_index, _ = get_vision_window_index(
+        grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+        patch_size=visual.patch_size, kwargs=dict(kwargs))
+    return window_index
+
+
+def install_qwen2_5_vl(inner: nn.Module) -> FrozenVisionCache:
+    """Qwen2.5-VL: like Qwen2-VL, but ``visual`` reorders the patches into attention windows
+    and its ``last_hidden_state`` stays in that order, while ``pooler_output`` is
+    ``merger(last_hidden_state)[argsort(window_index)]``. Pass 1 keeps the pre-merger states
+    and that reverse index; pass 2 runs the same two operations on them."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    visual = inner.visual
+
+    def keep(output, hidden_states=None, grid_thw=None, **kwargs):
+        if grid_thw is None:
+            raise TypeError("Qwen2.5-VL vision cache: the tower was called without grid_thw")
+        reverse = torch.argsort(_qwen2_5_vl_window_index(visual, grid_thw, kwargs))
+        return output.last_hidden_state, reverse.to(output.last_hidden_state.device)
+
+    def replay(features):
+        hidden, reverse = features
+        return BaseModelOutputWithPooling(last_hidden_state=hidden,
+                                          pooler_output=visual.merger(hidden)[reverse, :])
+
+    return FrozenVisionCache(visual, keep, replay, keep_inputs=True)
+
+
+INSTALLERS = {"llava_onevision": install_llava_onevision, "qwen2_vl": install_qwen2_vl,
+              "qwen2_5_vl": install_qwen2_5_vl}

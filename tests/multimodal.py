@@ -8,6 +8,11 @@ import numpy as np
 from PIL import Image
 
 BACKBONES = ["llava_onevision", "qwen2_vl"]
+# Qwen2.5-VL came third. ALL_BACKBONES is every backbone (test_tiny, test_model use it).
+# BACKBONES stays the first two: test_processing's parametrized tests key per-backbone
+# expectations on those two names (its Qwen2.5-VL tests are separate). test_vision_cache and
+# test_embedder also pass on ALL_BACKBONES (checked when Qwen2.5-VL was added).
+ALL_BACKBONES = BACKBONES + ["qwen2_5_vl"]
 
 
 @dataclass
@@ -19,3 +24,22 @@ class Side:
 
 def noise_image(h: int, w: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def gradient_keeping_backend(model):
+    """A plain-torch StepBackend whose step() keeps the gradients (``name -> tensor``, in the
+    returned dict) instead of applying them, so a cached step can be compared with a reference."""
+    import torch
+
+    from llave_ds.gradcache import TorchStepBackend
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    backend, grads = TorchStepBackend(model, opt), {}
+
+    def keep_grads():
+        grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        opt.zero_grad(set_to_none=True)
+        return {"grad_norm": 0.0, "lr": 0.0}
+
+    backend.step = keep_grads
+    return backend, grads

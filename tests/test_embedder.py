@@ -18,7 +18,7 @@ from safetensors.torch import load_file  # noqa: E402
 from llave_ds import tiny  # noqa: E402
 from llave_ds.cli import main as cli_main  # noqa: E402
 from llave_ds.model import ModelConfig, load_embedding_model  # noqa: E402
-from llave_ds.processing import InputFormatter  # noqa: E402
+from llave_ds.processing import InputFormatter, ProcessingConfig  # noqa: E402
 from tests.multimodal import BACKBONES, Side, noise_image  # noqa: E402
 
 
@@ -77,33 +77,95 @@ def test_encode_equals_the_embedding_model_and_is_normalised(tiny_dirs, images, 
 
 
 def test_exported_prompt_settings_are_used(tiny_dirs, tmp_path):
-    """llave_embedding.json configures the formatter: instructions, max_length, padding."""
+    """llave_embedding.json configures the formatter: every ProcessingConfig field (system
+    prompt, instructions, max_length, image-token cap, padding)."""
+    import dataclasses
+
     from llave_ds import LlaveEmbedder
     from llave_ds.export import embedding_metadata, write_model_dir
 
     backbone = "llava_onevision"
     model, processor = load_embedding_model(ModelConfig(path=str(tiny_dirs[backbone]), dtype="float32"))
     model.eval()
-    fmt = InputFormatter(processor, backbone, max_length=80, query_instruction="Find: ",
-                         target_instruction="Doc: ", padding_side="left")
+    cfg = ProcessingConfig(max_length=80, max_image_tokens=14, query_instruction="Find: ",
+                           target_instruction="Doc: ", system_prompt="Embed.", padding_side="left",
+                           prompt_format="llave")
+    assert all(getattr(cfg, f.name) != getattr(ProcessingConfig(), f.name) for f in dataclasses.fields(cfg))
+    fmt = InputFormatter.from_config(processor, backbone, cfg)
     meta = embedding_metadata(model, fmt, export_dtype="float32", model_class="LlavaOnevisionForConditionalGeneration")
     out = write_model_dir(model.base_hf_model, None, processor, tmp_path / "exported", meta, "card")
+    recorded = json.loads((out / "llave_embedding.json").read_text())["input_format"]
+    assert {name: recorded[name] for name in ProcessingConfig.field_names()} == dataclasses.asdict(cfg)
 
     embedder = LlaveEmbedder.from_pretrained(out, device="cpu", dtype=torch.float32)
-    assert embedder.formatter.query_instruction == "Find: " and embedder.formatter.target_instruction == "Doc: "
-    assert embedder.formatter.max_length == 80 and embedder.formatter.padding_side == "left"
-    texts = ["a short one", "a much longer text that will need to be cut to fit in eighty tokens " * 3]
-    sides = [Side(t) for t in texts]
+    assert embedder.formatter.config == cfg and embedder.formatter.metadata() == fmt.metadata()
+    texts = ["a short one", "a much longer text that will need to be cut to fit in eighty tokens " * 3,
+             "<|image_1|> a wide image"]
+    images = [None, None, noise_image(40, 30, 7)]  # 24 image tokens uncapped: the cap downscales it
+    sides = [Side(t, i) for t, i in zip(texts, images)]
     for role in ("query", "target"):
-        got = embedder.encode(texts=texts, role=role, progress=False)
+        got = embedder.encode(texts=texts, images=images, role=role, progress=False)
         torch.testing.assert_close(got, reference(model, fmt, sides, role, 16), atol=1e-5, rtol=0)
+        # The system prompt, the cap and the prompt format matter: the defaults embed differently.
+        for other in (dataclasses.replace(cfg, system_prompt=ProcessingConfig().system_prompt),
+                      dataclasses.replace(cfg, max_image_tokens=None),
+                      dataclasses.replace(cfg, prompt_format="qwen_chat")):
+            other_emb = reference(model, InputFormatter.from_config(processor, backbone, other), sides, role, 16)
+            assert not torch.allclose(got, other_emb, atol=1e-4)
     assert embedder.formatter.num_truncated >= 1
     # instruction= replaces the recorded one for one call only.
-    other = embedder.encode(texts=texts, instruction="Other: ", progress=False)
-    fmt_other = InputFormatter(processor, backbone, max_length=80, query_instruction="Other: ", padding_side="left")
+    other = embedder.encode(texts=texts, images=images, instruction="Other: ", progress=False)
+    fmt_other = InputFormatter.from_config(processor, backbone, dataclasses.replace(cfg, query_instruction="Other: "))
     torch.testing.assert_close(other, reference(model, fmt_other, sides, "query", 16), atol=1e-5, rtol=0)
     assert embedder.formatter.query_instruction == "Find: "
-    assert not torch.allclose(other, embedder.encode(texts=texts, progress=False), atol=1e-3)
+    assert not torch.allclose(other, embedder.encode(texts=texts, images=images, progress=False), atol=1e-3)
+
+
+def test_bad_recorded_prompt_settings_name_the_file_and_field(tiny_dirs, tmp_path):
+    import shutil
+
+    from llave_ds import LlaveEmbedder
+
+    out = tmp_path / "exported"
+    shutil.copytree(tiny_dirs["qwen2_vl"], out)
+    meta_file = out / "llave_embedding.json"
+    for input_format, field in [({"padding_side": "middle"}, "padding_side"), ({"max_length": "long"}, "max_length"),
+                                ({"prompt_format": "llama"}, "prompt_format")]:
+        meta_file.write_text(json.dumps({"input_format": {"prompt_format": "qwen_chat", **input_format}}))
+        with pytest.raises(ValueError) as info:
+            LlaveEmbedder.from_pretrained(out, device="cpu")
+        assert str(meta_file) in str(info.value) and field in str(info.value), str(info.value)
+    meta_file.write_text(json.dumps({"input_format": {"system_prompt": "Embed.", "max_length": 64}}))
+    embedder = LlaveEmbedder.from_pretrained(out, device="cpu", max_length=96)  # an override wins
+    assert embedder.formatter.config == ProcessingConfig(system_prompt="Embed.", max_length=96)
+    with pytest.raises(TypeError, match="max_lenght"):
+        LlaveEmbedder.from_pretrained(out, device="cpu", max_lenght=96)
+
+
+def test_llave_prompt_format_from_export_and_override(tiny_dirs, tmp_path):
+    """prompt_format recorded in llave_embedding.json (or passed as an override) is the one
+    LlaveEmbedder formats with: LLaVE checkpoints get LLaVE's prompt."""
+    import shutil
+
+    from llave_ds import LlaveEmbedder
+
+    backbone = "llava_onevision"
+    out = tmp_path / "exported"
+    shutil.copytree(tiny_dirs[backbone], out)
+    (out / "llave_embedding.json").write_text(json.dumps({"input_format": {"prompt_format": "llave"}}))
+    embedder = LlaveEmbedder.from_pretrained(out, device="cpu")
+    assert embedder.formatter.config == ProcessingConfig(prompt_format="llave")
+    model, processor = load_embedding_model(ModelConfig(path=str(tiny_dirs[backbone]), dtype="float32"))
+    model.eval()
+    sides = [Side("<|image_1|> Represent the given image.", noise_image(28, 28, 4)), Side("a cat and a dog")]
+    got = embedder.encode_sides(sides, role="target", progress=False)
+    llave = InputFormatter(processor, backbone, prompt_format="llave")
+    torch.testing.assert_close(got, reference(model, llave, sides, "target", 16), atol=1e-5, rtol=0)
+    qwen_chat = reference(model, InputFormatter(processor, backbone), sides, "target", 16)
+    assert not torch.allclose(got, qwen_chat, atol=1e-4)
+    base = LlaveEmbedder.from_pretrained(tiny_dirs[backbone], device="cpu", prompt_format="llave")
+    assert base.formatter.prompt_format == "llave"
+    torch.testing.assert_close(base.encode_sides(sides, role="target", progress=False), got, atol=1e-5, rtol=0)
 
 
 def test_encode_sides_and_argument_errors(tiny_dirs):

@@ -66,3 +66,58 @@ def test_eval_cli_unknown_subset_is_a_clear_error(assets, capsys):
                  "--subsets", "Synth_XYZ", "--no-progress"])
     assert code == 2
     assert "Synth_XYZ" in capsys.readouterr().err
+
+
+def test_images_are_decoded_batch_by_batch_not_all_before_encoding(assets, monkeypatch):
+    """Memory holds the batches in flight, not every image of a role: with the decoding in
+    this process, at most one batch is decoded ahead of the encoder (and with workers, their
+    prefetch); the results equal the single-process ones above."""
+    import llave_ds.data as data
+    from llave_ds.embedder import LlaveEmbedder
+    from llave_ds.eval import evaluate_subset
+    from llave_ds.eval_data import load_eval_subsets
+
+    subset = load_eval_subsets(assets["eval"], ["Synth_I2T"], image_root=assets["images"])["Synth_I2T"]
+    embedder = LlaveEmbedder.from_pretrained(assets["model"], device="cpu")
+    counts = {"decoded": 0, "encoded": 0, "ahead": []}
+    real_load, real_encode = data.load_image, embedder.encode_sides
+
+    def load_image(*args, **kwargs):
+        counts["decoded"] += 1
+        return real_load(*args, **kwargs)
+
+    def encode_sides(sides, **kwargs):
+        counts["ahead"].append(counts["decoded"] - counts["encoded"])
+        counts["encoded"] += sum(s.image is not None for s in sides)
+        return real_encode(sides, **kwargs)
+
+    monkeypatch.setattr(data, "load_image", load_image)
+    monkeypatch.setattr(embedder, "encode_sides", encode_sides)
+    streamed = evaluate_subset(embedder, subset, batch_size=3, progress=False, num_workers=0)
+    assert counts["decoded"] > 3 and len(counts["ahead"]) > 2
+    assert max(counts["ahead"]) <= 3, counts["ahead"]  # never more than one batch of images
+    monkeypatch.setattr(embedder, "encode_sides", real_encode)
+    with_workers = evaluate_subset(embedder, subset, batch_size=3, progress=False, num_workers=2)
+    assert with_workers["p_at_1"] == streamed["p_at_1"]
+    np.testing.assert_allclose(with_workers["scores"][0], streamed["scores"][0], atol=1e-6)
+
+
+def test_an_unreadable_image_in_a_worker_is_one_clear_error(assets, tmp_path):
+    import shutil
+
+    from llave_ds.cli import main
+    from llave_ds.eval_data import load_eval_subsets
+    images = tmp_path / "images"
+    shutil.copytree(assets["images"], images)
+    row = load_eval_subsets(assets["eval"], ["Synth_I2T"], image_root=assets["images"])["Synth_I2T"][0]
+    broken = images / row.qry_img_path
+    broken.write_bytes(b"not an image at all")
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        code = main(["eval", "--model", assets["model"], "--data", assets["eval"], "--image-root", str(images),
+                     "--subsets", "Synth_I2T", "--no-progress", "--num-workers", "2"])
+    assert code == 2, buf.getvalue()
+    assert "Synth_I2T" in buf.getvalue() and str(broken) in buf.getvalue(), buf.getvalue()
+    assert "Traceback" not in buf.getvalue() and "worker process" not in buf.getvalue(), buf.getvalue()

@@ -145,8 +145,8 @@ def test_hub_id_goes_through_the_same_row_checks(monkeypatch, images):
 def test_malformed_jsonl_rows_name_file_row_and_field(tmp_path, images, bad, field, message):
     path = tmp_path / "src" / "Bad.jsonl"
     write_jsonl(str(path), [row(), row(), bad])
-    with pytest.raises(EvalDataError) as err:
-        load_eval_subset(str(tmp_path / "src"), "Bad", image_root=images)
+    with pytest.raises(EvalDataError) as err:   # strict_empty: empty sides are refused too
+        load_eval_subset(str(tmp_path / "src"), "Bad", image_root=images, strict_empty=True)
     msg = str(err.value)
     assert str(path) in msg and "row 2" in msg and "line 3" in msg and f"field {field!r}" in msg and message in msg
     assert (err.value.file, err.value.row, err.value.field, err.value.subset) == (str(path), 2, field, "Bad")
@@ -293,3 +293,31 @@ def test_synthetic_eval_split_loads(tmp_path):
     # The default image root (the eval directory itself) is wrong for the synthetic layout.
     with pytest.raises(EvalDataError, match="image file not found"):
         load_eval_subset(made.eval_dir, "Synth_T2I")
+
+
+# --------------------------------------------------------------------------- empty sides
+
+def test_empty_sides_are_kept_counted_and_logged_by_default(tmp_path, images, caplog):
+    src = tmp_path / "src"
+    rows = [row(), row(q="", qi="", tt=("cat", "", "bird")), row(tt=("", "", "x"))]
+    write_parquet(str(src / "Holes" / "test-00000-of-00001.parquet"), rows)
+    with caplog.at_level("WARNING", logger="llave_ds.eval_data"):
+        sub = load_eval_subset(str(src), "Holes", image_root=images)
+    assert len(sub) == 3 and sub[1].qry_text == "" and sub[1].tgt_text == ("cat", "", "bird")
+    assert sub.empty_sides == {"query": 1, "candidate": 3}
+    assert "Holes: 1 empty query and 3 empty candidates" in caplog.text
+    # An empty candidate is one item (candidate, "", ""), shared across queries.
+    items, _, ci = unique_items(sub)
+    empty = items.index(EvalItem("candidate", "", ""))
+    assert ci[1][1] == ci[2][0] == ci[2][1] == empty
+    assert EvalItem("query", "", "") in items
+    with pytest.raises(EvalDataError, match=r"Holes.*row 1, field 'qry_text': empty query") as err:
+        load_eval_subsets(str(src), ["Holes"], image_root=images, strict_empty=True)
+    assert err.value.file.endswith("test-00000-of-00001.parquet")
+    # A subset without empty sides logs nothing about them.
+    write_parquet(str(src / "Full" / "test-00000-of-00001.parquet"), [row()])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llave_ds.eval_data"):
+        assert load_eval_subset(str(src), "Full", image_root=images, strict_empty=True).empty_sides == \
+            {"query": 0, "candidate": 0}
+    assert "empty" not in caplog.text

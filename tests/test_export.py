@@ -19,6 +19,7 @@ from safetensors import safe_open  # noqa: E402
 
 from llave_ds import tiny  # noqa: E402
 from llave_ds.cli import main as cli_main  # noqa: E402
+from llave_ds.processing import ProcessingConfig  # noqa: E402
 from tests.multimodal import Side, noise_image  # noqa: E402
 
 pytestmark = pytest.mark.slow  # 2-rank DeepSpeed training in the module fixture
@@ -47,6 +48,16 @@ def probe_sides():
 
 
 QUERY_INSTRUCTION = "Find an answer: "
+# Every processing field away from its default (the demo's system prompt among them), so an
+# export that dropped one would format differently from training. The image-token caps are
+# below what some of the pairs' and probe's images take (they get downscaled).
+PROCESSING = {
+    backbone: dict(max_length=128, max_image_tokens=cap, query_instruction=QUERY_INSTRUCTION,
+                   target_instruction="Represent the answer: ", system_prompt="Embed.", padding_side="left",
+                   prompt_format="llave")
+    for backbone, cap in (("llava_onevision", 14), ("qwen2_vl", 1))
+}
+STOCK_PROCESSOR = {"llava_onevision": "LlavaOnevisionProcessor", "qwen2_vl": "Qwen2VLProcessor"}
 
 # backbone, ZeRO stage, LoRA rank per training run. The ZeRO-3 run goes last: while its
 # model lives, transformers builds every from_pretrained under zero.Init.
@@ -62,7 +73,7 @@ def run_config(tiny_dir, run_dir, backbone, lora_r):
 
     cfg = TrainConfig(run_dir=str(run_dir), global_batch_size=8,
                       model=ModelConfig(path=str(tiny_dir), dtype="float32", lora_r=lora_r, lora_alpha=8.0),
-                      processing=ProcessingConfig(max_length=128, query_instruction=QUERY_INSTRUCTION))
+                      processing=ProcessingConfig(**PROCESSING[backbone]))
     cfg.data.source = "hand-made pairs"
     return cfg
 
@@ -98,8 +109,7 @@ def train_worker(rank, world_size, jobs):
                                     local_batch_size=4, world_size=world_size, gradient_clipping=0.0, bf16=False)
         eng.attach_deepspeed_comm()
         model, processor = load_embedding_model(cfg.model, deepspeed_config=ds)
-        fmt = InputFormatter(processor, model.backbone, max_length=cfg.processing.max_length,
-                             query_instruction=cfg.processing.query_instruction)
+        fmt = InputFormatter.from_config(processor, model.backbone, cfg.processing)  # as train.py does
         optimizer = torch.optim.AdamW(trainable_parameters(model), lr=2e-2)
         engine = eng.build_engine(model, optimizer, ds)
         backend = eng.DeepSpeedStepBackend(engine)
@@ -199,6 +209,18 @@ PLAIN_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _run_without_llave_ds(root, name: str, source: str, jobs: dict):
+    """Run ``source`` as a fresh Python process (no llave_ds on its path) on ``jobs``; its
+    last stdout line is JSON."""
+    script = root / name
+    script.write_text(source)
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([PYTHON, str(script), json.dumps(jobs)], cwd=str(root), env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def plain_reload(trained, fp32_exports):
     """One fresh process, plain transformers only: reload each export, embed the probe."""
@@ -208,13 +230,7 @@ def plain_reload(trained, fp32_exports):
         chunk = root / f"probe_{name}.pt"
         torch.save(run["rank_results"][0]["probe"], chunk)
         jobs[name] = {"dir": str(fp32_exports[name]), "chunk": str(chunk), "out": str(root / f"plain_{name}.pt")}
-    script = root / "plain_reload.py"
-    script.write_text(PLAIN_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([PYTHON, str(script), json.dumps(jobs)], cwd=str(root), env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    classes = json.loads(proc.stdout.strip().splitlines()[-1])
+    classes = _run_without_llave_ds(root, "plain_reload.py", PLAIN_SCRIPT, jobs)
     return {name: (torch.load(job["out"]), classes[name]) for name, job in jobs.items()}
 
 
@@ -264,11 +280,121 @@ def test_llave_embedder_on_the_export_formats_like_training(trained, fp32_export
     from llave_ds import LlaveEmbedder
 
     embedder = LlaveEmbedder.from_pretrained(fp32_exports[name], device="cpu")
-    assert embedder.formatter.query_instruction == QUERY_INSTRUCTION and embedder.formatter.max_length == 128
+    assert embedder.formatter.config == ProcessingConfig(**PROCESSING[trained["runs"][name]["backbone"]])
     sides = probe_sides()
     got = embedder.encode(texts=[s.text for s in sides], images=[s.image for s in sides], progress=False)
     engine_emb = trained["runs"][name]["rank_results"][0]["emb"]
     assert (got - engine_emb).abs().max().item() <= 1e-5
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", list(RUNS))
+def test_export_from_run_dir_keeps_every_processing_field(trained, fp32_exports, name):
+    """`llave-ds export` builds its formatter from the run's whole processing section: the
+    export records every field, and LlaveEmbedder on it formats the probe token for token
+    (and pixel for pixel) like the training formatter and like a formatter built directly
+    from the run's ProcessingConfig."""
+    import dataclasses
+
+    from llave_ds import LlaveEmbedder
+    from llave_ds.config import load_config
+    from llave_ds.processing import InputFormatter, load_processor
+    from llave_ds.train import TrainConfig
+
+    run = trained["runs"][name]
+    processing = load_config(TrainConfig, run["run_dir"] / "config.yaml").processing
+    defaults = ProcessingConfig()
+    assert [f.name for f in dataclasses.fields(processing)
+            if getattr(processing, f.name) == getattr(defaults, f.name)] == []  # every field non-default
+
+    recorded = json.loads((fp32_exports[name] / "llave_embedding.json").read_text())["input_format"]
+    assert {key: recorded[key] for key in ProcessingConfig.field_names()} == dataclasses.asdict(processing)
+
+    embedder = LlaveEmbedder.from_pretrained(fp32_exports[name], device="cpu")
+    direct = InputFormatter.from_config(load_processor(run["tiny"]), run["backbone"], processing)
+    assert embedder.formatter.metadata() == direct.metadata()
+    training_probe = run["rank_results"][0]["probe"]  # formatted by the training worker's formatter
+    for role in ("query", "target"):
+        got, want = embedder.formatter(probe_sides(), role), direct(probe_sides(), role)
+        assert got.keys() == want.keys()
+        for key in got:
+            assert torch.equal(got[key], want[key]), (role, key)
+        if role == "query":
+            for key, tensor in training_probe.items():
+                assert torch.equal(got[key], tensor), key
+    text = embedder.formatter.tokenizer.decode(got["input_ids"][1][got["attention_mask"][1].bool()])
+    assert text.startswith("<|im_start|>system\nEmbed.<|im_end|>\n<|im_start|>user\nRepresent the answer: ")
+
+
+AUTO_PROCESSOR_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers.utils import is_torchvision_available
+
+    jobs = json.loads(sys.argv[1])
+    results = {}
+    for name, job in jobs.items():
+        image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 56, 3), dtype=np.uint8))
+        out = {"torchvision": is_torchvision_available()}
+        try:
+            processor = AutoProcessor.from_pretrained(job["dir"])
+        except ImportError as exc:  # the stock processors' video processor needs torchvision
+            out["error"] = str(exc)
+        else:
+            out["class"] = type(processor).__name__  # a bare tokenizer when the class is unknown
+            if hasattr(processor, "image_processor"):
+                text = processor.image_token + "\\nwhat is this?"
+                batch = processor(images=[image], text=[text], return_tensors="pt")
+                image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+                out["image_tokens"] = int((batch["input_ids"] == image_token_id).sum())
+                out["pixel_values"] = list(batch["pixel_values"].shape)
+        # What works without torchvision too: the image processor and the tokenizer.
+        image_processor = AutoImageProcessor.from_pretrained(job["dir"])
+        tokenizer = AutoTokenizer.from_pretrained(job["dir"])
+        out["image_processor"] = type(image_processor).__name__
+        out["tokenizer_pad"] = tokenizer.pad_token
+        out["image_pixel_values"] = list(image_processor([image], return_tensors="pt")["pixel_values"].shape)
+        results[name] = out
+    assert not any(m == "llave_ds" or m.startswith("llave_ds.") for m in sys.modules), "llave_ds was imported"
+    print(json.dumps(results))
+""")
+
+
+@pytest.mark.timeout(300)
+def test_auto_processor_on_the_export_is_the_stock_processor(trained, fp32_exports):
+    """A plain transformers user gets the backbone's own processor class from the export,
+    not a bare tokenizer. Without torchvision transformers cannot build that class (its
+    video processor needs torchvision): then AutoProcessor must fail naming torchvision and
+    the stock video processor, and the image processor and tokenizer load on their own."""
+    import numpy as np
+    from PIL import Image
+
+    from llave_ds.processing import InputFormatter, load_processor
+
+    root = trained["root"]
+    jobs = {name: {"dir": str(fp32_exports[name])} for name in RUNS}
+    results = _run_without_llave_ds(root, "auto_processor.py", AUTO_PROCESSOR_SCRIPT, jobs)
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (40, 56, 3), dtype=np.uint8))
+    for name, run in trained["runs"].items():
+        backbone, got, out = run["backbone"], results[name], fp32_exports[name]
+        stock = STOCK_PROCESSOR[backbone]
+        assert json.loads((out / "processor_config.json").read_text())["processor_class"] == stock
+        assert json.loads((out / "tokenizer_config.json").read_text())["processor_class"] == stock
+        # What llave-ds makes of the same image without a token cap (the stock processor has none).
+        reference = InputFormatter(load_processor(out), backbone)
+        batch = reference([Side("<|image_1|>", image)], "query")
+        if got["torchvision"]:
+            assert got["class"] == stock, got
+            assert got["image_tokens"] == int((batch["input_ids"] == reference.image_token_id).sum())
+            assert got["pixel_values"] == list(batch["pixel_values"].shape)
+        else:
+            video = {"llava_onevision": "LlavaOnevisionVideoProcessor", "qwen2_vl": "Qwen2VLVideoProcessor"}[backbone]
+            assert "error" in got and "Torchvision" in got["error"] and video in got["error"], got
+        assert got["image_processor"].startswith(stock.replace("Processor", "ImageProcessor")), got
+        assert got["tokenizer_pad"] == "<|endoftext|>"
+        assert got["image_pixel_values"] == list(batch["pixel_values"].shape)
 
 
 @pytest.mark.timeout(300)
@@ -294,12 +420,11 @@ def test_metadata_and_model_card(trained, fp32_exports):
     assert meta["model_class"] == "LlavaOnevisionForConditionalGeneration"
     assert meta["export_dtype"] == "float32" and meta["lora_merged"] is False
     fmt = meta["input_format"]
-    assert fmt["query_instruction"] == QUERY_INSTRUCTION and fmt["target_instruction"] is None
-    assert fmt["max_length"] == 128 and fmt["padding_side"] == "right"
+    assert {key: fmt[key] for key in PROCESSING["llava_onevision"]} == PROCESSING["llava_onevision"]
     assert meta["source"]["step"] == STEPS and meta["source"]["world_size"] == 2
     card = (out / "README.md").read_text()
     assert "hand-made pairs" in card and '"steps": 2' in card and '"loss": 1.25' in card
-    assert "query_instruction: 'Find an answer: '" in card
+    assert "query_instruction: 'Find an answer: '" in card and "system prompt `Embed.`" in card
     for name in ("config.json", "tokenizer.json", "processor_config.json", "preprocessor_config.json",
                  "chat_template.jinja"):
         assert (out / name).is_file(), name

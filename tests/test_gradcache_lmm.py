@@ -151,7 +151,7 @@ def reference(sc: Scenario, model_dir: str, world: int = 2):
 def model_dirs(tmp_path_factory):
     from llave_ds.tiny import build_tiny_model_dir
     root = tmp_path_factory.mktemp("lmm")
-    return {bb: str(build_tiny_model_dir(root / bb, bb, seed=2)) for bb in ("llava_onevision", "qwen2_vl")}
+    return {bb: str(build_tiny_model_dir(root / bb, bb, seed=2)) for bb in ("llava_onevision", "qwen2_vl", "qwen2_5_vl")}
 
 
 SCENARIOS = [
@@ -167,6 +167,11 @@ SCENARIOS = [
     Scenario("qwen_z3_frozen_tower", backbone="qwen2_vl", chunk=2, frozen_tower=True),
     Scenario("ov_z3_optimizations_off", chunk=2, optimizations=False),
     Scenario("ov_z3_per_chunk_frozen_tower", chunk=2, frozen_tower=True, reduction="per_chunk"),
+    # Qwen2.5-VL: window-attention tower; the tiny processor resizes every image (and the
+    # blank dummy) to >= 3x3 merged tokens, so its window permutation is never the identity.
+    Scenario("qwen25_z3_c3_exact", backbone="qwen2_5_vl", chunk=3),
+    Scenario("qwen25_z3_frozen_tower_text_only_rank", backbone="qwen2_5_vl", chunk=2, rank0_text_only=True,
+             frozen_tower=True),
 ]
 
 

@@ -261,3 +261,24 @@ def test_candidate_scores_dense_and_per_query_paths_agree():
     np.testing.assert_allclose(dense, looped, rtol=1e-5, atol=1e-6)
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     np.testing.assert_allclose(dense[3], unit[ci[3]] @ unit[3], rtol=1e-5, atol=1e-6)
+
+
+def test_aggregate_separates_unknown_subsets_on_request():
+    scores = {"OK-VQA": 0.5, "CIFAR-100": 0.9, "GQA": 0.25}
+    with pytest.raises(ValueError, match=r"\['CIFAR-100'\].*unknown='separate'"):
+        aggregate(scores)
+    r = aggregate(scores, unknown="separate")
+    assert r["other"] == {"CIFAR-100": 0.9}
+    assert r["per_subset"] == {"OK-VQA": 0.5, "GQA": 0.25}
+    assert r["overall"] == pytest.approx(0.375) and r["by_category"]["vqa"] == pytest.approx(0.375)
+    assert r["counts"]["overall"] == 2 and "CIFAR-100" not in r["subsets"]
+    md = markdown_table(r)
+    assert "Other subsets (1; no known category" in md and "| CIFAR-100 | 90.0 |" in md
+    assert "other" not in aggregate({"OK-VQA": 0.5}) and "Other subsets" not in markdown_table(aggregate({"OK-VQA": 0.5}))
+    only = aggregate({"CIFAR-100": 0.9}, unknown="separate")      # nothing known: empty aggregates, no error
+    assert only["overall"] is None and only["other"] == {"CIFAR-100": 0.9}
+    assert "CIFAR-100" in markdown_table(only)
+    with pytest.raises(ValueError, match="percentage"):
+        aggregate({"CIFAR-100": 90.0}, unknown="separate")
+    with pytest.raises(ValueError, match="unknown must be one of"):
+        aggregate(scores, unknown="drop")

@@ -16,7 +16,7 @@ from llave_ds.model import (  # noqa: E402
     load_embedding_model, trainable_parameters,
 )
 from llave_ds.processing import InputFormatter  # noqa: E402
-from tests.multimodal import BACKBONES, Side, noise_image  # noqa: E402
+from tests.multimodal import ALL_BACKBONES, Side, gradient_keeping_backend, noise_image  # noqa: E402
 
 
 
@@ -34,7 +34,7 @@ def text_sides():
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_model")
-    return {bb: str(tiny.build_tiny_model_dir(root / bb, bb)) for bb in BACKBONES}
+    return {bb: str(tiny.build_tiny_model_dir(root / bb, bb)) for bb in ALL_BACKBONES}
 
 
 def load(tiny_dirs, backbone, **overrides):
@@ -71,12 +71,12 @@ def stock_last_hidden_state(model, batch):
     """The backbone's own forward (default positions), independent of EmbeddingModel."""
     inner = model.base_hf_model.model
     kwargs = {k: v for k, v in batch.items() if k != "dummy_image"}
-    if model.backbone == "qwen2_vl":
+    if model.backbone in ("qwen2_vl", "qwen2_5_vl"):  # the stock forward's M-RoPE needs these
         kwargs["mm_token_type_ids"] = (batch["input_ids"] == inner.config.image_token_id).int()
     return inner(**kwargs, use_cache=False).last_hidden_state
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_pooling_takes_last_non_pad_token_under_left_and_right_padding(tiny_dirs, backbone):
     model, processor = load(tiny_dirs, backbone)
     model.eval()
@@ -109,7 +109,7 @@ def backward_on(model, batch):
     (emb * weights).sum().backward()
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_default_freezing_vision_tower_frozen_projector_and_llm_train(tiny_dirs, backbone):
     model, processor = load(tiny_dirs, backbone)
     backward_on(model, InputFormatter(processor, backbone)(image_sides(), "query"))
@@ -129,7 +129,7 @@ def test_default_freezing_vision_tower_frozen_projector_and_llm_train(tiny_dirs,
     assert all(p.requires_grad for p in trainable_parameters(model))
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_freeze_projector(tiny_dirs, backbone):
     model, processor = load(tiny_dirs, backbone, freeze_projector=True)
     backward_on(model, InputFormatter(processor, backbone)(image_sides(), "query"))
@@ -138,7 +138,7 @@ def test_freeze_projector(tiny_dirs, backbone):
     assert any(g[n] is not None for n in g if is_language_model(n))
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_lora_trains_only_language_model_adapters(tiny_dirs, backbone):
     model, processor = load(tiny_dirs, backbone, lora_r=4, lora_alpha=8)
     backward_on(model, InputFormatter(processor, backbone)(image_sides(), "query"))
@@ -151,7 +151,7 @@ def test_lora_trains_only_language_model_adapters(tiny_dirs, backbone):
     assert model.base_hf_model.__class__.__name__.endswith("ForConditionalGeneration")
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_text_only_chunk_runs_vision_tower_on_dummy_with_zero_gradient(tiny_dirs, backbone):
     model, processor = load(tiny_dirs, backbone, freeze_vision_tower=False)
     fmt = InputFormatter(processor, backbone)
@@ -229,7 +229,7 @@ def test_model_config_validation_and_auto_attention(tiny_dirs, caplog):
     assert model.backbone == "qwen2_vl"
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_build_from_config_and_metadata(backbone):
     model = build_embedding_model_from_config(tiny.tiny_config(backbone), ModelConfig(dtype="float32"))
     assert isinstance(model, EmbeddingModel) and model.backbone == backbone
@@ -291,7 +291,7 @@ def test_zero3_loading_partitions_parameters_and_ranks_with_and_without_images_a
     from tests.distributed_harness import run_distributed, values
 
     outcomes = values(run_distributed(zero3_worker, 2, tiny_dirs, timeout_s=150, collective_timeout_s=60))
-    for backbone in BACKBONES:
+    for backbone in ALL_BACKBONES:
         model, processor = load(tiny_dirs, backbone, freeze_vision_tower=False)
         model.eval()
         total_plain = sum(p.numel() for p in model.parameters())
@@ -304,3 +304,110 @@ def test_zero3_loading_partitions_parameters_and_ranks_with_and_without_images_a
             batch = InputFormatter(processor, backbone, max_length=128)(zero3_sides(rank), "query")
             with torch.no_grad():
                 torch.testing.assert_close(r["embeddings"], model(**batch), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# Qwen2.5-VL specifics: fetch units, M-RoPE positions, the frozen-vision cache's window order
+# ----------------------------------------------------------------------------------------
+
+def test_qwen2_5_vl_zero3_fetch_units_are_its_decoder_layer_and_vision_block():
+    model = build_embedding_model_from_config(tiny.tiny_config("qwen2_5_vl"), ModelConfig(dtype="float32"))
+    inner = model.base_hf_model.model
+    units = model.zero3_fetch_units()
+    assert units == ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"]
+    # ... which are the classes of the repeated blocks themselves, not just declared names.
+    assert {type(layer).__name__ for layer in inner.language_model.layers} == {units[0]}
+    assert {type(block).__name__ for block in inner.visual.blocks} == {units[1]}
+
+
+def test_qwen2_5_vl_positions_are_mrope_not_sequential(tiny_dirs):
+    """The embedding equals the stock forward with its own M-RoPE positions (the pooling test)
+    and differs from one with plain 1-D positions: the image grid reaches the positions."""
+    model, processor = load(tiny_dirs, "qwen2_5_vl")
+    model.eval()
+    batch = InputFormatter(processor, "qwen2_5_vl", max_length=256)(image_sides(), "query")
+    inner = model.base_hf_model.model
+    mask = batch["attention_mask"]
+    sequential = ((mask.cumsum(-1) - 1).clamp(min=0))[None].expand(3, -1, -1)
+    with torch.no_grad():
+        emb = model(**batch)
+        flat = inner(input_ids=batch["input_ids"], attention_mask=mask, position_ids=sequential,
+                     pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                     use_cache=False).last_hidden_state
+    flat = F.normalize(flat[torch.arange(4), last_token_index(mask)].float(), dim=-1)
+    image_rows = [0, 2, 3]
+    assert (emb[image_rows] - flat[image_rows]).abs().max() > 1e-4
+    torch.testing.assert_close(emb[1], flat[1], atol=1e-5, rtol=1e-5)  # text only: same positions
+
+
+def qwen2_5_vl_window_images():
+    """Images whose merged grids span several 2x2 windows (window order != identity)."""
+    return [Side("<|image_1|>\nwhat is it", noise_image(40, 50, 11)), Side("x", noise_image(56, 28, 12)),
+            Side("y", noise_image(30, 30, 13)), Side("z", noise_image(70, 90, 14))]
+
+
+def test_qwen2_5_vl_vision_cache_replays_the_window_order_exactly(tiny_dirs):
+    from transformers.vision_utils import get_vision_window_index
+
+    model, processor = load(tiny_dirs, "qwen2_5_vl")
+    assert model.vision_cache is not None  # frozen tower (default): cache on
+    batch = InputFormatter(processor, "qwen2_5_vl", max_length=256)(qwen2_5_vl_window_images(), "query")
+    visual = model.base_hf_model.model.visual
+    window_index, _ = get_vision_window_index(batch["image_grid_thw"], visual.spatial_merge_size,
+                                              visual.window_size, visual.patch_size)
+    assert not torch.equal(window_index, torch.arange(len(window_index)))
+    model.eval()
+    with torch.no_grad():
+        model(**batch)  # pass 1: keeps the entry
+        direct = model.vision_cache._original(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+    (entry,) = model.vision_cache._entries.values()
+    replayed = model.vision_cache._replay(entry.features)
+    assert torch.equal(replayed.last_hidden_state, direct.last_hidden_state)
+    assert torch.equal(replayed.pooler_output, direct.pooler_output)
+    # Without the reverse index the merged features would come out in window order: wrong.
+    assert not torch.equal(visual.merger(entry.features[0]), direct.pooler_output)
+
+
+def test_qwen2_5_vl_gradcache_second_pass_skips_tower_with_exact_gradients(tiny_dirs):
+    from llave_ds.gradcache import gradcache_step
+    from llave_ds.objective import ObjectiveConfig
+    from tests.reference_loss import reference_loss
+
+    model, processor = load(tiny_dirs, "qwen2_5_vl", attn_implementation="sdpa")
+    ref, _ = load(tiny_dirs, "qwen2_5_vl", attn_implementation="sdpa", cache_frozen_vision=False)
+    assert ref.vision_cache is None
+    fmt = InputFormatter(processor, "qwen2_5_vl", max_length=128, system_prompt="E")
+    images = qwen2_5_vl_window_images()
+    texts = [Side(f"caption {i}") for i in range(4)]
+    q = [fmt(images[k:k + 2], "query") for k in (0, 2)]
+    t = [fmt([texts[0], images[1]], "target"), fmt(texts[2:], "target")]  # the last: dummy image
+    calls = []
+    model.base_hf_model.model.visual.patch_embed.register_forward_hook(
+        lambda *_: calls.append(torch.is_grad_enabled()))
+    backend, got = gradient_keeping_backend(model)
+    res = gradcache_step(backend, q, t, ObjectiveConfig(temperature=0.1, alpha=4.0))
+    assert calls == [False] * 4 and model.vision_cache.hits == 4  # pass 2 never ran the tower
+
+    ref.train()
+    loss = reference_loss(torch.cat([ref(**c) for c in q]).double(), torch.cat([ref(**c) for c in t]).double(),
+                          0.1, 4.0, True)
+    loss.backward()
+    assert abs(float(res.output.loss.detach()) - float(loss.detach())) < 1e-6
+    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert want.keys() == got.keys() and any(".visual.merger." in n for n in want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_backbone_without_vision_cache_installer_runs_the_tower(tiny_dirs, monkeypatch):
+    import llave_ds.model as model_module
+
+    cached, processor = load(tiny_dirs, "qwen2_5_vl")
+    monkeypatch.delitem(model_module.VISION_CACHE_INSTALLERS, "qwen2_5_vl")
+    uncached, _ = load(tiny_dirs, "qwen2_5_vl")
+    assert cached.vision_cache is not None and uncached.vision_cache is None
+    fmt = InputFormatter(processor, "qwen2_5_vl")
+    for sides in (image_sides(), text_sides()):
+        batch = fmt(sides, "query")
+        with torch.no_grad():
+            torch.testing.assert_close(uncached(**batch), cached(**batch), atol=0, rtol=0)

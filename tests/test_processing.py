@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from llave_ds import tiny  # noqa: E402
-from llave_ds.processing import InputFormatter, load_processor  # noqa: E402
+from llave_ds.processing import InputFormatter, ProcessingConfig, load_processor  # noqa: E402
 from tests.multimodal import BACKBONES, Side, noise_image  # noqa: E402
 
 IMAGE_TOKEN = {"llava_onevision": "<image>", "qwen2_vl": "<|image_pad|>"}
@@ -223,3 +223,319 @@ def test_bad_arguments_are_clear_errors(processors):
         fmt([Side("a")], "candidate")
     with pytest.raises(ValueError, match="padding_side"):
         InputFormatter(processors["qwen2_vl"], "qwen2_vl", padding_side="middle")
+
+
+# --------------------------------------------------------------------- ProcessingConfig
+
+# Every field away from its default (checked below): a field from_config dropped would show.
+NON_DEFAULT = {"llava_onevision": dict(max_length=200, max_image_tokens=14, query_instruction="Find: ",
+                                       target_instruction="Doc: ", system_prompt="Embed.", padding_side="left",
+                                       prompt_format="llave"),
+               "qwen2_vl": dict(max_length=200, max_image_tokens=1, query_instruction="Find: ",
+                                target_instruction="Doc: ", system_prompt="Embed.", padding_side="left",
+                                prompt_format="llave")}
+
+
+def fixed_chunk():
+    return [Side("<|image_1|>\nwhat is this", noise_image(56, 28, 5)), Side("a plain text side"),
+            Side("image first", noise_image(40, 30, 6))]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_from_config_uses_every_field(processors, backbone):
+    import dataclasses
+
+    cfg = ProcessingConfig(**NON_DEFAULT[backbone])
+    defaults = ProcessingConfig()
+    assert [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) == getattr(defaults, f.name)] == []
+    proc = processors[backbone]
+    fmt = InputFormatter.from_config(proc, backbone, cfg)
+    assert fmt.config == cfg
+    meta = fmt.metadata()
+    assert {name: meta[name] for name in ProcessingConfig.field_names()} == dataclasses.asdict(cfg)
+    # The same token ids and pixels as the keyword constructor with each field spelled out.
+    explicit = InputFormatter(proc, backbone, max_length=cfg.max_length, max_image_tokens=cfg.max_image_tokens,
+                              query_instruction=cfg.query_instruction, target_instruction=cfg.target_instruction,
+                              system_prompt=cfg.system_prompt, padding_side=cfg.padding_side,
+                              prompt_format=cfg.prompt_format)
+    default = InputFormatter.from_config(proc, backbone, defaults)
+    for role in ("query", "target"):
+        got, want = fmt(fixed_chunk(), role), explicit(fixed_chunk(), role)
+        assert got.keys() == want.keys()
+        for key in got:
+            assert torch.equal(got[key], want[key]), (role, key)
+        # ... and not those of the defaults (the cap shrinks the images, the prompt differs).
+        assert not torch.equal(got["pixel_values"], default(fixed_chunk(), role)["pixel_values"])
+        text = proc.tokenizer.decode(row_ids(got, 1))
+        assert text.startswith("<|im_start|>system\nEmbed.<|im_end|>")
+        assert ("user\nFind: a plain" if role == "query" else "user\nDoc: a plain") in text
+        mask = got["attention_mask"]
+        shortest = int(mask.sum(-1).argmin())
+        assert mask.sum(-1).min() < mask.shape[1] and mask[shortest, 0] == 0 and mask[shortest, -1] == 1  # left
+
+
+def test_processing_config_is_shared_with_the_training_config():
+    from llave_ds.config import load_config
+    from llave_ds import train
+
+    assert train.ProcessingConfig is ProcessingConfig
+    base = ["data.source=/data/mmeb"]
+    cfg = load_config(train.TrainConfig, overrides=base + ["processing.system_prompt=Embed.",
+                                                           "processing.max_image_tokens=64"])
+    assert isinstance(cfg.processing, ProcessingConfig)
+    assert cfg.processing.system_prompt == "Embed." and cfg.processing.max_image_tokens == 64
+    with pytest.raises(ValueError, match="processing.max_image_tokens"):
+        load_config(train.TrainConfig, overrides=base + ["processing.max_image_tokens=0"])
+
+
+def test_processing_config_from_metadata_round_trips_and_names_the_file(processors):
+    cfg = ProcessingConfig(**NON_DEFAULT["qwen2_vl"])
+    meta = InputFormatter.from_config(processors["qwen2_vl"], "qwen2_vl", cfg).metadata()
+    assert ProcessingConfig.from_metadata(meta, source="x/llave_embedding.json") == cfg
+    # Missing fields (an older export) keep their defaults; no block at all: the defaults.
+    partial = {k: v for k, v in meta.items() if k not in ("system_prompt", "padding_side")}
+    got = ProcessingConfig.from_metadata(partial, source="x/llave_embedding.json")
+    assert got.system_prompt == ProcessingConfig().system_prompt and got.query_instruction == "Find: "
+    assert ProcessingConfig.from_metadata(None, source="x") == ProcessingConfig()
+
+    bad_cases = [({"padding_side": "middle"}, "padding_side"), ({"max_length": "long"}, "max_length"),
+                 ({"max_image_tokens": 0}, "max_image_tokens"), ({"prompt_format": "llama"}, "prompt_format")]
+    for change, field in bad_cases:
+        with pytest.raises(ValueError) as info:
+            ProcessingConfig.from_metadata({**meta, **change}, source="/some/dir/llave_embedding.json")
+        assert "/some/dir/llave_embedding.json" in str(info.value) and field in str(info.value), str(info.value)
+    with pytest.raises(ValueError, match="input_format must be a mapping"):
+        ProcessingConfig.from_metadata(["max_length"], source="f.json")
+
+
+def test_from_config_validates(processors):
+    with pytest.raises(ValueError, match="processing.max_image_tokens"):
+        InputFormatter.from_config(processors["qwen2_vl"], "qwen2_vl", ProcessingConfig(max_image_tokens=0))
+    with pytest.raises(ValueError, match="processing.padding_side"):
+        InputFormatter.from_config(processors["qwen2_vl"], "qwen2_vl", ProcessingConfig(padding_side="middle"))
+    with pytest.raises(TypeError, match="ProcessingConfig"):
+        InputFormatter.from_config(processors["qwen2_vl"], "qwen2_vl", {"max_length": 64})
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_saved_processor_names_the_stock_class(tmp_path, backbone):
+    """Directories llave-ds writes name LlavaOnevisionProcessor / Qwen2VLProcessor (what
+    AutoProcessor builds) and still load with load_processor."""
+    import json
+
+    path = tiny.build_tiny_model_dir(tmp_path / backbone, backbone)
+    stock = {"llava_onevision": "LlavaOnevisionProcessor", "qwen2_vl": "Qwen2VLProcessor"}[backbone]
+    assert json.loads((path / "processor_config.json").read_text())["processor_class"] == stock
+    assert json.loads((path / "tokenizer_config.json").read_text())["processor_class"] == stock
+    processor = load_processor(path)
+    assert type(processor).__name__ == stock.replace("Processor", "ImageTextProcessor")
+    again = tmp_path / "again"
+    processor.save_pretrained(again)
+    assert json.loads((again / "processor_config.json").read_text())["processor_class"] == stock
+
+
+# --------------------------------------------------------------------------- Qwen2.5-VL
+
+@pytest.fixture(scope="module")
+def qwen25_dir(tmp_path_factory):
+    return tiny.build_tiny_model_dir(tmp_path_factory.mktemp("tiny_proc_qwen25") / "qwen2_5_vl", "qwen2_5_vl")
+
+
+def test_qwen2_5_vl_formatter_matches_the_stock_processor(qwen25_dir):
+    """Token ids, pixels and grids of the formatter equal what the stock Qwen2.5-VL
+    processor call makes of the same chat prompt (its own image-token expansion)."""
+    proc = load_processor(qwen25_dir)
+    assert type(proc).__name__ == "Qwen2_5_VLImageTextProcessor"
+    fmt = InputFormatter(proc, "qwen2_5_vl", max_length=512, system_prompt="S", query_instruction="Q: ")
+    for text, image, content in [
+        ("<|image_1|>\nwhat is it", noise_image(40, 50, 1), "Q: <|vision_start|><|image_pad|><|vision_end|>\nwhat is it"),
+        ("caption first", noise_image(56, 28, 2), "<|vision_start|><|image_pad|><|vision_end|>\nQ: caption first"),
+    ]:
+        batch = fmt([Side(text, image)], "query")
+        prompt = f"<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+        stock = proc(text=[prompt], images=[image], return_tensors="pt")
+        assert batch["input_ids"].tolist() == stock["input_ids"].tolist()
+        assert torch.equal(batch["pixel_values"], stock["pixel_values"])
+        assert batch["image_grid_thw"].tolist() == stock["image_grid_thw"].tolist()
+        # what EmbeddingModel derives for get_rope_index when the chunk carries none
+        derived = (batch["input_ids"] == ids_of("<|image_pad|>")).int()
+        assert derived.tolist() == stock["mm_token_type_ids"].tolist()
+        assert int(batch["image_grid_thw"].prod()) // 4 >= 9  # resized up to >= 3x3 merged tokens
+        assert not bool(batch["dummy_image"])
+
+
+def test_qwen2_5_vl_text_only_dummy_and_token_cap(qwen25_dir):
+    proc = load_processor(qwen25_dir)
+    fmt = InputFormatter(proc, "qwen2_5_vl", max_length=256)
+    batch = fmt([Side("only text"), Side("spelled <|image_pad|> and <|image_1|>")], "query")
+    assert bool(batch["dummy_image"]) and batch["image_grid_thw"].shape == (1, 3)
+    assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod())
+    for token in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"):
+        assert not (batch["input_ids"] == ids_of(token)).any()
+    image = noise_image(100, 100, 3)
+    natural = fmt([Side("a", image)], "query")
+    capped = InputFormatter(proc, "qwen2_5_vl", max_image_tokens=4)([Side("a", image)], "query")
+    count = lambda b: int((b["input_ids"] == ids_of("<|image_pad|>")).sum())  # noqa: E731
+    assert count(natural) == int(natural["image_grid_thw"].prod()) // 4 > 4
+    assert count(capped) == int(capped["image_grid_thw"].prod()) // 4 <= 4
+
+
+def test_qwen2_5_vl_directory_names_the_stock_class_and_loads_stock_format(qwen25_dir, tmp_path):
+    import json
+    import shutil
+
+    from llave_ds.processing import detect_backbone
+
+    assert detect_backbone(qwen25_dir) == "qwen2_5_vl"
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        assert json.loads((qwen25_dir / name).read_text())["processor_class"] == "Qwen2_5_VLProcessor"
+    # A hub-style directory also carries a video processor config: ignored.
+    path = tmp_path / "stock"
+    shutil.copytree(qwen25_dir, path)
+    config = json.loads((path / "processor_config.json").read_text())
+    config["video_processor"] = {"video_processor_type": "Qwen2VLVideoProcessor"}
+    (path / "processor_config.json").write_text(json.dumps(config))
+    processor = load_processor(path)
+    assert type(processor).__name__ == "Qwen2_5_VLImageTextProcessor"
+    assert processor.get_attributes() == ["image_processor", "tokenizer"]
+
+
+# ------------------------------------------------------------------ prompt_format: llave
+# tests/llave_reference.py re-implements LLaVE's own preprocessing (DeepLearnXMU/LLaVE
+# train.py / model_embed.py) without llave_ds; the llave format must equal it token for token.
+
+from tests import llave_reference  # noqa: E402
+
+# (text, image size or None): text-only; placeholder at the start (space / newline after it),
+# in the middle, at the end, after leading whitespace, alone; an empty image-only side.
+LLAVE_CASES = [
+    ("A cat and a dog", None),
+    ("  spaced text-only side \n", None),
+    ("<|image_1|> Represent the given image with the following question: What is in the image", (40, 50)),
+    ("<|image_1|>\nRepresent the given image.", (28, 28)),
+    ("Find a caption for <|image_1|> in the news  ", (56, 28)),
+    ("Select the matching image: <|image_1|>", (30, 40)),
+    (" \n<|image_1|>\nwhat is this?", (28, 56)),
+    ("<|image_1|>", (28, 28)),
+]
+
+
+def llave_sides():
+    return [Side(text, noise_image(*size, seed=i) if size else None) for i, (text, size) in enumerate(LLAVE_CASES)]
+
+
+def llave_expected(proc, user_text, image, system_prompt):
+    """Reference ids of one side, its image expanded as transformers' LLaVA-OV processor does."""
+    ids = llave_reference.llave_input_ids(user_text, proc.tokenizer, system_message=system_prompt)
+    if image is None:
+        assert llave_reference.IMAGE_TOKEN_INDEX not in ids
+        return ids
+    n_tokens = list(proc(text=["<image>"], images=[image])["input_ids"][0]).count(ids_of("<image>"))
+    return llave_reference.expand_image(ids, n_tokens, ids_of("<image>"))
+
+
+@pytest.mark.parametrize("query_instruction, target_instruction, system_prompt", [
+    (None, None, "You are a helpful assistant."),
+    ("Instruct: find the picture\nQuery: ", "Represent the answer: ", "Embed."),
+])
+def test_llave_format_equals_the_official_preprocessing(processors, query_instruction, target_instruction,
+                                                        system_prompt):
+    proc = processors["llava_onevision"]
+    settings = dict(max_length=1024, query_instruction=query_instruction, target_instruction=target_instruction,
+                    system_prompt=system_prompt)
+    fmt = InputFormatter(proc, "llava_onevision", prompt_format="llave", **settings)
+    qwen_chat = InputFormatter(proc, "llava_onevision", **settings)
+    sides = llave_sides()
+    for role, instruction in (("query", query_instruction), ("target", target_instruction)):
+        batch, other = fmt(sides, role), qwen_chat(sides, role)
+        for i, side in enumerate(sides):
+            # llave-ds's instruction is a prefix of the user text LLaVE would be given
+            want = llave_expected(proc, (instruction or "") + side.text, side.image, system_prompt)
+            assert row_ids(batch, i) == want, (role, side.text)
+            assert row_ids(other, i) != want  # the default format is not LLaVE's
+            if side.image is not None:
+                assert ids_of("<image>") in want
+        # one side at a time formats the same
+        assert row_ids(fmt(sides[4:5], role), 0) == row_ids(batch, 4)
+
+
+def test_llave_format_spelled_out(processors):
+    """The layout in docs/MODELS.md, decoded: image moved to the front, text stripped, closed
+    assistant turn; a placeholder at the very start stays; text-only sides untouched."""
+    proc = processors["llava_onevision"]
+    fmt = InputFormatter(proc, "llava_onevision", system_prompt="S", prompt_format="llave")
+    image = noise_image(28, 28)
+    n = len([t for t in row_ids(fmt([Side("x", image)], "query"), 0) if t == ids_of("<image>")])
+    def decode(side):
+        return proc.tokenizer.decode(row_ids(fmt([side], "query"), 0)).replace("<image>" * n, "<IMG>")
+
+    head = "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n"
+    tail = "<|im_end|>\n<|im_start|>assistant\n\n<|im_end|>\n"
+    assert decode(Side("Find a <|image_1|> caption ", image)) == head + "<IMG>\nFind a  caption" + tail
+    assert decode(Side("<|image_1|> Represent it ", image)) == head + "<IMG> Represent it " + tail
+    assert decode(Side(" text only ", None)) == head + " text only " + tail
+    assert decode(Side("<|image_1|>", image)) == head + "<IMG>" + tail
+    # Deviations, documented: LLaVE would drop an image whose text has no placeholder (its
+    # reference ids carry no image); llave-ds places it as LLaVE places a trailing placeholder.
+    assert llave_reference.IMAGE_TOKEN_INDEX not in llave_reference.llave_input_ids("caption text", proc.tokenizer)
+    assert row_ids(fmt([Side("caption text ", image)], "query"), 0) == llave_expected(
+        proc, "caption text <|image_1|>", image, "S")
+    # several placeholders: the image at the first, the others removed; none in text-only sides
+    assert decode(Side("<|image_1|> a <|image_1|> b", image)) == head + "<IMG> a  b" + tail
+    assert decode(Side("a <|image_1|> b", None)) == head + "a  b" + tail
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_llave_format_pools_the_final_newline_under_both_paddings(tmp_path, backbone):
+    """The pooled token (last attended) is the final '\\n' after the closing <|im_end|>, at
+    LLaVE's index (mask.sum - 1) under right padding; left padding embeds the same."""
+    import torch.nn.functional as F
+
+    from llave_ds.model import ModelConfig, last_token_index, load_embedding_model
+
+    model, proc = load_embedding_model(ModelConfig(path=str(tiny.build_tiny_model_dir(tmp_path / backbone, backbone)),
+                                                   dtype="float32"))
+    model.eval()
+    sides = llave_sides()[:6]
+    embeddings = {}
+    for padding_side in ("right", "left"):
+        fmt = InputFormatter(proc, backbone, padding_side=padding_side, prompt_format="llave")
+        batch = fmt(sides, "query")
+        mask = batch["attention_mask"]
+        assert len(set(mask.sum(1).tolist())) > 1
+        index = last_token_index(mask)
+        rows = torch.arange(len(sides))
+        assert (batch["input_ids"][rows, index] == ord("\n")).all()
+        assert (batch["input_ids"][rows, index - 1] == ids_of("<|im_end|>")).all()
+        with torch.no_grad():
+            embeddings[padding_side] = model(**batch)
+        if padding_side == "right":
+            official = torch.tensor([llave_reference.pooled_index(row.tolist()) for row in mask])
+            assert index.tolist() == official.tolist()
+            if backbone == "llava_onevision":  # the stock forward's hidden state at LLaVE's index
+                kwargs = {k: v for k, v in batch.items() if k != "dummy_image"}
+                with torch.no_grad():
+                    hidden = model.base_hf_model.model(**kwargs, use_cache=False).last_hidden_state
+                torch.testing.assert_close(embeddings["right"], F.normalize(hidden[rows, official], dim=-1),
+                                           atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embeddings["right"], embeddings["left"], atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_format_round_trips_and_unknown_is_a_clear_error(processors):
+    from llave_ds.config import load_config
+    from llave_ds import train
+
+    cfg = ProcessingConfig(prompt_format="llave")
+    fmt = InputFormatter.from_config(processors["llava_onevision"], "llava_onevision", cfg)
+    meta = fmt.metadata()
+    assert meta["prompt_format"] == "llave" and "assistant\\n\\n<|im_end|>\\n" in meta["pooled_token"]
+    assert ProcessingConfig.from_metadata(meta, source="x/llave_embedding.json") == cfg
+    assert ProcessingConfig.from_metadata({}, source="x").prompt_format == "qwen_chat"  # older exports
+    with pytest.raises(ValueError, match="processing.prompt_format must be one of qwen_chat, llave, got 'chatml'"):
+        InputFormatter.from_config(processors["qwen2_vl"], "qwen2_vl", ProcessingConfig(prompt_format="chatml"))
+    with pytest.raises(ValueError, match="prompt_format"):
+        InputFormatter(processors["qwen2_vl"], "qwen2_vl", prompt_format="chatml")
+    with pytest.raises(ValueError, match="processing.prompt_format"):
+        load_config(train.TrainConfig, overrides=["data.source=/data/mmeb", "processing.prompt_format=chatml"])
+    assert load_config(train.TrainConfig, overrides=["data.source=/data/mmeb", "processing.prompt_format=llave"]
+                       ).processing.prompt_format == "llave"

@@ -11,7 +11,7 @@ import torch  # noqa: E402
 from llave_ds import tiny  # noqa: E402
 from llave_ds.model import EmbeddingModel  # noqa: E402
 from llave_ds.processing import InputFormatter, load_processor  # noqa: E402
-from tests.multimodal import BACKBONES, Side, noise_image  # noqa: E402
+from tests.multimodal import ALL_BACKBONES, Side, noise_image  # noqa: E402
 
 
 
@@ -30,10 +30,10 @@ def offline_and_one_thread(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {bb: tiny.build_tiny_model_dir(root / bb, bb, seed=0) for bb in BACKBONES}
+    return {bb: tiny.build_tiny_model_dir(root / bb, bb, seed=0) for bb in ALL_BACKBONES}
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_dir_reloads_with_plain_transformers_and_gives_identical_outputs(tiny_dirs, backbone):
     from transformers import AutoModelForImageTextToText
 
@@ -58,7 +58,7 @@ def test_dir_reloads_with_plain_transformers_and_gives_identical_outputs(tiny_di
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_build_is_deterministic_in_seed(backbone):
     a = tiny.build_tiny_model(backbone, seed=3).state_dict()
     b = tiny.build_tiny_model(backbone, seed=3).state_dict()
@@ -70,8 +70,10 @@ def test_build_is_deterministic_in_seed(backbone):
 def test_tied_and_untied_heads():
     llava = tiny.build_tiny_model("llava_onevision")
     qwen = tiny.build_tiny_model("qwen2_vl")
+    qwen25 = tiny.build_tiny_model("qwen2_5_vl")  # as Qwen2.5-VL-3B
     assert llava.lm_head.weight is not llava.get_input_embeddings().weight
     assert qwen.lm_head.weight is qwen.get_input_embeddings().weight
+    assert qwen25.lm_head.weight is qwen25.get_input_embeddings().weight
 
 
 def test_tokenizer_round_trips_through_save_and_auto_tokenizer(tiny_dirs):
@@ -94,7 +96,7 @@ def test_tokenizer_round_trips_through_save_and_auto_tokenizer(tiny_dirs):
     assert rendered.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_processor_reloads_without_video_processor(tiny_dirs, backbone):
     from transformers import AutoImageProcessor
 
@@ -109,5 +111,30 @@ def test_processor_reloads_without_video_processor(tiny_dirs, backbone):
 
 
 def test_unknown_backbone_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="llava_onevision, qwen2_vl"):
-        tiny.build_tiny_model_dir(tmp_path, "qwen2_5_vl")
+    with pytest.raises(ValueError, match="llava_onevision, qwen2_vl, qwen2_5_vl"):
+        tiny.build_tiny_model_dir(tmp_path, "qwen3_vl")
+
+
+def test_qwen2_5_vl_tiny_is_the_real_architecture_with_real_windows(tiny_dirs):
+    """The toy keeps what sets Qwen2.5-VL apart from Qwen2-VL: windowed and full-attention
+    vision blocks, an RMSNorm/SwiGLU tower, and a window order that is not the identity for
+    the images the tests use, down to the smallest (resized up to the minimum, as the blank
+    dummy image is). Only very elongated images (a merged grid 1-2 tokens wide) keep it."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.vision_utils import get_vision_window_index
+
+    model = tiny.build_tiny_model("qwen2_5_vl")
+    assert isinstance(model, Qwen2_5_VLForConditionalGeneration)
+    visual = model.model.visual
+    vcfg = model.config.vision_config
+    assert vcfg.out_hidden_size == model.config.text_config.hidden_size
+    assert 0 < len(vcfg.fullatt_block_indexes) < vcfg.depth  # some blocks windowed, some full
+    assert type(visual.blocks[0].norm1).__name__ == "Qwen2_5_VLRMSNorm"
+    processor = load_processor(tiny_dirs["qwen2_5_vl"])
+    assert type(processor).__name__ == "Qwen2_5_VLImageTextProcessor"
+    for h, w in ((1, 1), (28, 28), (40, 50), (56, 28), (30, 30), (500, 500)):
+        grid = processor.image_processor(noise_image(h, w), return_tensors="pt")["image_grid_thw"]
+        window_index, cu_window = get_vision_window_index(
+            grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+        assert len(cu_window) > 2, (h, w, grid)  # more than one window
+        assert not torch.equal(window_index, torch.arange(len(window_index))), (h, w, grid)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llave_ds.gradcache import TorchStepBackend, gradcache_step
+from llave_ds.gradcache import gradcache_step
 from llave_ds.objective import ObjectiveConfig
-from tests.multimodal import BACKBONES, Side, noise_image
+from tests.multimodal import BACKBONES, Side, gradient_keeping_backend, noise_image
 from tests.reference_loss import reference_loss
 
 TAU, ALPHA = 0.1, 4.0
@@ -65,17 +65,8 @@ def test_second_pass_reuses_tower_and_gradients_are_exact(model_dirs, backbone):
     q, t = batch(formatter, text_only_targets=False)
 
     calls = tower_call_counter(model)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    backend = TorchStepBackend(model, opt)
     # Keep the gradients: intercept the step, then compare with the plain-torch reference.
-    grads = {}
-
-    def keep_grads():
-        grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        opt.zero_grad(set_to_none=True)
-        return {"grad_norm": 0.0, "lr": 0.0}
-
-    backend.step = keep_grads
+    backend, grads = gradient_keeping_backend(model)
     res = gradcache_step(backend, q, t, ObjectiveConfig(temperature=TAU, alpha=ALPHA))
     # Pass 1: each of the 4 chunks (2 query, 2 target) runs the tower once without autograd;
     # pass 2 never runs it.
@@ -157,21 +148,12 @@ def test_dropout_after_the_tower_draws_the_same_masks(model_dirs):
         layer.self_attn.dropout = 0.2
     model.train()  # from_pretrained leaves it in eval mode, where dropout is off
     q, t = batch(formatter)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     results = {}
     for use_cache in (True, False):
         if not use_cache:
             model.vision_cache.remove()
             model.vision_cache = None
-        backend = TorchStepBackend(model, opt)
-        grads = {}
-
-        def keep_grads(grads=grads):
-            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-            opt.zero_grad(set_to_none=True)
-            return {"grad_norm": 0.0, "lr": 0.0}
-
-        backend.step = keep_grads
+        backend, grads = gradient_keeping_backend(model)
         torch.manual_seed(7)
         res = gradcache_step(backend, q, t, ObjectiveConfig(temperature=TAU, alpha=ALPHA))
         results[use_cache] = (float(res.output.loss), grads)

@@ -221,3 +221,27 @@ def test_latest_naming_an_incomplete_checkpoint_falls_back_to_the_newest_complet
                "interrupted" in r.getMessage() for r in caplog.records), caplog.text
     marker = json.loads((root / ckpt.tag_for_step(4) / ckpt.COMPLETE_MARKER).read_text())
     assert marker["files"] == {"x.pt": {"size": 1}}
+
+
+@pytest.mark.slow  # needs the reference run's checkpoint
+def test_export_refuses_a_corrupted_checkpoint_as_resume_does(assets, reference_run, tmp_path, capsys):
+    """A flipped byte in the fp32 master weights: export names the file and its checksum and
+    writes nothing (before: exit 0 and a weight off by 7e-2); the previous one still exports."""
+    from llave_ds.cli import main as cli_main
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir, ignore=shutil.ignore_patterns("export", "rank*.log"))
+    latest = run_dir / "checkpoints" / ckpt.tag_for_step(helpers.STEPS)
+    shard = latest / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    shard.write_bytes(bytes(blob))
+    out = tmp_path / "export"
+    capsys.readouterr()
+    assert cli_main(["export", str(run_dir), "--out", str(out), "--dtype", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint file {shard} is corrupted: its CRC-32 is" in err, err
+    previous = run_dir / "checkpoints" / ckpt.tag_for_step(2)
+    assert f"llave-ds export {previous} --out" in err, err
+    assert not out.exists()
+    assert cli_main(["export", str(previous), "--out", str(out), "--dtype", "fp32"]) == 0
+    assert list(out.glob("*.safetensors"))

@@ -73,7 +73,8 @@ def test_config_mistake_is_refused_before_any_process_group(assets, tmp_path, mo
     argv = ["--config", str(helpers.DEMO_CONFIG), *helpers.overrides(assets, tmp_path / "run"), *build(tmp_path)]
     code, err = helpers.train_cli_in_process(argv, monkeypatch, capsys, world_size=world)
     assert code == 2, err
-    assert err.startswith("llave-ds train: config error:") and fragment in err, err
+    prefix = "[rank 0] " if world and world > 1 else ""  # ranks share a terminal: each line says whose
+    assert err.startswith(f"{prefix}llave-ds train: config error:") and fragment in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()  # nothing was created either
 
@@ -93,3 +94,27 @@ def test_cli_exits_2_quickly_with_the_message_and_no_traceback(assets, tmp_path)
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert elapsed < 60, elapsed  # imports only: no model, no process group
     assert not (tmp_path / "run").exists()
+
+
+def test_each_rank_reports_its_error_in_one_write(monkeypatch):
+    """Under a launcher the ranks share stderr; print() writes text and newline separately,
+    and two ranks' messages ran together on one line. One os.write per message, prefixed."""
+    import os
+    import sys
+
+    from llave_ds.train import report_error
+
+    class Terminal:
+        def fileno(self):
+            return 2
+
+        def flush(self):
+            pass
+
+    writes = []
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append((fd, data)) or len(data))
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    report_error("checkpoint error: rank 1: checkpoint file X is corrupted")
+    assert writes == [(2, b"[rank 1] llave-ds train: checkpoint error: rank 1: checkpoint file X is corrupted\n")]

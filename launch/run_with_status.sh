@@ -62,7 +62,10 @@ case "$(status_field)" in
     preempted) echo "run_with_status: preempted, checkpointed: relaunch with --resume auto to continue" >&2; exit 3 ;;
     failed)
         code=$(sed -n 's/.*"exit_code": *\([0-9]*\).*/\1/p' "$STATUS" | head -n 1)
-        echo "run_with_status: training failed (see the ranks' last lines)" >&2
+        # The trainer's own one-line reason, last: the launcher's tracebacks came before it.
+        reason=$("${LLAVE_DS_PYTHON:-python3}" -c 'import json, sys; print(json.load(open(sys.argv[1]))["message"])' \
+                 "$STATUS" 2>/dev/null | head -n 1)
+        echo "run_with_status: training failed (exit ${code:-1}): ${reason:-see the last lines of the ranks}" >&2
         exit "${code:-1}" ;;
     *)
         echo "run_with_status: no $STATUS: the ranks did not finish (killed?); launcher exit code $CODE" >&2

@@ -23,6 +23,7 @@ import resource
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -591,6 +592,9 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
     from llave_ds.model import load_embedding_model, trainable_parameters
     from llave_ds.processing import InputFormatter
 
+    # DeepSpeed's ZeRO collectives call torch's deprecated all_gather_into_tensor: a warning on
+    # every step that no user can act on.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     # -- before any process group: config for this world size, model dir, resume checkpoint
     denv = distributed.detect_env()
     resume_candidates = preflight(cfg, denv.world_size)
@@ -690,9 +694,12 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
         progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-        # Warnings during training (a replaced row, a skipped step) print on their own line
-        # above the bar, not glued to the end of its line.
-        log_above_bar.enter_context(logging_redirect_tqdm())
+        # Warnings during training (a replaced row, a skipped step, a library's Python
+        # warning) print on their own line above the bar, not glued to the end of its line.
+        logging.captureWarnings(True)
+        log_above_bar.callback(logging.captureWarnings, False)
+        log_above_bar.enter_context(logging_redirect_tqdm(
+            loggers=[logging.getLogger(), logging.getLogger("py.warnings")]))
     last_saved = step if resume_from is not None else -1
     final_loss = float("nan")
     stopped_early = False

@@ -186,3 +186,31 @@ def test_wrong_schema_is_an_error_even_when_skipping(data_runs):
         error = result["schema"]["error"]
         assert error.startswith("DataError: subset 'Synth_VQA'"), error
         assert "missing required field(s) ['pos_text']" in error and result["schema"]["model_built"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_warnings_during_training_print_above_the_progress_bar(assets, tmp_path):
+    """A bad row replaced during training (a warning) with the progress bar on: the warning
+    gets its own line; before, it was printed glued to the end of the bar's line."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "data"
+    shutil.copytree(Path(assets["images"]), data)
+    rows = pq.read_table(Path(assets["train"]) / "Synth_I2T.parquet").to_pylist()
+    for row in [r for r in rows if r["qry_image_path"]][:2]:  # decoding fails; the stat check passes
+        (data / row["qry_image_path"]).write_bytes(b"not an image " * 20)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(helpers.RANK_ENV)
+    args = helpers.overrides(assets, tmp_path / "run", **{
+        "data.source": str(data / "train"), "data.image_root": str(data), "data.skip_bad_rows": "true",
+        "logging.progress": "true", "schedule.max_steps": 12, "export.at_end": "false"})
+    proc = subprocess.run([sys.executable, "-m", "llave_ds.train", "--config", str(helpers.DEMO_CONFIG), *args],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipping bad row (replaced by the next row of the subset)" in proc.stderr, proc.stderr[-3000:]
+    glued = re.search(r"step/s[^\r\n]*?(skipping bad row|Warning|WARNING)", proc.stderr)
+    assert glued is None, proc.stderr[max(0, glued.start() - 300):glued.end() + 100]

@@ -123,3 +123,22 @@ def test_sigusr1_killing_the_launcher_stops_the_ranks_with_a_checkpoint(assets, 
             proc.kill()
     _check_preempted(run_dir, status)
     assert "the launcher exited" in _log(run_dir), _log(run_dir)
+
+
+@pytest.mark.timeout(120)
+def test_a_failure_under_the_wrapper_ends_with_the_trainers_one_line_reason(assets, tmp_path):
+    """torchrun prints its own ChildFailedError traceback when a rank fails; what the user
+    reads last is the trainer's reason (from exit_status.json) and its exit code."""
+    run_dir = tmp_path / "run"
+    args = ["--config", str(helpers.DEMO_CONFIG), *helpers.overrides(assets, run_dir),
+            "model.path=/nonexistent/model"]
+    cmd = ["bash", str(WRAPPER), str(run_dir), "--"] + _launcher("torchrun") + args
+    env = dict(os.environ, **helpers.RANK_ENV, LLAVE_DS_PYTHON=sys.executable)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "TORCHELASTIC_RUN_ID"):
+        env.pop(key, None)
+    run_dir.mkdir(parents=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=100, cwd=str(helpers.REPO))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("run_with_status: training failed (exit 2): config error:"), proc.stderr[-3000:]
+    assert "/nonexistent/model" in last, last

@@ -9,9 +9,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["llave_ds", "llave_ds.*"]),
+    # configs/ and ds_configs/ stay at the top of the checkout (the README's paths) and are
+    # installed inside the package, so a wheel finds them too (llave_ds.config.shipped_file).
+    packages=find_packages(include=["llave_ds", "llave_ds.*"]) + ["llave_ds.configs", "llave_ds.ds_configs"],
+    package_dir={"llave_ds.configs": "configs", "llave_ds.ds_configs": "ds_configs"},
     include_package_data=True,
-    package_data={"llave_ds": ["*.json", "*.yaml"]},
+    package_data={"llave_ds": ["*.json", "*.yaml"], "llave_ds.configs": ["*.yaml"],
+                  "llave_ds.ds_configs": ["*.json"]},
     # Wide ranges on purpose: users on GPU clusters bring their own CUDA torch build.
     # CI and the README commands pin exact versions through constraints.txt.
     install_requires=[

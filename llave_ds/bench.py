@@ -56,7 +56,6 @@ from llave_ds import shapes
 
 logger = logging.getLogger("llave_ds.bench")
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 TEMPLATE_HEAD_TOKENS = 14  # <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n
 TEMPLATE_TAIL_TOKENS = 5   # <|im_end|>\n<|im_start|>assistant\n
 GIB = 2 ** 30
@@ -558,7 +557,9 @@ class MemoryProbe:
 def ds_config_for(args, stage: int, local_batch: int, world: int, ckpt: str, bf16: bool) -> dict:
     from llave_ds.engine import complete_ds_config, load_ds_config
 
-    path = args.ds_config or DS_CONFIG_DIR / f"zero{stage if stage in (2, 3) else 2}.json"
+    from llave_ds.config import shipped_file
+
+    path = args.ds_config or shipped_file("deepspeed", f"zero{stage if stage in (2, 3) else 2}")
     cfg = load_ds_config(path)
     zo = cfg.setdefault("zero_optimization", {})
     zo["stage"] = stage

@@ -766,6 +766,21 @@ def config_to_yaml(cfg: Any) -> str:
                      default_flow_style=False, allow_unicode=True)
 
 
+def shipped_file(kind: str, name: str) -> Path:
+    """A config shipped with llave-ds, by name: ``kind`` "train" (``configs/NAME.yaml``) or
+    "deepspeed" (``ds_configs/NAME.json``). Read through the installed package (importlib
+    resources), so it works from a wheel as from a checkout. A ConfigError lists the names."""
+    from importlib import resources
+
+    package, suffix = {"train": ("llave_ds.configs", ".yaml"), "deepspeed": ("llave_ds.ds_configs", ".json")}[kind]
+    root = resources.files(package)
+    path = Path(str(root.joinpath(name + suffix)))
+    if not path.is_file():
+        shipped = sorted(p.name[:-len(suffix)] for p in root.iterdir() if p.name.endswith(suffix))
+        raise ConfigError(f"{name!r} is neither a {suffix} file nor one of the shipped {kind} configs {shipped}")
+    return path
+
+
 def dump_config(cfg: Any, path: str | Path) -> Path:
     """Write ``cfg`` as YAML (creating parent folders); ``load_config`` reads it back equal."""
     p = Path(path)

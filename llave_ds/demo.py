@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo_cpu.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     parser.add_argument("--max-steps", type=int, default=None, help="stop training after N steps")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--config", default=str(DEMO_CONFIG), help="training config (default: configs/demo_cpu.yaml)")
+    parser.add_argument("--config", default="demo_cpu",
+                        help="training config: a YAML file or a shipped config's name (default: demo_cpu)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="extra training-config overrides")
 
 
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from llave_ds.config import load_config
     from llave_ds.synthetic import prepare_synthetic_mmeb
     from llave_ds.tiny import build_tiny_model_dir
-    from llave_ds.train import TrainConfig
+    from llave_ds.train import TrainConfig, resolve_train_config_path
 
     t_start = time.time()
     out = Path(args.out).resolve()
@@ -79,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_steps is not None:
         overrides.append(f"schedule.max_steps={args.max_steps}")
     overrides += list(args.overrides)
+    args.config = resolve_train_config_path(args.config)  # a shipped config's name -> its installed file
     cfg = load_config(TrainConfig, args.config, overrides)  # fail on a bad config before the long parts
     processing = {"max_length": cfg.processing.max_length, "system_prompt": cfg.processing.system_prompt}
 

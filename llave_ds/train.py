@@ -32,7 +32,7 @@ import torch
 
 from llave_ds import checkpoint as ckpt
 from llave_ds import distributed
-from llave_ds.config import ConfigError, config_to_dict, dump_config, load_config
+from llave_ds.config import ConfigError, config_to_dict, dump_config, load_config, shipped_file
 from llave_ds.data import DataError, GlobalBatchSampler, MMEBTrainDataset, PairCollator, TrainDataConfig
 from llave_ds.engine import EngineConfigError, complete_ds_config, load_ds_config
 from llave_ds.gather import all_gather_objects, all_reduce_max, all_reduce_sum, is_distributed, rank_errors
@@ -44,7 +44,6 @@ from llave_ds.processing import ProcessingConfig  # noqa: F401 - also llave_ds.t
 
 logger = logging.getLogger("llave_ds.train")
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
 
 # ------------------------------------------------------------------------------ config
@@ -190,14 +189,24 @@ class TrainConfig:
 
 
 def resolve_ds_config_path(name: str) -> Path:
+    """A DeepSpeed JSON file, or the name of a shipped one (zero2, zero3, zero3_offload)."""
     candidate = Path(name)
-    if candidate.suffix != ".json":
-        candidate = DS_CONFIG_DIR / f"{name}.json"
-    if not candidate.is_file():
-        shipped = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
-        raise ValueError(f"deepspeed.config: {name!r} is neither a JSON file nor one of the shipped "
-                         f"configs {shipped} (looked for {candidate})")
-    return candidate
+    if candidate.suffix == ".json" and candidate.is_file():
+        return candidate
+    if candidate.suffix == ".json":
+        raise ValueError(f"deepspeed.config: {name!r} is neither a JSON file nor one of the shipped configs "
+                         f"(no such file)")
+    try:
+        return shipped_file("deepspeed", name)
+    except ConfigError as exc:
+        raise ValueError(f"deepspeed.config: {exc}") from None
+
+
+def resolve_train_config_path(name: Optional[str]) -> Optional[str]:
+    """``--config``: a YAML file, or the name of a shipped config (``--config llave_2b``)."""
+    if name is None or Path(name).is_file() or Path(name).suffix in (".yaml", ".yml") or "/" in name:
+        return name
+    return str(shipped_file("train", name))
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -835,7 +844,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
 # -------------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (see configs/); omitted = built-in defaults")
+    parser.add_argument("--config", help="YAML config, or the name of a shipped one (llave_2b, demo_cpu, ...: "
+                                         "see configs/); omitted = built-in defaults")
     parser.add_argument("--resume", help="auto | none | CHECKPOINT_DIR (same as checkpoint.resume=...)")
     parser.add_argument("--overwrite", action="store_true",
                         help="with --resume none in a run directory that holds checkpoints: start fresh, moving "
@@ -853,7 +863,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overrides.append(f"checkpoint.resume={args.resume}")
     if args.overwrite:
         overrides.append("checkpoint.overwrite=true")
-    return load_config(TrainConfig, args.config, overrides)
+    return load_config(TrainConfig, resolve_train_config_path(args.config), overrides)
 
 
 def report_error(text: str) -> None:

@@ -1,0 +1,1 @@
+"""The shipped training configs (YAML), installed as package data ``llave_ds.configs``."""

@@ -45,7 +45,6 @@ from llave_ds.processing import ProcessingConfig  # noqa: F401 - also llave_ds.t
 logger = logging.getLogger("llave_ds.train")
 
 
-
 # ------------------------------------------------------------------------------ config
 
 @dataclass
@@ -254,15 +253,14 @@ class PeerStoppedError(TrainingError):
 # Texts of gloo / NCCL / c10d errors when a peer process is gone (not a bug in the step).
 _PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe", "socket closed",
               "nccl communicator was aborted", "remote process exited", "connection refused", "read timed out",
-              "timed out", "watchdog caught collective operation timeout")
+              "timed out waiting", "watchdog caught collective operation timeout")
 
 
 def is_peer_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` is the communication layer reporting a peer that went away."""
-    import torch.distributed as dist
-    kinds = tuple(k for k in (getattr(dist, "DistError", None),) if k is not None)
+    """Whether ``exc`` is the communication layer reporting a peer that went away (torch's
+    ``DistError`` family and gloo's plain RuntimeErrors alike are RuntimeErrors)."""
     text = str(exc).lower()
-    return (isinstance(exc, kinds) or isinstance(exc, RuntimeError)) and any(p in text for p in _PEER_GONE)
+    return isinstance(exc, RuntimeError) and any(p in text for p in _PEER_GONE)
 
 
 class NonFiniteLossError(TrainingError):

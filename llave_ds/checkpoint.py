@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -37,6 +38,31 @@ _TAG = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the file and what to do."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500  # 0: only at the end (and on preemption)
+    keep_last: int = 2
+    # auto: the newest complete checkpoint that verifies (older ones when the newest is
+    # damaged, with a warning naming what was skipped) | none: start fresh | a checkpoint path.
+    resume: str = "auto"
+    # With resume: none in a run directory that holds checkpoints: start fresh anyway, after
+    # moving its checkpoints and metrics into <run_dir>/previous-<time>/ (refused otherwise).
+    overwrite: bool = False
+    dir: str = ""  # default: <run_dir>/checkpoints
+    # Record a CRC-32 of every checkpoint file when saving and check it before resuming
+    # (ranks share the reading); sizes are always recorded and checked.
+    checksums: bool = True
+
+    def validate(self) -> None:
+        if self.every_steps < 0:
+            raise ValueError(f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
+        if self.keep_last < 0:
+            raise ValueError(f"checkpoint.keep_last must be >= 0, got {self.keep_last}")
+        if self.overwrite and self.resume not in ("none", ""):
+            raise ValueError(f"checkpoint.overwrite=true starts a run afresh and needs checkpoint.resume=none "
+                             f"(--resume none --overwrite), got checkpoint.resume={self.resume}")
 
 
 def tag_for_step(step: int) -> str:

@@ -27,11 +27,13 @@ import copy
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
+from llave_ds.config import ConfigError, shipped_file
 from llave_ds.gather import is_distributed
 
 DSConfig = Union[str, os.PathLike, dict]
@@ -39,6 +41,27 @@ DSConfig = Union[str, os.PathLike, dict]
 
 class EngineConfigError(ValueError):
     """A DeepSpeed configuration that cannot work; raised before any engine exists."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    # A file in ds_configs/ by name (zero2, zero3, zero3_offload) or a path to a JSON file.
+    config: str = "zero3"
+    gradient_clipping: float = 1.0
+
+
+def resolve_ds_config_path(name: str) -> Path:
+    """A DeepSpeed JSON file, or the name of a shipped one (zero2, zero3, zero3_offload)."""
+    candidate = Path(name)
+    if candidate.suffix == ".json" and candidate.is_file():
+        return candidate
+    if candidate.suffix == ".json":
+        raise ValueError(f"deepspeed.config: {name!r} is neither a JSON file nor one of the shipped configs "
+                         f"(no such file)")
+    try:
+        return shipped_file("deepspeed", name)
+    except ConfigError as exc:
+        raise ValueError(f"deepspeed.config: {exc}") from None
 
 
 def prepare_cpu_accelerator() -> None:

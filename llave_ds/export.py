@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -54,6 +55,13 @@ class ExportError(RuntimeError):
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
            "fp32": torch.float32}
+
+
+@dataclass
+class ExportConfig:
+    at_end: bool = True
+    dtype: str = "bfloat16"  # bfloat16 | float32
+    dir: str = ""  # default: <run_dir>/export
 
 
 def _dtype(name: Union[str, torch.dtype]) -> torch.dtype:

@@ -33,88 +33,26 @@ import torch
 from llave_ds import checkpoint as ckpt
 from llave_ds import distributed
 from llave_ds.config import ConfigError, config_to_dict, dump_config, load_config, shipped_file
+from llave_ds.checkpoint import CheckpointConfig
 from llave_ds.data import DataError, GlobalBatchSampler, MMEBTrainDataset, PairCollator, TrainDataConfig
-from llave_ds.engine import EngineConfigError, complete_ds_config, load_ds_config
+from llave_ds.engine import (DeepSpeedConfig, EngineConfigError, complete_ds_config, load_ds_config,
+                             resolve_ds_config_path)
+from llave_ds.export import ExportConfig
 from llave_ds.gather import all_gather_objects, all_reduce_max, all_reduce_sum, is_distributed, rank_errors
 from llave_ds.gradcache import GradCacheConfig, gradcache_step
 from llave_ds.model import ModelConfig
 from llave_ds.objective import ObjectiveConfig
-# The `processing` section; defined next to InputFormatter, which is built from it.
-from llave_ds.processing import ProcessingConfig  # noqa: F401 - also llave_ds.train.ProcessingConfig
+from llave_ds.optim import OptimConfig, ScheduleConfig, lr_lambda
+from llave_ds.processing import ProcessingConfig
 
 logger = logging.getLogger("llave_ds.train")
 
 
 # ------------------------------------------------------------------------------ config
-
-@dataclass
-class DeepSpeedConfig:
-    # A file in ds_configs/ by name (zero2, zero3, zero3_offload) or a path to a JSON file.
-    config: str = "zero3"
-    gradient_clipping: float = 1.0
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    # A step with a non-finite loss or gradient is skipped on every rank (parameters and
-    # optimizer state untouched, counted in metrics.jsonl); this many in a row stop the run.
-    max_consecutive_skips: int = 5
-
-    def validate(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.max_consecutive_skips < 1:
-            raise ValueError(f"optim.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
-
-
-@dataclass
-class ScheduleConfig:
-    epochs: int = 1
-    max_steps: int = 0  # > 0 stops after this many optimizer steps
-    warmup_ratio: float = 0.03
-    kind: str = "cosine"  # cosine | linear | constant
-    min_lr_ratio: float = 0.0
-
-    def validate(self) -> None:
-        if self.kind not in ("cosine", "linear", "constant"):
-            raise ValueError(f"schedule.kind must be cosine, linear or constant, got {self.kind!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"schedule.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.epochs < 1 and self.max_steps < 1:
-            raise ValueError("set schedule.epochs >= 1 or schedule.max_steps >= 1")
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 500  # 0: only at the end (and on preemption)
-    keep_last: int = 2
-    # auto: the newest complete checkpoint that verifies (older ones when the newest is
-    # damaged, with a warning naming what was skipped) | none: start fresh | a checkpoint path.
-    resume: str = "auto"
-    # With resume: none in a run directory that holds checkpoints: start fresh anyway, after
-    # moving its checkpoints and metrics into <run_dir>/previous-<time>/ (refused otherwise).
-    overwrite: bool = False
-    dir: str = ""  # default: <run_dir>/checkpoints
-    # Record a CRC-32 of every checkpoint file when saving and check it before resuming
-    # (ranks share the reading); sizes are always recorded and checked.
-    checksums: bool = True
-
-    def validate(self) -> None:
-        if self.every_steps < 0:
-            raise ValueError(f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
-        if self.keep_last < 0:
-            raise ValueError(f"checkpoint.keep_last must be >= 0, got {self.keep_last}")
-        if self.overwrite and self.resume not in ("none", ""):
-            raise ValueError(f"checkpoint.overwrite=true starts a run afresh and needs checkpoint.resume=none "
-                             f"(--resume none --overwrite), got checkpoint.resume={self.resume}")
-
+# Each section's config lives beside the component it configures (ModelConfig in model,
+# ProcessingConfig in processing, CheckpointConfig in checkpoint, DeepSpeedConfig in engine,
+# ExportConfig in export, OptimConfig / ScheduleConfig in optim, ...); only the logging
+# section, which this loop alone uses, and the top-level TrainConfig are defined here.
 
 @dataclass
 class LoggingConfig:
@@ -122,13 +60,6 @@ class LoggingConfig:
     progress: bool = True
     tensorboard: bool = False
     warmup_steps: int = 2  # excluded from the throughput summary
-
-
-@dataclass
-class ExportConfig:
-    at_end: bool = True
-    dtype: str = "bfloat16"  # bfloat16 | float32
-    dir: str = ""  # default: <run_dir>/export
 
 
 @dataclass
@@ -187,20 +118,6 @@ class TrainConfig:
                                   f"per-rank batch {local} (= {self.global_batch_size} / {world_size} ranks)")
 
 
-def resolve_ds_config_path(name: str) -> Path:
-    """A DeepSpeed JSON file, or the name of a shipped one (zero2, zero3, zero3_offload)."""
-    candidate = Path(name)
-    if candidate.suffix == ".json" and candidate.is_file():
-        return candidate
-    if candidate.suffix == ".json":
-        raise ValueError(f"deepspeed.config: {name!r} is neither a JSON file nor one of the shipped configs "
-                         f"(no such file)")
-    try:
-        return shipped_file("deepspeed", name)
-    except ConfigError as exc:
-        raise ValueError(f"deepspeed.config: {exc}") from None
-
-
 def resolve_train_config_path(name: Optional[str]) -> Optional[str]:
     """``--config``: a YAML file, or the name of a shipped config (``--config llave_2b``)."""
     if name is None or Path(name).is_file() or Path(name).suffix in (".yaml", ".yml") or "/" in name:
@@ -209,20 +126,6 @@ def resolve_train_config_path(name: Optional[str]) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------- helpers
-
-def lr_lambda(total_steps: int, cfg: ScheduleConfig):
-    warmup = int(math.ceil(cfg.warmup_ratio * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.kind == "cosine" else 1 - progress
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
-    return factor
-
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     """Per-step, per-rank seed: dropout masks depend only on (seed, step, rank), so an

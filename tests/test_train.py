@@ -62,8 +62,7 @@ def test_chunk_larger_than_per_rank_batch_is_refused_before_any_process_group(as
 
 
 def test_reentrant_checkpointing_with_zero3_is_refused(assets, tmp_path):
-    from llave_ds.engine import EngineConfigError, complete_ds_config, load_ds_config
-    from llave_ds.train import resolve_ds_config_path
+    from llave_ds.engine import EngineConfigError, complete_ds_config, load_ds_config, resolve_ds_config_path
     with pytest.raises(EngineConfigError, match="reentrant"):
         complete_ds_config(load_ds_config(resolve_ds_config_path("zero3")), local_batch_size=8, world_size=2,
                            activation_checkpointing="reentrant")

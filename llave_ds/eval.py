@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from llave_ds import distributed
+from llave_ds.checkpoint import atomic_write_text
 from llave_ds.eval_data import (CANDIDATE, QUERY, EvalSubset, _is_local, check_subset_names, find_eval_files,
                                 load_eval_subsets, shard, unique_items)
 from llave_ds.metrics import (aggregate, candidate_scores, markdown_table, official_subsets,
@@ -326,9 +327,7 @@ def write_score_file(path: Path, subset: str, record: Mapping[str, Any], fingerp
             "category": info.category if info else None, "distribution": info.distribution if info else None,
             **record, "fingerprint": fingerprint,
             "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(full, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(full, indent=1))
     return path
 
 

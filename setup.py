@@ -28,14 +28,19 @@ setup(
         "numpy>=1.24",
         "pillow>=10",
         "pyyaml>=6",
+        "omegaconf>=2.4",  # the config loader (llave_ds/config.py)
         "tqdm>=4.66",
         "pyarrow>=15",
+        "av>=12",  # PyAV (its wheels bundle FFmpeg): video decoding, llave_ds.video
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5"],
         "lora": ["peft>=0.12"],
         "analysis": ["matplotlib>=3.7"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "peft>=0.12", "matplotlib>=3.7"],
+        # SentenceTransformer(export_dir) (docs/EXPORT.md); images also need a torchvision
+        # matching the user's torch build, which is not pulled in here.
+        "st": ["sentence-transformers>=6"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "peft>=0.12", "matplotlib>=3.7", "sentence-transformers>=6"],
     },
     entry_points={"console_scripts": ["llave-ds=llave_ds.cli:main"]},
 )

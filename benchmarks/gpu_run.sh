@@ -59,7 +59,7 @@ else
         say "carried transformers does not import here: falling back to the image's own"
         rm -rf /tmp/site/transformers /tmp/site/transformers-*.dist-info
     fi
-    if ! "$PY" -c "import deepspeed, transformers, llave_ds.bench" >>"$LOG" 2>&1; then
+    if ! "$PY" -c "import deepspeed, transformers, llave_ds.bench.runner" >>"$LOG" 2>&1; then
         say "deepspeed / transformers / llave_ds do not import (see log)"; exit 1
     fi
 fi

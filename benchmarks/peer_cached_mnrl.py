@@ -45,7 +45,7 @@ def sync(device: torch.device) -> None:
 def text_config(layers: int | None):
     from transformers import Qwen2Config
 
-    from llave_ds.shapes import shape_config
+    from llave_ds.bench.shapes import shape_config
     text = shape_config("llava-ov-0.5b", llm_layers=layers).text_config.to_dict()
     for key in ("model_type", "transformers_version", "architectures"):
         text.pop(key, None)

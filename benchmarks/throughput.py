@@ -1,6 +1,6 @@
 """Training throughput of the gradient-cached step at real architecture shapes.
 
-Thin entry point; the implementation (and its documentation) is ``llave_ds/bench.py``,
+Thin entry point; the implementation (and its documentation) is the ``llave_ds.bench`` package,
 also reachable as ``llave-ds bench``. Examples:
 
     python benchmarks/throughput.py --shape tiny --device cpu --ranks 2 --steps 2
@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 try:
-    from llave_ds.bench import main
+    from llave_ds.bench.cli import main
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from llave_ds.bench import main
+    from llave_ds.bench.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

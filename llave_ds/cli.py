@@ -10,11 +10,14 @@ from typing import Optional, Sequence
 SUBCOMMANDS = {
     "demo": ("llave_ds.demo", "the offline demo: synthetic data, tiny model, train -> eval -> export on CPU"),
     "train": ("llave_ds.train", "train an embedding model (YAML config + dotted overrides)"),
-    "eval": ("llave_ds.eval", "MMEB evaluation (precision@1 per subset, category, IND/OOD, overall)"),
+    "eval": ("llave_ds.eval", "MMEB evaluation (precision@1 per subset, category, IND/OOD, overall), or "
+                              "--task video-retrieval (text<->video Recall@K)"),
     "synth": ("llave_ds.synthetic", "generate the offline synthetic MMEB-format dataset"),
+    "synth-video": ("llave_ds.synthetic_video", "generate synthetic moving-shape videos: a retrieval test split and "
+                                                "video training rows"),
     "export": ("llave_ds.export", "consolidate a training checkpoint into a transformers model directory"),
     "encode": ("llave_ds.embedder", "embed the rows of a .jsonl / .parquet file with an exported model"),
-    "bench": ("llave_ds.bench", "training throughput (samples/s, MFU, memory) of the cached step at real shapes"),
+    "bench": ("llave_ds.bench.cli", "training throughput (samples/s, MFU, memory) of the cached step at real shapes"),
 }
 
 

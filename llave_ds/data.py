@@ -2,9 +2,11 @@
 
 This module knows nothing of models or training. It reads MMEB-train rows (``qry``,
 ``qry_image_path``, ``pos_text``, ``pos_image_path``, optional ``neg_text`` /
-``neg_image_path``), checks them, loads images lazily (in DataLoader workers), draws
-rank-aware global batches, and hands chunks of `Side`s to a caller-supplied formatter
-that turns them into tensors.
+``neg_image_path``, and the video fields ``qry_video_path`` / ``pos_video_path`` /
+``neg_video_path``), checks them, loads images and decodes videos lazily (in DataLoader
+workers; how many frames per video is the caller's to say, from the processing config),
+draws rank-aware global batches, and hands chunks of `Side`s to a caller-supplied
+formatter that turns them into tensors.
 
 Bad input never passes silently: it raises `DataError` naming subset, source, row and
 field, or, with ``skip_bad_rows=True``, is skipped, counted per reason and logged on the
@@ -23,17 +25,23 @@ import warnings
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from llave_ds.config import check_choices
+from llave_ds.video import EMPTY_VIDEO_FILE, MISSING_VIDEO, UNREADABLE_VIDEO, Video, VideoError, read_video
+
 logger = logging.getLogger("llave_ds.data")
 
 REQUIRED_FIELDS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 NEGATIVE_FIELDS = ("neg_text", "neg_image_path")
-KNOWN_FIELDS = REQUIRED_FIELDS + NEGATIVE_FIELDS
+# Optional, one per side (docs/DATA.md "Video rows"): a video file or a folder of frame
+# images, relative to the image root like the image paths; "" / absent = none.
+VIDEO_FIELDS = ("qry_video_path", "pos_video_path", "neg_video_path")
+KNOWN_FIELDS = REQUIRED_FIELDS + NEGATIVE_FIELDS + VIDEO_FIELDS
 KNOWN_SPLITS = ("original", "diverse_instruction")
 DATA_EXTENSIONS = (".parquet", ".jsonl")
 # LLaVE's local layout: one JSON array of rows per subset, ``<data_path>/<subset>.json``
@@ -42,6 +50,10 @@ JSON_ARRAY_EXTENSION = ".json"
 # JSON files a dataset directory may hold that are not data (datasets' and the hub's metadata).
 _METADATA_JSON = {"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json"}
 IMAGE_PLACEHOLDER = "<|image_1|>"
+VIDEO_PLACEHOLDER = "<|video_1|>"
+# Frames decoded per video when the caller does not say (processing.DEFAULT_VIDEO_FRAMES,
+# the LLaVA-OneVision model card's count; training passes processing.video_frames).
+DEFAULT_VIDEO_FRAMES = 8
 # Far above any MMEB image (the largest documents are ~10 Mpx), far below a bomb.
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 # HF shard naming, as written by push_to_hub: "<split>-00000-of-00003.parquet".
@@ -57,6 +69,9 @@ PATH_OUTSIDE_ROOT = "path_outside_root"
 EMPTY_SIDE = "empty_side"
 WRONG_TYPE = "wrong_type"
 MISSING_NEGATIVES = "missing_negatives"
+IMAGE_AND_VIDEO = "image_and_video"  # a side naming both an image and a video
+# Video problems use llave_ds.video's reasons: missing_video, empty_video_file,
+# unreadable_video, no_video_stream, no_frames, bad_frame, video_too_large.
 
 
 class DataError(ValueError):
@@ -93,18 +108,26 @@ class _RowProblem(Exception):
 
 @dataclass
 class Side:
-    """One side of a pair: text (may hold ``<|image_1|>``) and an optional image.
+    """One side of a pair: text (may hold ``<|image_1|>`` or ``<|video_1|>``) and an
+    optional image or video (never both).
 
-    ``image_path`` is relative to the image root; None or "" means text-only. ``image``
-    is filled (RGB) by `MMEBTrainDataset.__getitem__`.
+    ``image_path`` / ``video_path`` are relative to the image root; None means none.
+    `MMEBTrainDataset.__getitem__` fills ``image`` (RGB) or ``video`` (a
+    `llave_ds.video.Video`: the sampled RGB frames plus the file's fps and frame count).
     """
     text: str
     image_path: Optional[str] = None
     image: Optional[Image.Image] = None
+    video_path: Optional[str] = None
+    video: Optional[Video] = None
 
     @property
     def has_image(self) -> bool:
         return bool(self.image_path)
+
+    @property
+    def has_video(self) -> bool:
+        return bool(self.video_path)
 
 
 @dataclass
@@ -144,9 +167,11 @@ class TrainDataConfig:
     skip_bad_rows: skip, count and log bad rows instead of raising DataError.
     max_skip_fraction: even when skipping, raise if more than this fraction of a subset is
               bad (a wrong image_root should not quietly skip everything).
-    check_image_files: stat every image at load time (cheap; catches missing/empty files).
-    verify_images_upfront: also fully decode every image at load time (slow; exact counts).
-    max_image_pixels: decompression-bomb guard; larger images are bad rows.
+    check_image_files: stat every image and video at load time (cheap; catches missing/empty
+              files).
+    verify_images_upfront: also fully decode every image and video at load time (slow;
+              exact counts).
+    max_image_pixels: decompression-bomb guard; larger images (and video frames) are bad rows.
     max_image_side: if set, images are downscaled so their longer side fits.
     max_substitute_attempts: lazily-found bad rows are replaced by the next rows of the
               same subset; give up (DataError) after this many in a row.
@@ -154,12 +179,12 @@ class TrainDataConfig:
     homogeneous_batches: draw every global batch from a single subset (VLM2Vec-V2).
     """
     source: str = ""
-    source_type: str = "auto"
+    source_type: Literal["auto", "local", "hub"] = "auto"
     image_root: Optional[str] = None
     subsets: Optional[List[str]] = None
     split: str = "original"
     max_per_subset: Optional[int] = None
-    cap_mode: str = "first"
+    cap_mode: Literal["first", "random"] = "first"
     seed: int = 0
     use_hard_negatives: bool = False
     num_hard_negatives: int = 1
@@ -177,10 +202,7 @@ class TrainDataConfig:
         """Raise ValueError naming the offending option."""
         if not self.source:
             raise ValueError("TrainDataConfig.source is empty: give a local directory or a hub dataset id")
-        if self.source_type not in ("auto", "local", "hub"):
-            raise ValueError(f"TrainDataConfig.source_type must be 'auto', 'local' or 'hub', got {self.source_type!r}")
-        if self.cap_mode not in ("first", "random"):
-            raise ValueError(f"TrainDataConfig.cap_mode must be 'first' or 'random', got {self.cap_mode!r}")
+        check_choices(self, "TrainDataConfig.")
         if self.max_per_subset is not None and self.max_per_subset < 1:
             raise ValueError(f"TrainDataConfig.max_per_subset must be >= 1 or None, got {self.max_per_subset}")
         if self.num_hard_negatives < 0 or (self.use_hard_negatives and self.num_hard_negatives < 1):
@@ -300,6 +322,33 @@ def load_image(path: str, *, image_root: Optional[str] = None, max_pixels: int =
         raise DataError(p.detail, reason=p.reason) from None
 
 
+# --------------------------------------------------------------------------- videos
+
+def _check_video_source(full_path: str) -> None:
+    """Load-time check of a video: a non-empty regular file or a folder (of frames)."""
+    try:
+        st = os.stat(full_path)
+    except FileNotFoundError:
+        raise _RowProblem(MISSING_VIDEO, "", f"video not found: {full_path}") from None
+    except OSError as exc:
+        raise _RowProblem(MISSING_VIDEO, "", f"cannot access video {full_path}: {exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise _RowProblem(MISSING_VIDEO, "", f"video path is neither a file nor a folder of frames: {full_path}")
+    if st.st_size == 0:
+        raise _RowProblem(EMPTY_VIDEO_FILE, "", f"video file is empty (0 bytes): {full_path}")
+
+
+def _decode_video(full_path: str, num_frames: Optional[int], max_side: Optional[int], max_pixels: int) -> Video:
+    """``num_frames`` uniformly sampled RGB frames (`llave_ds.video.read_video`), or a
+    `_RowProblem` with VideoError's reason (the message names the file)."""
+    try:
+        return read_video(full_path, num_frames, max_side=max_side, max_pixels=max_pixels)
+    except VideoError as err:
+        raise _RowProblem(err.reason or UNREADABLE_VIDEO, "", str(err)) from None
+
+
 # --------------------------------------------------------------------------- rows
 
 def _as_text(value: Any, field_name: str) -> str:
@@ -327,52 +376,77 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# (text, image path, video path) of one side; "" = none.
+_SideFields = Tuple[str, str, str]
+
+
 @dataclass
 class _RowSides:
-    query: Tuple[str, str]
-    target: Tuple[str, str]
-    negatives: List[Tuple[str, str]]
+    query: _SideFields
+    target: _SideFields
+    negatives: List[_SideFields]
+    # The row's field names of each negative (its index in the row's lists, which may skip
+    # empty entries): "neg_image_path[3]" names the file the user wrote.
+    negative_index: List[int] = field(default_factory=list)
+
+
+def _one_medium(text_field: str, image_field: str, video_field: str, side: _SideFields, what: str) -> None:
+    text, image, video = side
+    if image and video:
+        raise _RowProblem(IMAGE_AND_VIDEO, video_field, f"{what} has both an image ({image_field}={image!r}) and a "
+                          f"video ({video_field}={video!r}); a side holds at most one of them")
+    if not text.strip() and not image and not video:
+        raise _RowProblem(EMPTY_SIDE, text_field, f"{what} has neither text ({text_field}) nor image "
+                          f"({image_field}) nor video ({video_field})")
 
 
 def _parse_row(row: Mapping[str, Any], num_negatives: int) -> _RowSides:
     """Type- and content-check one row (no file access). num_negatives=0: ignore negatives."""
-    qry = _as_text(row.get("qry"), "qry")
-    qry_path = _as_text(row.get("qry_image_path"), "qry_image_path")
-    pos = _as_text(row.get("pos_text"), "pos_text")
-    pos_path = _as_text(row.get("pos_image_path"), "pos_image_path")
-    if not qry.strip() and not qry_path:
-        raise _RowProblem(EMPTY_SIDE, "qry", "query has neither text (qry) nor image (qry_image_path)")
-    if not pos.strip() and not pos_path:
-        raise _RowProblem(EMPTY_SIDE, "pos_text", "positive has neither text (pos_text) nor image (pos_image_path)")
-    negatives: List[Tuple[str, str]] = []
+    query = (_as_text(row.get("qry"), "qry"), _as_text(row.get("qry_image_path"), "qry_image_path"),
+             _as_text(row.get("qry_video_path"), "qry_video_path"))
+    target = (_as_text(row.get("pos_text"), "pos_text"), _as_text(row.get("pos_image_path"), "pos_image_path"),
+              _as_text(row.get("pos_video_path"), "pos_video_path"))
+    _one_medium("qry", "qry_image_path", "qry_video_path", query, "query")
+    _one_medium("pos_text", "pos_image_path", "pos_video_path", target, "positive")
+    negatives: List[_SideFields] = []
+    index: List[int] = []
     if num_negatives > 0:
         texts = _as_text_list(row.get("neg_text"), "neg_text")
         paths = _as_text_list(row.get("neg_image_path"), "neg_image_path")
-        if not texts:
-            texts = [""] * len(paths)
-        if not paths:
-            paths = [""] * len(texts)
-        if len(texts) != len(paths):
-            raise _RowProblem(WRONG_TYPE, "neg_image_path", f"{len(texts)} neg_text entries but "
-                              f"{len(paths)} neg_image_path entries")
-        negatives = [(t, p) for t, p in zip(texts, paths) if t.strip() or p]
+        videos = _as_text_list(row.get("neg_video_path"), "neg_video_path")
+        n = max(len(texts), len(paths), len(videos))
+        for name, values in (("neg_text", texts), ("neg_image_path", paths), ("neg_video_path", videos)):
+            if values and len(values) != n:
+                lengths = ", ".join(f"{len(v)} {k}" for k, v in (("neg_text", texts), ("neg_image_path", paths),
+                                                                 ("neg_video_path", videos)) if v)
+                raise _RowProblem(WRONG_TYPE, name, f"the negatives' lists differ in length ({lengths} entries)")
+        texts, paths, videos = (v or [""] * n for v in (texts, paths, videos))
+        for i, side in enumerate(zip(texts, paths, videos)):
+            if side[1] and side[2]:
+                _one_medium("neg_text", f"neg_image_path[{i}]", f"neg_video_path[{i}]", side, f"negative {i}")
+            if side[0].strip() or side[1] or side[2]:
+                negatives.append(side)
+                index.append(i)
         if len(negatives) < num_negatives:
             raise _RowProblem(MISSING_NEGATIVES, "neg_text", f"row has {len(negatives)} hard negative(s), "
                               f"{num_negatives} required (num_hard_negatives)")
-        negatives = negatives[:num_negatives]
-    return _RowSides((qry, qry_path), (pos, pos_path), negatives)
+        negatives, index = negatives[:num_negatives], index[:num_negatives]
+    return _RowSides(query, target, negatives, index)
 
 
-def _image_fields(sides: _RowSides) -> List[Tuple[str, str]]:
-    """(field name, relative path) of every image the pair needs."""
+def _media_fields(sides: _RowSides) -> List[Tuple[str, str, str]]:
+    """(field name, relative path, "image" | "video") of every image and video the pair needs."""
     out = []
-    if sides.query[1]:
-        out.append(("qry_image_path", sides.query[1]))
-    if sides.target[1]:
-        out.append(("pos_image_path", sides.target[1]))
-    for i, (_, path) in enumerate(sides.negatives):
-        if path:
-            out.append((f"neg_image_path[{i}]", path))
+    for prefix, side in (("qry", sides.query), ("pos", sides.target)):
+        if side[1]:
+            out.append((f"{prefix}_image_path", side[1], "image"))
+        if side[2]:
+            out.append((f"{prefix}_video_path", side[2], "video"))
+    for i, side in zip(sides.negative_index, sides.negatives):
+        if side[1]:
+            out.append((f"neg_image_path[{i}]", side[1], "image"))
+        if side[2]:
+            out.append((f"neg_video_path[{i}]", side[2], "video"))
     return out
 
 
@@ -539,10 +613,20 @@ class _Subset:
     table: Any             # datasets.Dataset after the per-subset cap
     source_rows: np.ndarray  # row in the file for each row of `table`
     kept: np.ndarray       # rows of `table` that passed the load-time checks
+    has_videos: bool = False  # some kept row has a video on a side this run reads
 
 
 class MMEBTrainDataset(torch.utils.data.Dataset):
-    """MMEB-train pairs from a `TrainDataConfig`; ``dataset[i]`` is a `Pair` with images loaded.
+    """MMEB-train pairs from a `TrainDataConfig`; ``dataset[i]`` is a `Pair` with images loaded
+    and videos decoded.
+
+    ``video_frames`` / ``video_max_side``: how videos are decoded (`llave_ds.video.read_video`:
+    that many uniformly sampled frames, downscaled to that longer side); training passes
+    ``processing.video_frames`` / ``processing.video_max_side`` so the formatter takes the
+    decoded clip as it is. ``has_videos``: whether any kept row has a video (on a side the
+    run reads: negatives only with hard negatives on); a function of the data and config
+    alone, so the same on every rank reading the same data. Training turns the formatter's
+    video slot on from it (docs/VIDEO.md, the dummy rule).
 
     Global index space: subsets laid end to end, in ``subset_ranges`` order
     (name -> (start, end)), so a sampler can draw batches from one subset.
@@ -553,9 +637,15 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
     its place and ``Pair.replaced`` records why (the batch keeps its size).
     """
 
-    def __init__(self, config: TrainDataConfig):
+    def __init__(self, config: TrainDataConfig, *, video_frames: Optional[int] = DEFAULT_VIDEO_FRAMES,
+                 video_max_side: Optional[int] = None):
         config.validate()
+        for name, value in (("video_frames", video_frames), ("video_max_side", video_max_side)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"MMEBTrainDataset: {name} must be a positive int or None, got {value!r}")
         self.config = config
+        self.video_frames = video_frames
+        self.video_max_side = video_max_side
         local = config.is_local()
         source = os.path.expanduser(config.source) if local else config.source
         if local and not os.path.isdir(source):
@@ -583,7 +673,7 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
         if not names:
             raise DataError(f"no subsets found in {source!r}")
 
-        self.skip_counts: Counter = Counter()
+        self.skip_counts: Counter = Counter()  # rows dropped at load time, per reason
         self.subset_skip_counts: Dict[str, Counter] = {}
         self._subsets: List[_Subset] = []
         for name in names:
@@ -604,8 +694,10 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
             self._starts.append(start)
             start += len(sub.kept)
         self._length = start
-        logger.info("loaded %d pairs from %d subset(s) of %s (split %s)%s", self._length, len(self._subsets),
-                    source, config.split, f"; skipped {dict(self.skip_counts)}" if self.skip_counts else "")
+        self.has_videos = any(sub.has_videos for sub in self._subsets)
+        logger.info("loaded %d pairs from %d subset(s) of %s (split %s)%s%s", self._length, len(self._subsets),
+                    source, config.split, "; with video rows" if self.has_videos else "",
+                    f"; skipped {dict(self.skip_counts)}" if self.skip_counts else "")
 
     # ---- loading
 
@@ -615,7 +707,8 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
         missing = [f for f in REQUIRED_FIELDS if f not in columns]
         if missing:
             raise DataError(f"subset {name!r} ({where}), all rows: missing required field(s) {missing}; "
-                            f"expected fields {list(REQUIRED_FIELDS)} (+ optional {list(NEGATIVE_FIELDS)}), "
+                            f"expected fields {list(REQUIRED_FIELDS)} (+ optional "
+                            f"{list(NEGATIVE_FIELDS + VIDEO_FIELDS)}), "
                             f"found {columns}", subset=name, field=missing[0])
         if self._num_negatives and not any(f in columns for f in NEGATIVE_FIELDS):
             raise DataError(f"subset {name!r} ({where}), all rows: use_hard_negatives is set but the subset has "
@@ -640,16 +733,18 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
                 source_rows = np.sort(rng.choice(n, size=cfg.max_per_subset, replace=False))
             table = table.select(source_rows.tolist())
 
-        wanted = [c for c in KNOWN_FIELDS if c in columns and (self._num_negatives or c not in NEGATIVE_FIELDS)]
+        wanted = [c for c in KNOWN_FIELDS if c in columns
+                  and (self._num_negatives or c not in NEGATIVE_FIELDS + ("neg_video_path",))]
         values = {c: table[c][:] for c in wanted}  # decoded python values, column by column
         stat_cache: Dict[str, Optional[_RowProblem]] = {}
         kept: List[int] = []
         problems: List[DataError] = []
         counts: Counter = Counter()
+        has_videos = False
         for i in range(len(table)):
             row = {c: values[c][i] for c in wanted}
             try:
-                self._check_row(row, stat_cache)
+                row_has_video = self._check_row(row, stat_cache)
             except _RowProblem as p:
                 err = self._row_error(name, where, int(source_rows[i]), p)
                 if not cfg.skip_bad_rows:
@@ -662,6 +757,7 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
                     logger.warning("skipping bad row: %s", err)
                 continue
             kept.append(i)
+            has_videos = has_videos or row_has_video
         if problems:
             rest = "".join(f"\n  also: {p}" for p in problems[1:])
             more = "\n  (checking stopped there)" if len(problems) >= 5 else ""
@@ -678,19 +774,23 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
                 raise DataError(f"subset {name!r} ({where}): {skipped} of {len(table)} rows are bad "
                                 f"({dict(counts)}), more than max_skip_fraction={cfg.max_skip_fraction}; "
                                 f"check image_root ({self.image_root}) and the data", subset=name)
-        return _Subset(name, where, table, source_rows, np.asarray(kept, dtype=np.int64))
+        return _Subset(name, where, table, source_rows, np.asarray(kept, dtype=np.int64), has_videos)
 
-    def _check_row(self, row: Mapping[str, Any], stat_cache: Dict[str, Optional[_RowProblem]]) -> None:
+    def _check_row(self, row: Mapping[str, Any], stat_cache: Dict[str, Optional[_RowProblem]]) -> bool:
+        """Raise `_RowProblem` for a bad row; True when the row has a video."""
         sides = _parse_row(row, self._num_negatives)
         cfg = self.config
-        for field_name, path in _image_fields(sides):
+        fields = _media_fields(sides)
+        for field_name, path, kind in fields:
             try:
                 full = resolve_image_path(self.image_root, path)
                 if cfg.check_image_files or cfg.verify_images_upfront:
                     if full not in stat_cache:
                         try:
                             if cfg.verify_images_upfront:
-                                _decode_image(full, cfg.max_image_pixels, cfg.max_image_side)
+                                self._decode(full, kind)
+                            elif kind == "video":
+                                _check_video_source(full)
                             else:
                                 _check_image_file(full)
                             stat_cache[full] = None
@@ -700,6 +800,13 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
                         raise stat_cache[full]
             except _RowProblem as p:
                 raise _RowProblem(p.reason, field_name, p.detail) from None
+        return any(kind == "video" for _, _, kind in fields)
+
+    def _decode(self, full: str, kind: str):
+        cfg = self.config
+        if kind == "video":
+            return _decode_video(full, self.video_frames, self.video_max_side, cfg.max_image_pixels)
+        return _decode_image(full, cfg.max_image_pixels, cfg.max_image_side)
 
     @staticmethod
     def _row_error(name: str, where: str, row: int, p: _RowProblem) -> DataError:
@@ -738,8 +845,9 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
             except DataError as err:
                 if not self.config.skip_bad_rows:
                     raise
+                # Counted through the pair (-> TrainBatch.skipped), not in self.skip_counts: in a
+                # DataLoader worker this object is a copy that the main process never sees.
                 replaced.append(err.reason or "unknown")
-                self.skip_counts[err.reason or "unknown"] += 1
                 k = (k + 1) % len(sub.kept)  # deterministic stand-in: next row of the same subset
                 logger.warning("skipping bad row (replaced by the next row of the subset): %s", err)
         raise DataError(f"subset {sub.name!r} ({sub.where}): {len(replaced)} consecutive bad rows from global "
@@ -750,25 +858,26 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
     def _load_pair(self, sub: _Subset, k: int) -> Pair:
         table_row = int(sub.kept[k])
         row_no = int(sub.source_rows[table_row])
-        cfg = self.config
         try:
             sides = _parse_row(sub.table[table_row], self._num_negatives)
-            images: Dict[str, Image.Image] = {}
-            for field_name, path in _image_fields(sides):
+            media: Dict[str, Any] = {}
+            for field_name, path, kind in _media_fields(sides):
                 try:
-                    full = resolve_image_path(self.image_root, path)
-                    images[field_name] = _decode_image(full, cfg.max_image_pixels, cfg.max_image_side)
+                    media[field_name] = self._decode(resolve_image_path(self.image_root, path), kind)
                 except _RowProblem as p:
                     raise _RowProblem(p.reason, field_name, p.detail) from None
         except _RowProblem as p:
             raise self._row_error(sub.name, sub.where, row_no, p) from None
 
-        def side(text_path: Tuple[str, str], field_name: str) -> Side:
-            text, path = text_path
-            return Side(text=text, image_path=path or None, image=images.get(field_name))
+        def side(fields: _SideFields, image_field: str, video_field: str) -> Side:
+            text, image_path, video_path = fields
+            return Side(text=text, image_path=image_path or None, image=media.get(image_field),
+                        video_path=video_path or None, video=media.get(video_field))
 
-        return Pair(query=side(sides.query, "qry_image_path"), target=side(sides.target, "pos_image_path"),
-                    negatives=[side(n, f"neg_image_path[{i}]") for i, n in enumerate(sides.negatives)],
+        return Pair(query=side(sides.query, "qry_image_path", "qry_video_path"),
+                    target=side(sides.target, "pos_image_path", "pos_video_path"),
+                    negatives=[side(n, f"neg_image_path[{i}]", f"neg_video_path[{i}]")
+                               for i, n in zip(sides.negative_index, sides.negatives)],
                     subset=sub.name, row=row_no)
 
 

@@ -7,6 +7,11 @@ port 20000 + job id % 20000 unless MASTER_PORT is set: DeepSpeed reads none of t
 then a single process (also in a batch script itself, outside srun). Which backend it
 uses: NCCL on CUDA, gloo otherwise. How long a collective may wait: always an explicit
 timeout (torch's default is 30 minutes, which turns a rank mismatch into a hung CI job).
+
+It is also the only module of the package that calls ``torch.distributed``
+(``tests/test_architecture.py`` checks it): the primitives at the end (rank, barrier,
+all-gather, all-reduce) are what ``gather.py`` builds the objective's collectives and
+the rank-agreement protocol from, and what engine, export, eval and model use.
 """
 from __future__ import annotations
 
@@ -137,17 +142,66 @@ def shutdown_distributed() -> None:
             dist.destroy_process_group()
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def free_port() -> int:
     """A free TCP port on this host (for single-node launches)."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ------------------------------------------------------- the process group's primitives
+# Each works without a process group too (one process: rank 0 of a world of 1), so callers
+# need no "if initialised" of their own.
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_distributed(group=None) -> bool:
+    """More than one rank in ``group`` (the default group when None)."""
+    return is_initialized() and dist.get_world_size(group) > 1
+
+
+def world_size(group=None) -> int:
+    return dist.get_world_size(group) if is_initialized() else 1
+
+
+def rank(group=None) -> int:
+    return dist.get_rank(group) if is_initialized() else 0
+
+
+def backend() -> Optional[str]:
+    """The default group's backend ("gloo", "nccl"), None without a process group."""
+    return dist.get_backend() if is_initialized() else None
+
+
+def barrier(group=None) -> None:
+    """Wait for every rank (no-op with one rank); bounded by the group's timeout."""
+    if is_distributed(group):
+        dist.barrier(group=group)
+
+
+def all_gather_into_list(out: list, x: torch.Tensor, group=None) -> None:
+    """``out[r]`` <- rank r's ``x`` (same shape on every rank)."""
+    dist.all_gather(out, x, group=group)
+
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def all_reduce_(t: torch.Tensor, op: str, group=None) -> torch.Tensor:
+    """In-place all-reduce with ``op`` "sum" or "max" (identity with one rank)."""
+    if is_distributed(group):
+        dist.all_reduce(t, op=_REDUCE_OPS[op], group=group)
+    return t
+
+
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` with one rank)."""
+    if not is_distributed(group):
+        return [obj]
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+

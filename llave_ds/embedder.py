@@ -8,6 +8,10 @@ the cosine similarity of two rows is their dot product.
 
 ``llave-ds encode --model DIR --input rows.jsonl --out emb.safetensors`` embeds the rows
 of a JSONL / Parquet file (MMEB field names) and writes one row per input row.
+
+A row (a side) is text, an image, a video, or text with one of them. Videos are a video
+file or a folder of frame images (read with ``llave_ds.video.read_video``, sampled to the
+export's ``video_frames``), a ``llave_ds.video.Video``, or a list of PIL frames.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ logger = logging.getLogger("llave_ds.embedder")
 
 EMBEDDING_METADATA = "llave_embedding.json"
 ImageLike = Any  # PIL.Image.Image | str | os.PathLike | None
+VideoLike = Any  # str | os.PathLike (file or frame folder) | llave_ds.video.Video | list of PIL frames | None
 
 
 class EncodeError(ValueError):
@@ -37,9 +42,35 @@ class EncodeError(ValueError):
 
 @dataclass
 class Side:
+    """One input: text, an image, a video, or text with one of them (not both)."""
     text: str = ""
     image: ImageLike = None
     where: str = ""  # names the row in error messages
+    video: VideoLike = None
+
+
+def _open_video(video: VideoLike, num_frames: int, max_side: Optional[int], where: str = ""):
+    """A ``llave_ds.video.Video`` (or the list of frames as given) from a path, a Video or a
+    list of PIL frames (None stays None); a bad video is an EncodeError naming the file."""
+    if video is None:
+        return None
+    from llave_ds.video import Video, VideoError, read_video
+
+    if isinstance(video, (str, os.PathLike)):
+        try:
+            return read_video(video, num_frames, max_side=max_side)
+        except VideoError as exc:
+            raise EncodeError(f"{where}{exc}") from None
+    if isinstance(video, Video):
+        return video
+    if isinstance(video, (list, tuple)):
+        from PIL import Image
+
+        if not video or not all(isinstance(f, Image.Image) for f in video):
+            raise EncodeError(f"{where}a video given as a list must hold one or more PIL images")
+        return list(video)
+    raise EncodeError(f"{where}a video must be a path, a llave_ds.video.Video, a list of PIL frames or None, "
+                      f"got {type(video).__name__}")
 
 
 def _open_image(image: ImageLike, where: str = ""):
@@ -99,7 +130,8 @@ class LlaveEmbedder:
             CUDA, float32 on CPU. The embeddings are float32 either way.
         formatter_overrides: ``ProcessingConfig`` fields that replace those recorded in
             ``llave_embedding.json`` (max_length, max_image_tokens, query_instruction,
-            target_instruction, system_prompt, padding_side, prompt_format).
+            target_instruction, system_prompt, padding_side, prompt_format, video_frames,
+            video_max_side).
 
         The formatter is ``InputFormatter.from_config`` of the ``ProcessingConfig`` read
         from the ``input_format`` of ``llave_embedding.json`` (the defaults without one),
@@ -146,29 +178,39 @@ class LlaveEmbedder:
 
     def encode(self, texts: Optional[Sequence[Optional[str]]] = None,
                images: Optional[Sequence[ImageLike]] = None, instruction: Optional[str] = None,
-               role: str = "query", batch_size: int = 16, progress: bool = True) -> torch.Tensor:
-        """Embed rows of text and/or image: ``[N, D]`` float32, unit norm, on CPU.
+               role: str = "query", batch_size: int = 16, progress: bool = True,
+               videos: Optional[Sequence[VideoLike]] = None) -> torch.Tensor:
+        """Embed rows of text, image and/or video: ``[N, D]`` float32, unit norm, on CPU.
 
-        texts / images: lists of the same length where both are given; an image is a PIL
-        image, a path or None (text-only row); a text may be None or "" (image-only row).
-        MMEB's ``<|image_1|>`` in a text marks where the image goes.
+        texts / images / videos: lists of the same length where several are given; an image
+        is a PIL image, a path or None; a video is a path to a video file or a folder of
+        frames, a ``llave_ds.video.Video``, a list of PIL frames, or None; a row has at most
+        one of image and video; a text may be None or "" (image- or video-only row).
+        MMEB's ``<|image_1|>`` (``<|video_1|>``) in a text marks where the image (video) goes.
         instruction: replaces the role's instruction recorded at export for this call.
         """
-        if texts is None and images is None:
-            raise EncodeError("give texts, images or both")
-        if texts is not None and isinstance(texts, str):
-            raise EncodeError("texts must be a list of strings, not one string")
-        if texts is not None and images is not None and len(texts) != len(images):
-            raise EncodeError(f"texts and images differ in length ({len(texts)} vs {len(images)})")
-        n = len(texts) if texts is not None else len(images)
-        sides = [Side(texts[i] if texts is not None else "", images[i] if images is not None else None)
+        given = {name: value for name, value in (("texts", texts), ("images", images), ("videos", videos))
+                 if value is not None}
+        if not given:
+            raise EncodeError("give texts, images, videos or several of them")
+        for name, value in given.items():
+            if isinstance(value, str):
+                raise EncodeError(f"{name} must be a list, not one string")
+        lengths = {name: len(value) for name, value in given.items()}
+        if len(set(lengths.values())) > 1:
+            raise EncodeError("texts, images and videos differ in length (" +
+                              ", ".join(f"{name}: {n}" for name, n in lengths.items()) + ")")
+        n = next(iter(lengths.values()))
+        sides = [Side(texts[i] if texts is not None else "", images[i] if images is not None else None,
+                      video=videos[i] if videos is not None else None)
                  for i in range(n)]
         return self.encode_sides(sides, role=role, instruction=instruction, batch_size=batch_size,
                                  progress=progress)
 
     def encode_sides(self, sides: Sequence[Any], role: str = "query", instruction: Optional[str] = None,
                      batch_size: int = 16, progress: bool = True) -> torch.Tensor:
-        """Embed objects with ``.text`` and ``.image`` (PIL image, path or None)."""
+        """Embed objects with ``.text``, ``.image`` (PIL image, path or None) and optionally
+        ``.video`` (see ``encode``); ``.where`` (optional) prefixes error messages."""
         from tqdm.auto import tqdm
 
         if role not in ("query", "target"):
@@ -183,9 +225,15 @@ class LlaveEmbedder:
         with torch.inference_mode():
             for start in tqdm(batches, total=math.ceil(len(sides) / batch_size), desc=f"encode {role}",
                               unit="batch", disable=not progress, dynamic_ncols=True):
-                chunk = [Side(s.text if s.text is not None else "",
-                              _open_image(s.image, getattr(s, "where", None) or f"row {start + i}: "))
-                         for i, s in enumerate(sides[start:start + batch_size])]
+                chunk = []
+                for i, s in enumerate(sides[start:start + batch_size]):
+                    where = getattr(s, "where", None) or f"row {start + i}: "
+                    video = getattr(s, "video", None)
+                    if s.image is not None and video is not None:
+                        raise EncodeError(f"{where}has both an image and a video; give one of them")
+                    chunk.append(Side(s.text if s.text is not None else "", _open_image(s.image, where), where,
+                                      _open_video(video, formatter.video_frames, formatter.video_max_side,
+                                                  where)))
                 batch = formatter(chunk, role)
                 batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 out.append(self.model(**batch).float().cpu())
@@ -196,8 +244,9 @@ class LlaveEmbedder:
 
 # ------------------------------------------------------------------------ encode CLI
 
-ROLE_FIELDS = {"query": ("qry", "qry_image_path"), "target": ("pos_text", "pos_image_path")}
-GENERIC_FIELDS = ("text", "image_path")
+ROLE_FIELDS = {"query": ("qry", "qry_image_path", "qry_video_path"),
+               "target": ("pos_text", "pos_image_path", "pos_video_path")}
+GENERIC_FIELDS = ("text", "image_path", "video_path")
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -229,25 +278,39 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def row_side(row: dict, role: str, where: str, image_root: Optional[Path]) -> Side:
-    """The side of one row for ``role`` (MMEB fields first, then generic text/image_path),
-    checked: field types, a non-empty row, and that the image file exists. The image
-    stays a path (decoded batch by batch when encoding)."""
-    text_field, image_field = ROLE_FIELDS[role]
-    if text_field not in row and image_field not in row:
-        text_field, image_field = GENERIC_FIELDS
-        if text_field not in row and image_field not in row:
+    """The side of one row for ``role`` (MMEB fields first, then generic
+    text/image_path/video_path), checked: field types, a non-empty row, at most one of image
+    and video, and that the image file / video file or frame folder exists. Media stay paths
+    (decoded batch by batch when encoding), resolved against ``image_root``."""
+    fields = ROLE_FIELDS[role]
+    if not any(f in row for f in fields):
+        fields = GENERIC_FIELDS
+        if not any(f in row for f in fields):
             raise EncodeError(f"{where}: no {'/'.join(ROLE_FIELDS[role])} (MMEB {role} fields) and no "
                               f"{'/'.join(GENERIC_FIELDS)} field; fields present: {sorted(row)}")
-    text, image = row.get(text_field), row.get(image_field)
+    text_field, image_field, video_field = fields
+    text, image, video = row.get(text_field), row.get(image_field), row.get(video_field)
     if text is not None and not isinstance(text, str):
         raise EncodeError(f"{where}, field {text_field!r}: expected a string, got {type(text).__name__}")
-    if image is not None and not isinstance(image, str):
-        raise EncodeError(f"{where}, field {image_field!r}: expected a path string, got {type(image).__name__}")
-    if not text and not image:
-        raise EncodeError(f"{where}: both {text_field!r} and {image_field!r} are empty")
+    for field_name, value in ((image_field, image), (video_field, video)):
+        if value is not None and not isinstance(value, str):
+            raise EncodeError(f"{where}, field {field_name!r}: expected a path string, got {type(value).__name__}")
+    if not text and not image and not video:
+        raise EncodeError(f"{where}: {text_field!r}, {image_field!r} and {video_field!r} are all empty")
+    if image and video:
+        raise EncodeError(f"{where}: both {image_field!r} and {video_field!r} are set; a side has at most one")
+
+    def resolve(value: str) -> Path:
+        return Path(value) if image_root is None or os.path.isabs(value) else image_root / value
+
+    if video:
+        video_path = resolve(video)
+        if not (video_path.is_file() or video_path.is_dir()):
+            raise EncodeError(f"{where}, field {video_field!r}: video file or frame folder not found: {video_path}")
+        return Side(text or "", None, f"{where}, field {video_field!r}: ", video=video_path)
     image_path = None
     if image:
-        image_path = Path(image) if image_root is None or os.path.isabs(image) else image_root / image
+        image_path = resolve(image)
         if not image_path.is_file():
             raise EncodeError(f"{where}, field {image_field!r}: image file not found: {image_path}")
     return Side(text or "", image_path, f"{where}, field {image_field!r}: ")
@@ -274,13 +337,16 @@ def write_embeddings(embeddings: torch.Tensor, out: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="exported model directory (llave-ds export)")
-    parser.add_argument("--input", required=True, help=".jsonl or .parquet rows (MMEB field names, or text/image_path)")
+    parser.add_argument("--input", required=True,
+                        help=".jsonl or .parquet rows (MMEB field names, or text/image_path/video_path)")
     parser.add_argument("--out", required=True, help="output .safetensors (tensor 'embeddings') or .npy")
     parser.add_argument("--role", default="query", choices=["query", "target"],
-                        help="query: qry / qry_image_path; target: pos_text / pos_image_path (default query)")
+                        help="query: qry / qry_image_path / qry_video_path; target: pos_text / pos_image_path / "
+                             "pos_video_path (default query)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-root", default=None,
-                        help="directory image paths are relative to (default: the input file's directory)")
+                        help="directory image and video paths are relative to (default: the input file's "
+                             "directory)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
                         help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")

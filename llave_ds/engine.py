@@ -19,6 +19,11 @@ function) and *fetch units*: a module may declare ``zero3_fetch_units()`` (class
 its repeated blocks, e.g. decoder layers); each such block is made a ZeRO-3 leaf, so its
 parameters are gathered in one fetch with one hook instead of one per submodule. A config
 that sets either key itself is left as it is.
+
+DeepSpeed itself is imported inside the functions that use it, after
+``prepare_cpu_accelerator``: its accelerator is chosen once, at its first import, and that
+import is slow (seconds), which ``llave-ds train --print-config`` and the config checks
+before any process group should not pay.
 """
 from __future__ import annotations
 
@@ -27,14 +32,20 @@ import copy
 import json
 import os
 import shutil
+import warnings
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
+from llave_ds import checkpoint as ckpt
+from llave_ds import distributed
+from llave_ds.checkpoint import CheckpointError
 from llave_ds.config import ConfigError, shipped_file
-from llave_ds.gather import is_distributed
+from llave_ds.distributed import is_distributed
+from llave_ds.gather import all_gather_objects, all_ranks_ok, rank_errors
 
 DSConfig = Union[str, os.PathLike, dict]
 
@@ -78,6 +89,18 @@ def prepare_cpu_accelerator() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+# DeepSpeed 0.19 calls these two torch.distributed functions, which torch 2.13 deprecates
+# with a FutureWarning on every call (every ZeRO step): noise no user can act on, which
+# buries the progress bar. Exactly these, as torch attributes them, are silenced.
+DEPRECATED_COLLECTIVE_WARNINGS = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+DEPRECATED_COLLECTIVE_MODULE = r"torch\.distributed\.c10d_logger"
+
+
+def silence_deprecated_collective_warnings() -> None:
+    warnings.filterwarnings("ignore", message=DEPRECATED_COLLECTIVE_WARNINGS, category=FutureWarning,
+                            module=DEPRECATED_COLLECTIVE_MODULE)
+
+
 def attach_deepspeed_comm() -> None:
     """Make DeepSpeed's communication layer use the process group we already created.
 
@@ -87,9 +110,8 @@ def attach_deepspeed_comm() -> None:
     """
     prepare_cpu_accelerator()
     import deepspeed
-    import torch.distributed as dist
-    if dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    if distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=distributed.backend(), auto_mpi_discovery=False)
 
 
 def load_ds_config(source: DSConfig) -> dict:
@@ -228,7 +250,6 @@ class DeepSpeedStepBackend:
         """
         before = getattr(self.engine, "skipped_steps", 0)
         if self.engine.zero_optimization_stage() == 0 and not hasattr(self.engine.optimizer, "overflow"):
-            from llave_ds.gather import all_ranks_ok
             finite = all(p.grad is None or bool(torch.isfinite(p.grad).all())
                          for p in self.engine.module.parameters())
             if not all_ranks_ok(finite, self.device):
@@ -308,6 +329,31 @@ def count_zero3_fetches():
         coordinator.fetch_sub_module = real
 
 
+def comms_snapshot() -> dict[str, dict[str, int]]:
+    """What DeepSpeed's comms logger (``comms_logger`` on in the DeepSpeed config) counted
+    since the last ``comms_reset``: per collective its ``count`` and ``bytes``; empty when
+    the logger is not available. For benchmarks."""
+    try:
+        import deepspeed.comm as dscomm
+        raw = dscomm.comms_logger.comms_dict
+    except Exception:  # noqa: BLE001
+        return {}
+    out = {}
+    for name, sizes in raw.items():
+        count = sum(v[0] for v in sizes.values())
+        nbytes = sum(size * v[0] for size, v in sizes.items())
+        # (the logger's latencies are cumulative timer readings in 0.19.8: not reported)
+        out[name] = {"count": count, "bytes": nbytes}
+    return out
+
+
+def comms_reset() -> None:
+    """Forget what DeepSpeed's comms logger counted so far (see ``comms_snapshot``)."""
+    with contextlib.suppress(Exception):
+        import deepspeed.comm as dscomm
+        dscomm.comms_logger.comms_dict = {}
+
+
 def gathered_state_dict(engine_or_module, *, dtype: torch.dtype = torch.float32, keep_on_all_ranks: bool = True,
                         strip_prefix: str = "") -> dict[str, torch.Tensor]:
     """Full (unpartitioned) parameters and persistent buffers as CPU tensors.
@@ -317,10 +363,8 @@ def gathered_state_dict(engine_or_module, *, dtype: torch.dtype = torch.float32,
     copies (the export path: a 7B model then costs host memory on one rank only). Call it
     on all ranks together: under ZeRO-3 it is a sequence of collectives.
     """
-    import torch.distributed as dist
-
     module = getattr(engine_or_module, "module", engine_or_module)
-    keep = keep_on_all_ranks or not dist.is_initialized() or dist.get_rank() == 0
+    keep = keep_on_all_ranks or distributed.rank() == 0
     out: dict[str, torch.Tensor] = {}
 
     def name_of(name: str) -> str:
@@ -428,20 +472,11 @@ def save_checkpoint(engine, root: Path, tag: str, client_state: dict, *, checksu
     CheckpointError on every rank, naming the rank, the file and the previous checkpoint,
     which stays intact and named by ``latest``; the incomplete directory is removed.
     """
-    import torch.distributed as dist
-
-    from llave_ds import checkpoint as ckpt
-    from llave_ds.gather import all_gather_objects, rank_errors
-
     root = Path(root)
     path = root / tag
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = distributed.rank(), distributed.world_size()
     device = torch.device(engine.device) if getattr(engine, "device", None) is not None else None
-
-    def barrier():
-        if dist.is_initialized() and world > 1:
-            dist.barrier()
+    barrier = distributed.barrier
 
     def fail(messages: list[str]):
         if rank == 0:
@@ -505,8 +540,6 @@ def load_checkpoint(engine, path: Path) -> dict:
     Refuses an incomplete checkpoint or one whose files are missing or of the wrong size
     (naming the file); when DeepSpeed cannot read it, names the file torch cannot read.
     """
-    from llave_ds import checkpoint as ckpt
-
     path = Path(path)
     ckpt.verify_checkpoint(path, checksums=False)  # refuses an incomplete one, naming it
     try:
@@ -537,11 +570,6 @@ def consolidate_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     the module state in ``mp_rank_00_model_states.pt`` (they never change, so that copy is
     exact). Without ZeRO that module state is the whole model.
     """
-    import contextlib
-    import sys
-
-    from llave_ds.checkpoint import CheckpointError
-
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")

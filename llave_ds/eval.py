@@ -29,10 +29,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from llave_ds import distributed
+from llave_ds import distributed, eval_video
 from llave_ds.checkpoint import atomic_write_text
+from llave_ds.data import load_image
 from llave_ds.eval_data import (CANDIDATE, QUERY, EvalSubset, _is_local, check_subset_names, find_eval_files,
                                 load_eval_subsets, shard, unique_items)
+from llave_ds.gather import GatherMode, all_gather_objects, all_gather_rows
 from llave_ds.metrics import (aggregate, candidate_scores, markdown_table, official_subsets,
                               positive_and_hardest_negative, precision_at_1, similarity_gap_stats,
                               subset_registry, synthetic_subsets)
@@ -69,7 +71,6 @@ class _SideLoader(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> _LoadedSide:
-        from llave_ds.data import load_image
         item = self.items[i]
         image = None
         if item.image_path:
@@ -94,7 +95,6 @@ def embed_items(embedder, subset: EvalSubset, items, *, batch_size: int, progres
     model encodes (0: decode in this process, still one batch at a time)."""
     from tqdm.auto import tqdm
 
-    from llave_ds.gather import GatherMode, all_gather_rows
 
     import multiprocessing
 
@@ -420,7 +420,6 @@ def _rank0_then_shared(fn: Callable[[], Any]) -> Any:
         except Exception as e:  # noqa: BLE001 - passed on to the other ranks, then re-raised
             exc, error = e, f"{type(e).__name__}: {e}"
     if distributed.world_size() > 1:
-        from llave_ds.gather import all_gather_objects
         value, error = all_gather_objects((value, error))[0]
     if exc is not None:
         raise exc
@@ -437,7 +436,6 @@ def _load_on_every_rank(fn: Callable[[], Any]) -> Any:
     except (ValueError, FileNotFoundError) as e:
         exc, error = e, str(e)
     if distributed.world_size() > 1:
-        from llave_ds.gather import all_gather_objects
         errors = [f"rank {r}: {e}" for r, e in enumerate(all_gather_objects(error)) if e is not None]
     else:
         errors = []
@@ -451,8 +449,12 @@ def _load_on_every_rank(fn: Callable[[], Any]) -> Any:
 # ------------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", choices=("mmeb", "video-retrieval"), default="mmeb",
+                        help="mmeb (default): MMEB's P@1 per subset; video-retrieval: text<->video Recall@1/5/10 "
+                             "and median rank on a split file of video paths and captions (docs/EVALUATION.md)")
     parser.add_argument("--model", required=True, help="exported model directory (or a base model directory)")
-    parser.add_argument("--data", required=True, help="MMEB-eval directory (per-subset parquet/jsonl) or hub id")
+    parser.add_argument("--data", required=True, help="MMEB-eval directory (per-subset parquet/jsonl) or hub id; "
+                                                      "with --task video-retrieval: the split's .jsonl / .csv")
     parser.add_argument("--image-root", help="directory image paths are relative to (default: --data)")
     parser.add_argument("--subsets", nargs="*",
                         help="subset names (default: the official and synthetic subsets found locally, or the 36 "
@@ -462,7 +464,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-workers", type=int, default=2,
                         help="DataLoader workers decoding images while the model encodes (0: in this process)")
-    parser.add_argument("--tie-policy", choices=("first", "strict"), default="first")
+    parser.add_argument("--tie-policy", choices=("first", "strict"),
+                        help="equal similarities: first (MMEB default: the lower index wins, as the official code) "
+                             "or strict (video-retrieval default: the correct item ranks after its ties)")
     parser.add_argument("--max-length", type=int, help="override the formatter's max_length")
     parser.add_argument("--strict-empty", action="store_true",
                         help="refuse a query or candidate with no text and no image (default: embed it as \"\", "
@@ -475,10 +479,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate every subset again even when its score file matches")
     parser.add_argument("--analysis-dir", help="also write the similarity histogram PNG and gap table here")
     parser.add_argument("--no-progress", action="store_true")
+    eval_video.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from llave_ds.embedder import LlaveEmbedder
+
+    if args.task == "video-retrieval":
+        return eval_video.run(args)
+    args.tie_policy = args.tie_policy or "first"
 
     if distributed.detect_env().world_size > 1:
         distributed.init_distributed(timeout_s=1800)

@@ -34,9 +34,21 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
+import yaml
+
+from llave_ds import __version__, distributed
+from llave_ds import checkpoint as ckpt
+from llave_ds.checkpoint import CheckpointError
+from llave_ds.config import ConfigError, check_choices, config_from_dict, config_to_dict
+from llave_ds.engine import consolidate_checkpoint, gathered_state_dict
+from llave_ds.gather import rank_errors
+from llave_ds.model import ModelConfig, load_embedding_model
+from llave_ds.processing import InputFormatter, ProcessingConfig, load_processor
+from llave_ds.st_export import usage_section as st_usage_section
+from llave_ds.st_export import write_sentence_transformers_files
 
 logger = logging.getLogger("llave_ds.export")
 
@@ -60,8 +72,11 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.
 @dataclass
 class ExportConfig:
     at_end: bool = True
-    dtype: str = "bfloat16"  # bfloat16 | float32
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
     dir: str = ""  # default: <run_dir>/export
+
+    def validate(self) -> None:
+        check_choices(self, "export.")
 
 
 def _dtype(name: Union[str, torch.dtype]) -> torch.dtype:
@@ -123,6 +138,8 @@ def write_model_dir(hf_model, state_dict: Optional[dict], processor: Any, out_di
             if image_processor is not None:
                 # The standalone preprocessor_config.json: AutoImageProcessor works on its own.
                 image_processor.save_pretrained(str(stage))
+            # What SentenceTransformer(dir) reads (llave_ds/st_export.py); recorded in the metadata.
+            metadata = write_sentence_transformers_files(stage, processor, metadata)
         (stage / EMBEDDING_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
         (stage / "README.md").write_text(model_card)
         _fsync_tree(stage)
@@ -190,8 +207,6 @@ def _fsync_tree(root: Path) -> None:
 def embedding_metadata(model, formatter, *, export_dtype: Union[str, torch.dtype], model_class: str,
                        lora_merged: bool = False, source: Optional[dict] = None) -> dict:
     """What ``llave_embedding.json`` holds: how to turn inputs into the embedding."""
-    from llave_ds import __version__
-
     meta = {"format_version": METADATA_FORMAT_VERSION, "library": "llave-ds", "llave_ds_version": __version__}
     meta.update(model.embedding_metadata(formatter))  # input_format: formatter.metadata()
     meta.update({"similarity": "cosine", "model_class": model_class,
@@ -206,14 +221,11 @@ def _plain_config(cfg: Any) -> Optional[dict]:
         return None
     if isinstance(cfg, dict):
         return cfg
-    from llave_ds.config import config_to_dict
-
     return config_to_dict(cfg)
 
 
 def model_card(cfg: Any, metadata: dict, extra: Optional[dict] = None) -> str:
     """README.md: what the model is, how to use it, the training summary and config."""
-    import yaml
 
     config = _plain_config(cfg)
     backbone = metadata.get("backbone")
@@ -226,11 +238,7 @@ def model_card(cfg: Any, metadata: dict, extra: Optional[dict] = None) -> str:
              "similarity: cosine.", "",
              f"Weights: `{metadata.get('export_dtype')}` safetensors"
              + (" (LoRA adapters merged into the base weights)" if metadata.get("lora_merged") else "") + ".", "",
-             "## Usage", "", "```python", "from llave_ds import LlaveEmbedder", "",
-             "model = LlaveEmbedder.from_pretrained(\"THIS_DIR\")",
-             "q = model.encode(texts=[\"a photo of a cat\"], role=\"query\")",
-             "t = model.encode(texts=[\"\"], images=[\"cat.jpg\"], role=\"target\")",
-             "scores = q @ t.T", "```", "",
+             *st_usage_section(metadata),  # sentence-transformers, LlaveEmbedder, transformers
              f"Prompt: Qwen chat template, system prompt `{fmt.get('system_prompt')}`, query instruction "
              f"`{fmt.get('query_instruction')}`, target instruction `{fmt.get('target_instruction')}`, "
              f"max_length {fmt.get('max_length')}, padding {fmt.get('padding_side')}. See "
@@ -314,17 +322,16 @@ def export_from_engine(engine, model, processor, formatter, out_dir, cfg=None, *
     """Call on every rank (ZeRO-3 gathers are collectives); rank 0 writes the directory.
 
     Under LoRA the adapters are merged into the base weights (from the gathered fp32
-    tensors), so the result is a plain model either way.
+    tensors), so the result is a plain model either way. When rank 0 fails to write, every
+    rank raises (rank 0 its own error, the others an ExportError naming it), so no rank
+    reports a finished export that does not exist.
     """
-    import torch.distributed as dist
-
-    from llave_ds.engine import gathered_state_dict
 
     target = _dtype(dtype)
     lora = _is_peft(getattr(model, "hf_model", None))
     state = gathered_state_dict(engine, dtype=torch.float32 if lora else target, keep_on_all_ranks=False,
                                 strip_prefix=HF_PREFIX)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = distributed.rank()
     path = None
     error: Optional[BaseException] = None
     if rank == 0:
@@ -338,30 +345,23 @@ def export_from_engine(engine, model, processor, formatter, out_dir, cfg=None, *
             path = write_model_dir(base, state, processor, Path(out_dir), metadata,
                                    model_card(cfg, metadata, summary), force=force,
                                    max_shard_size=max_shard_size)
-        except BaseException as exc:  # noqa: BLE001 - re-raised after the barrier
+        except BaseException as exc:  # noqa: BLE001 - re-raised once every rank knows
             error = exc
-    if dist.is_initialized():
-        dist.barrier()
+    # Ranks must agree: rank 0's failure becomes every rank's failure.
+    device = torch.device(engine.device) if getattr(engine, "device", None) is not None else None
+    errors = rank_errors(None if error is None else f"{type(error).__name__}: {error}", device)
     if error is not None:
         raise error
+    if errors:
+        raise ExportError(f"the export to {out_dir} failed on " + "; ".join(errors))
     return path
 
 
 # ---------------------------------------------------------------- from a checkpoint
 
-@dataclasses.dataclass
-class CheckpointSource:
-    """A resolved checkpoint: its directory, completion marker and run config file."""
-    ckpt_dir: Path
-    marker: dict
-    config_path: Path
-    run_dir: Optional[Path]
-
-
 def resolve_checkpoint_dir(path: Union[str, Path]) -> Path:
     """A checkpoint dir (``step_X``), a checkpoints dir (its ``latest``) or a run dir
     (its ``checkpoints/latest``) -> the checkpoint directory, checked complete."""
-    from llave_ds import checkpoint as ckpt
 
     p = Path(path)
     if not p.exists():
@@ -398,7 +398,6 @@ def _configured_checkpoint_root(run_dir: Path) -> Optional[Path]:
     if not cfg.is_file():
         return None
     try:
-        import yaml
         raw = yaml.safe_load(cfg.read_text()) or {}
         configured = (raw.get("checkpoint") or {}).get("dir") or ""
     except Exception:  # noqa: BLE001 - the config is read (and reported) properly later
@@ -427,11 +426,7 @@ def read_run_config(path: Path):
     Only the model and processing sections are interpreted, so a run whose data or
     DeepSpeed config files are not on this machine still exports.
     """
-    import yaml
 
-    from llave_ds.config import ConfigError, config_from_dict
-    from llave_ds.model import ModelConfig
-    from llave_ds.processing import ProcessingConfig
 
     try:
         raw = yaml.safe_load(path.read_text())
@@ -473,10 +468,6 @@ def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], *
                       max_shard_size: Union[str, int] = "5GB", force: bool = False,
                       base_model: Optional[str] = None, config_path: Optional[Union[str, Path]] = None) -> Path:
     """Consolidate a training checkpoint into a transformers model directory (one CPU process)."""
-    from llave_ds import checkpoint as ckpt
-    from llave_ds.engine import consolidate_checkpoint
-    from llave_ds.model import load_embedding_model
-    from llave_ds.processing import InputFormatter, load_processor
 
     target = _dtype(dtype)
     out = Path(out_dir)
@@ -541,7 +532,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llave_ds.checkpoint import CheckpointError
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

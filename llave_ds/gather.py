@@ -1,4 +1,5 @@
-"""Every collective the objective needs, and nothing else.
+"""The collectives built on the process group: the objective's gathers, and the small
+agreements that let every rank fail together instead of hanging (``rank_errors``).
 
 Two ways to put every rank's embeddings into every rank's denominator:
 
@@ -21,7 +22,8 @@ Two ways to put every rank's embeddings into every rank's denominator:
 Ranks may hold different numbers of rows: sizes are exchanged first, rows are padded to
 the largest size for the gather and the padding is cut out again, so a short last batch
 never hangs a step. Mismatched embedding widths are refused with the same error on every
-rank. Timeouts come from the process group (``llave_ds.distributed.init_distributed``).
+rank. Timeouts come from the process group (``llave_ds.distributed.init_distributed``);
+the torch.distributed primitives themselves are in ``llave_ds.distributed``.
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ from enum import Enum
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+
+from llave_ds import distributed as pg
+from llave_ds.distributed import is_distributed
 
 
 class GatherMode(str, Enum):
@@ -43,20 +47,16 @@ class RankMismatchError(RuntimeError):
     """Ranks disagree on something every rank must share (raised on every rank)."""
 
 
-def is_distributed(group=None) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
 def _gather_shape_info(x: torch.Tensor, group) -> torch.Tensor:
     """[W, 1 + ndim-1] int64: every rank's row count and trailing shape."""
-    world = dist.get_world_size(group)
+    world = pg.world_size(group)
     info = torch.tensor([x.shape[0], *x.shape[1:]], dtype=torch.int64, device=x.device)
     # Ranks with a different number of dims would make the gather itself mismatch;
     # prepend the ndim so that case is caught by the same comparison.
     info = torch.cat([torch.tensor([x.dim()], dtype=torch.int64, device=x.device),
                       info, torch.zeros(8 - info.numel(), dtype=torch.int64, device=x.device)])
     out = [torch.empty_like(info) for _ in range(world)]
-    dist.all_gather(out, info, group=group)
+    pg.all_gather_into_list(out, info, group)
     return torch.stack(out)
 
 
@@ -82,10 +82,10 @@ class _ExactAllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        ctx.rank = dist.get_rank(group)
-        world = dist.get_world_size(group)
+        ctx.rank = pg.rank(group)
+        world = pg.world_size(group)
         out = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(out, x.contiguous(), group=group)
+        pg.all_gather_into_list(out, x.contiguous(), group)
         return torch.cat(out, dim=0)
 
     @staticmethod
@@ -93,8 +93,8 @@ class _ExactAllGather(torch.autograd.Function):
         grad = grad.contiguous().clone()
         # Each rank's loss touched every gathered row; the local rows' total gradient is
         # the sum of what every rank's loss says about them.
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        n = grad.shape[0] // dist.get_world_size(ctx.group)
+        pg.all_reduce_(grad, "sum", ctx.group)
+        n = grad.shape[0] // pg.world_size(ctx.group)
         return grad[ctx.rank * n:(ctx.rank + 1) * n], None
 
 
@@ -110,7 +110,7 @@ def all_gather_rows(x: torch.Tensor, mode: GatherMode | str = GatherMode.EXACT,
         raise ValueError("all_gather_rows: mode 'local' gathers nothing; the objective handles it")
     if not is_distributed(group):
         return x, GatherLayout((x.shape[0],), 0)
-    rank = dist.get_rank(group)
+    rank = pg.rank(group)
     info = _gather_shape_info(x, group)
     if not bool((info[:, 0] == info[0, 0]).all() and (info[:, 2:] == info[0, 2:]).all()):
         shapes = [tuple(int(v) for v in row[1:1 + int(row[0])]) for row in info]
@@ -130,7 +130,7 @@ def all_gather_rows(x: torch.Tensor, mode: GatherMode | str = GatherMode.EXACT,
     else:
         with torch.no_grad():
             parts = [torch.empty_like(padded) for _ in sizes]
-            dist.all_gather(parts, padded.detach().contiguous(), group=group)
+            pg.all_gather_into_list(parts, padded.detach().contiguous(), group)
         parts[rank] = padded  # the local slice keeps its autograd history
         gathered = torch.cat(parts, dim=0)
     if all(s == max_rows for s in sizes):
@@ -142,17 +142,11 @@ def all_gather_rows(x: torch.Tensor, mode: GatherMode | str = GatherMode.EXACT,
 
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     """Sum of a detached tensor over ranks (identity without a process group)."""
-    t = t.detach().clone()
-    if is_distributed(group):
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
+    return pg.all_reduce_(t.detach().clone(), "sum", group)
 
 
 def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
-    t = t.detach().clone()
-    if is_distributed(group):
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t
+    return pg.all_reduce_(t.detach().clone(), "max", group)
 
 
 def all_ranks_ok(ok: bool, device: Optional[torch.device] = None, group=None) -> bool:
@@ -163,17 +157,13 @@ def all_ranks_ok(ok: bool, device: Optional[torch.device] = None, group=None) ->
 
 def all_gather_objects(obj, group=None) -> list:
     """Every rank's picklable ``obj``, in rank order (``[obj]`` without a process group)."""
-    if not is_distributed(group):
-        return [obj]
-    out: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
+    return pg.all_gather_object(obj, group)
 
 
 def rank_codes(code: int, device: Optional[torch.device] = None, group=None) -> dict[int, int]:
     """Every rank's small status code, by rank, keeping only the non-zero ones (one all-reduce)."""
-    world = dist.get_world_size(group) if is_distributed(group) else 1
-    rank = dist.get_rank(group) if is_distributed(group) else 0
+    world = pg.world_size(group) if is_distributed(group) else 1
+    rank = pg.rank(group) if is_distributed(group) else 0
     codes = torch.zeros(world, dtype=torch.int64, device=device or "cpu")
     codes[rank] = code
     codes = all_reduce_max(codes, group)

@@ -26,10 +26,11 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Protocol, Sequence
+from typing import Any, Iterator, Literal, Optional, Protocol, Sequence
 
 import torch
 
+from llave_ds.config import check_choices
 from llave_ds.gather import all_ranks_ok, all_reduce_max, is_distributed, rank_codes
 from llave_ds.objective import ContrastiveOutput, ObjectiveConfig, hardness_weighted_loss
 
@@ -47,15 +48,13 @@ class GradCacheConfig:
     # "coalesced": one gradient reduction per step (DeepSpeed ZeRO 1-3 keep the full local
     # gradient until the flush); "per_chunk": reduce after every chunk's backward
     # (ZeRO-2/3 keep only their partition). See docs/GRADCACHE.md for the measurements.
-    reduction: str = "coalesced"
+    reduction: Literal["coalesced", "per_chunk"] = "coalesced"
 
     def validate(self) -> None:
         for name in ("query_chunk_size", "target_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"gradcache.{name} must be >= 1, got {getattr(self, name)}")
-        if self.reduction not in ("coalesced", "per_chunk"):
-            raise ValueError(f"gradcache.reduction must be 'coalesced' or 'per_chunk', "
-                             f"got {self.reduction!r}")
+        check_choices(self, "gradcache.")
 
 
 class StepBackend(Protocol):

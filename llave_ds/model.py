@@ -17,23 +17,28 @@ import importlib.util
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llave_ds.config import check_choices
+from llave_ds.distributed import is_distributed
 from llave_ds.processing import (
-    SUPPORTED_BACKBONES, backbone_from_model_type, check_backbone, detect_backbone, load_processor,
+    SUPPORTED_BACKBONES, Backbone, backbone_from_model_type, check_backbone, detect_backbone, load_processor,
 )
 from llave_ds.vision_cache import INSTALLERS as VISION_CACHE_INSTALLERS
 from llave_ds.vision_cache import FrozenVisionCache
 
 logger = logging.getLogger("llave_ds.model")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-GRADIENT_CHECKPOINTING = ("off", "non_reentrant", "reentrant")
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+Dtype = Literal["float32", "bfloat16", "float16"]
+DTYPES = dict(zip(get_args(Dtype), (torch.float32, torch.bfloat16, torch.float16)))
+GradientCheckpointing = Literal["off", "non_reentrant", "reentrant"]
+GRADIENT_CHECKPOINTING = get_args(GradientCheckpointing)
+AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+ATTN_IMPLEMENTATIONS = get_args(AttnImplementation)
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -59,31 +64,22 @@ class ModelConfig:
     """
 
     path: str = ""
-    backbone: str = "auto"
-    dtype: str = "bfloat16"
-    attn_implementation: str = "auto"
+    backbone: Literal["auto", Backbone] = "auto"
+    dtype: Dtype = "bfloat16"
+    attn_implementation: AttnImplementation = "auto"
     freeze_vision_tower: bool = True
     freeze_projector: bool = False
     lora_r: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    gradient_checkpointing: str = "off"
+    gradient_checkpointing: GradientCheckpointing = "off"
     cache_frozen_vision: bool = True
 
-    def __post_init__(self):
-        if self.backbone != "auto":
-            check_backbone(self.backbone)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; supported: {', '.join(DTYPES)}")
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(f"unknown attn_implementation {self.attn_implementation!r}; "
-                             f"supported: {', '.join(ATTN_IMPLEMENTATIONS)}")
-        if self.gradient_checkpointing not in GRADIENT_CHECKPOINTING:
-            raise ValueError(f"unknown gradient_checkpointing {self.gradient_checkpointing!r}; "
-                             f"supported: {', '.join(GRADIENT_CHECKPOINTING)}")
+    def __post_init__(self):  # checked at construction: models are often configured in Python
+        check_choices(self, "model.")
         if self.lora_r < 0:
-            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
+            raise ValueError(f"model.lora_r must be >= 0, got {self.lora_r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -242,24 +238,47 @@ class EmbeddingModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixel_values: Optional[torch.Tensor] = None, image_sizes: Optional[torch.Tensor] = None,
                 image_grid_thw: Optional[torch.Tensor] = None, dummy_image: Any = None,
-                mm_token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mm_token_type_ids: Optional[torch.Tensor] = None,
+                pixel_values_videos: Optional[torch.Tensor] = None,
+                video_grid_thw: Optional[torch.Tensor] = None,
+                second_per_grid_ts: Optional[torch.Tensor] = None, dummy_video: Any = None) -> torch.Tensor:
+        """Embed a formatted chunk (``InputFormatter``'s keys). Vision-tower calls, in this
+        order: the chunk's images (or the dummy image), then, when the chunk carries video
+        tensors, its videos (or the dummy video): the same sequence in every chunk of a run
+        whose formatter has ``video_slot`` on (the ZeRO-3 rule; docs/VIDEO.md)."""
         inner = self.base_hf_model.model
         is_dummy = bool(dummy_image) if dummy_image is not None else False
+        has_video = pixel_values_videos is not None
+        video_is_dummy = bool(dummy_video) if dummy_video is not None else False
         if self.backbone == "llava_onevision":
             vision = {"pixel_values": pixel_values, "image_sizes": image_sizes}
+            video = {"pixel_values_videos": pixel_values_videos}
             # Positions count attended tokens only, so left and right padding embed alike.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         else:
             vision = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
-            if mm_token_type_ids is None:
-                mm_token_type_ids = (input_ids == inner.config.image_token_id).to(torch.int32)
-            # M-RoPE (Qwen2-VL, Qwen2.5-VL): keyword arguments only, so Qwen2.5-VL's extra
-            # video arguments (video_grid_thw, second_per_grid_ts) keep their None defaults.
+            video = {"pixel_values_videos": pixel_values_videos, "video_grid_thw": video_grid_thw}
+            if mm_token_type_ids is None:  # text 0, image 1, video 2 (transformers' convention)
+                mm_token_type_ids = ((input_ids == inner.config.image_token_id).to(torch.int32)
+                                     + 2 * (input_ids == inner.config.video_token_id).to(torch.int32))
+            # M-RoPE (Qwen2-VL, Qwen2.5-VL): keyword arguments only.
+            rope_video = {}
+            if has_video and not video_is_dummy:
+                rope_video["video_grid_thw"] = video_grid_thw
+                if self.backbone == "qwen2_5_vl" and second_per_grid_ts is not None:
+                    rope_video["second_per_grid_ts"] = second_per_grid_ts
             position_ids, _ = inner.get_rope_index(
                 input_ids, mm_token_type_ids=mm_token_type_ids,
-                image_grid_thw=None if is_dummy else image_grid_thw, attention_mask=attention_mask)
+                image_grid_thw=None if is_dummy else image_grid_thw, attention_mask=attention_mask,
+                **rope_video)
 
-        if pixel_values is None:
+        if has_video:
+            calls = []
+            if pixel_values is not None:
+                calls.append(("image", inner.get_image_features, vision, is_dummy))
+            calls.append(("video", inner.get_video_features, video, video_is_dummy))
+            out = self._forward_vision_from_hook(inner, input_ids, attention_mask, position_ids, calls)
+        elif pixel_values is None:
             self._warn_if_vision_skipped()
             out = inner(input_ids=input_ids, attention_mask=attention_mask,
                         position_ids=position_ids, use_cache=False)
@@ -308,11 +327,53 @@ class EmbeddingModel(nn.Module):
                                "goes through its input embedding module")
         return out
 
+    def _forward_vision_from_hook(self, inner, input_ids, attention_mask, position_ids, calls):
+        """The forward of a chunk with video tensors: every tower call runs from the input
+        embedding's forward hook, in the order of ``calls`` (images, then videos), which is
+        where and in which order the stock forward runs them. Real features are handed to
+        the stock forward as ``mm_encoder_outputs`` (it scatters them into the placeholder
+        tokens and checks their count); a dummy's are added as ``0 * features.sum()``.
+
+        With the frozen-vision cache each call is keyed by its own pixel tensor (images by
+        ``pixel_values``, videos by ``pixel_values_videos``), so the gradient cache's second
+        pass replays each call's own features.
+        """
+        fired, features = [], {}
+
+        def add_vision(module, args, embeds):
+            if fired:  # only the forward's own embedding lookup
+                return embeds
+            fired.append(True)
+            zero = None
+            for kind, get_features, kwargs, dummy in calls:
+                key = next(iter(kwargs.values()))  # the pixel tensor
+                keyed = self.vision_cache.keyed(key) if self.vision_cache else contextlib.nullcontext()
+                with keyed:
+                    output = get_features(**kwargs, return_dict=True)
+                if dummy:
+                    pooled = output.pooler_output
+                    total = sum(f.sum() for f in pooled) if isinstance(pooled, (list, tuple)) else pooled.sum()
+                    zero = 0 * total if zero is None else zero + 0 * total
+                else:
+                    features[kind] = output
+            return embeds if zero is None else embeds + zero.to(embeds.dtype)
+
+        handle = inner.get_input_embeddings().register_forward_hook(add_vision)
+        try:
+            # The same dict object: filled by the hook before the forward reads it.
+            out = inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False, mm_encoder_outputs=features)
+        finally:
+            handle.remove()
+        if not fired:
+            raise RuntimeError("the vision inputs were not run: the backbone's forward no longer "
+                               "goes through its input embedding module")
+        return out
+
     def _warn_if_vision_skipped(self) -> None:
         if self._warned_no_vision or not self.training:
             return
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+        if is_distributed():
             self._warned_no_vision = True
             logger.warning("a training chunk came without pixel_values: the vision tower did not "
                            "run. Under ZeRO-3 every rank must run the same modules; use "

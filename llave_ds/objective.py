@@ -26,11 +26,12 @@ one device holding the whole global batch would compute (exact mode).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
+from llave_ds.config import check_choices
 from llave_ds.gather import GatherMode, all_gather_rows, all_reduce_sum, is_distributed
 
 
@@ -40,7 +41,8 @@ class ObjectiveConfig:
     alpha: float = 9.0
     symmetric: bool = True
     false_negative_threshold: Optional[float] = None  # delta; None = filter off
-    gather_mode: str = "exact"  # "exact" | "stop_grad" | "local" (no cross-rank negatives); ignored on one rank
+    # GatherMode's values; "local": no cross-rank negatives. Ignored on one rank.
+    gather_mode: Literal["exact", "stop_grad", "local"] = "exact"
 
     def validate(self) -> None:
         if not self.temperature > 0:
@@ -50,9 +52,7 @@ class ObjectiveConfig:
         if self.false_negative_threshold is not None and not -1.0 <= self.false_negative_threshold <= 1.0:
             raise ValueError("objective.false_negative_threshold is a cosine similarity in "
                              f"[-1, 1] (or null), got {self.false_negative_threshold}")
-        if self.gather_mode not in {m.value for m in GatherMode}:
-            raise ValueError(f"objective.gather_mode must be one of "
-                             f"{[m.value for m in GatherMode]}, got {self.gather_mode!r}")
+        check_choices(self, "objective.")
 
 
 @dataclass

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
+
+from llave_ds.config import check_choices
 
 
 @dataclass
@@ -32,12 +35,11 @@ class ScheduleConfig:
     epochs: int = 1
     max_steps: int = 0  # > 0 stops after this many optimizer steps
     warmup_ratio: float = 0.03
-    kind: str = "cosine"  # cosine | linear | constant
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
 
     def validate(self) -> None:
-        if self.kind not in ("cosine", "linear", "constant"):
-            raise ValueError(f"schedule.kind must be cosine, linear or constant, got {self.kind!r}")
+        check_choices(self, "schedule.")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"schedule.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.epochs < 1 and self.max_steps < 1:

@@ -23,27 +23,29 @@ import resource
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from llave_ds import checkpoint as ckpt
 from llave_ds import distributed
-from llave_ds.config import ConfigError, config_to_dict, dump_config, load_config, shipped_file
+from llave_ds import engine as eng
+from llave_ds.config import ConfigError, config_to_yaml, dump_config, load_config, shipped_file
 from llave_ds.checkpoint import CheckpointConfig
 from llave_ds.data import DataError, GlobalBatchSampler, MMEBTrainDataset, PairCollator, TrainDataConfig
 from llave_ds.engine import (DeepSpeedConfig, EngineConfigError, complete_ds_config, load_ds_config,
                              resolve_ds_config_path)
-from llave_ds.export import ExportConfig
+from llave_ds.export import ExportConfig, export_from_engine
 from llave_ds.gather import all_gather_objects, all_reduce_max, all_reduce_sum, is_distributed, rank_errors
 from llave_ds.gradcache import GradCacheConfig, gradcache_step
-from llave_ds.model import ModelConfig
+from llave_ds.model import ModelConfig, load_embedding_model, trainable_parameters
 from llave_ds.objective import ObjectiveConfig
 from llave_ds.optim import OptimConfig, ScheduleConfig, lr_lambda
-from llave_ds.processing import ProcessingConfig
+from llave_ds.processing import InputFormatter, ProcessingConfig, detect_backbone
 
 logger = logging.getLogger("llave_ds.train")
 
@@ -86,12 +88,7 @@ class TrainConfig:
             raise ValueError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
         if self.collective_timeout_s <= 0:
             raise ValueError("collective_timeout_s must be > 0")
-        for name in ("query_chunk_size", "target_chunk_size"):
-            if getattr(self.gradcache, name) > self.global_batch_size:
-                raise ValueError(f"gradcache.{name}={getattr(self.gradcache, name)} is larger than "
-                                 f"global_batch_size={self.global_batch_size}")
-        if self.export.dtype not in ("bfloat16", "float32"):
-            raise ValueError(f"export.dtype must be bfloat16 or float32, got {self.export.dtype!r}")
+        self.check_chunk_sizes(1)
         if self.model.dtype == "float16":
             raise ValueError("model.dtype=float16 would train fp16 weights without loss scaling, and DeepSpeed's "
                              "fp16 loss scaling does not mix with the gradient cache; use bfloat16 or float32")
@@ -111,11 +108,16 @@ class TrainConfig:
         if self.global_batch_size % world_size:
             raise ConfigError(f"global_batch_size={self.global_batch_size} is not divisible by the "
                               f"{world_size} ranks: every rank must hold the same number of pairs")
+        self.check_chunk_sizes(world_size)
+
+    def check_chunk_sizes(self, world_size: int) -> None:
+        """A chunk may not exceed a rank's share of the batch (the whole batch on one rank)."""
         local = self.global_batch_size // world_size
+        share = (f"global_batch_size={self.global_batch_size}" if world_size == 1 else
+                 f"the per-rank batch {local} (= {self.global_batch_size} / {world_size} ranks)")
         for name in ("query_chunk_size", "target_chunk_size"):
             if getattr(self.gradcache, name) > local:
-                raise ConfigError(f"gradcache.{name}={getattr(self.gradcache, name)} is larger than the "
-                                  f"per-rank batch {local} (= {self.global_batch_size} / {world_size} ranks)")
+                raise ConfigError(f"gradcache.{name}={getattr(self.gradcache, name)} is larger than {share}")
 
 
 def resolve_train_config_path(name: Optional[str]) -> Optional[str]:
@@ -191,7 +193,6 @@ class CountingCollator:
 def check_model_path(model_cfg) -> None:
     """Fail before any process group on a model directory that cannot be loaded: missing,
     no config.json, or an unsupported / mismatching backbone. Hub ids pass (resolved later)."""
-    from llave_ds.processing import detect_backbone
     raw = model_cfg.path
     if not raw:
         raise ConfigError("model.path is empty: give a checkpoint directory or a hub id")
@@ -213,8 +214,8 @@ def checkpoint_root(cfg: "TrainConfig") -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run_dir) / "checkpoints"
 
 
-def _check_written_by(path: Path, world_size: int) -> None:
-    written_by = ckpt.describe(path).get("world_size")
+def check_written_by(path: Path, written_by: Optional[int], world_size: int) -> None:
+    """A checkpoint resumes only on the number of ranks that wrote it (ZeRO partitions)."""
     if written_by is not None and written_by != world_size:
         raise ckpt.CheckpointError(
             f"{path} was written by {written_by} ranks, this run has {world_size}: resume with the same "
@@ -246,13 +247,14 @@ def resolve_resume(cfg: "TrainConfig", world_size: int) -> list[Path]:
         path = Path(resume)
         if not path.is_dir():
             raise ckpt.CheckpointError(f"checkpoint.resume={resume}: no such checkpoint directory")
-        _check_written_by(path, world_size)
+        check_written_by(path, ckpt.describe(path).get("world_size"), world_size)
         ckpt.verify_checkpoint(path, checksums=False)
         return [path]
     found = ckpt.resume_candidates(root)
     usable, problems = [], []
     for path in found:
-        _check_written_by(path, world_size)  # a setup mistake, not damage: never skipped
+        # A setup mistake, not damage: never skipped.
+        check_written_by(path, ckpt.describe(path).get("world_size"), world_size)
         try:
             ckpt.verify_checkpoint(path, checksums=False)
         except ckpt.CheckpointError as exc:
@@ -333,12 +335,14 @@ def next_batch_agreed(iterator, device: torch.device, step: int):
 
 def check_same_data(dataset, sampler, device: torch.device) -> None:
     """Every rank must see the same dataset and the same number of steps per epoch, or the
-    first rank to finish an epoch would leave the others waiting in a collective."""
+    first rank to finish an epoch would leave the others waiting in a collective; and agree
+    on whether the data has videos (the formatter's video slot: the same modules per chunk)."""
     if not is_distributed():
         return
-    seen = all_gather_objects((len(dataset), len(sampler)))
+    seen = all_gather_objects((len(dataset), len(sampler), bool(getattr(dataset, "has_videos", False))))
     if len(set(seen)) > 1:
-        detail = ", ".join(f"rank {r}: {n} pairs / {s} steps per epoch" for r, (n, s) in enumerate(seen))
+        detail = ", ".join(f"rank {r}: {n} pairs / {s} steps per epoch{' / videos' if v else ''}"
+                           for r, (n, s, v) in enumerate(seen))
         raise DataError(f"the ranks see different training data ({detail}); every rank must read the same "
                         "data (data.source, data.image_root, data.subsets, data.max_per_subset)")
 
@@ -480,7 +484,62 @@ class MetricsWriter:
             self.tb.close()
 
 
-# ------------------------------------------------------------------------------ train
+# ------------------------------------------------------------------------ train state
+
+@dataclass
+class TrainState:
+    """Where the run is, beyond the engine's tensors: one object that every checkpoint
+    saves (``state_dict``, the engine's client state) and a resume restores
+    (``load_state_dict``).
+
+    The data position is the global step: epoch = step // steps_per_epoch, and the batches
+    consumed in it = step % steps_per_epoch (the sampler's plan is a function of seed and
+    epoch only). The RNG is each rank's own: ``save_checkpoint`` writes it beside the
+    client state (``rng_rank<r>.pt``) and ``resume`` restores it.
+    """
+    sampler: GlobalBatchSampler
+    world_size: int
+    step: int = 0
+    skipped_steps: int = 0       # optimizer steps skipped for non-finite values, in total
+    consecutive_skips: int = 0   # ... in a row up to now (the run stops at optim.max_consecutive_skips)
+    skipped_rows: int = 0        # bad rows replaced during training, summed over ranks
+    truncated_sides: int = 0     # sides cut to processing.max_length (this launch only)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.sampler)
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def state_dict(self) -> dict:
+        sampler = {**self.sampler.state_dict(), "epoch": self.epoch, "step": self.step % self.steps_per_epoch}
+        return {"step": self.step, "world_size": self.world_size, "sampler": sampler,
+                "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                "skipped_rows": self.skipped_rows}
+
+    def load_state_dict(self, state: dict, source: Path) -> None:
+        check_written_by(source, state.get("world_size"), self.world_size)
+        self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self.skipped_rows = int(state.get("skipped_rows", 0))
+        self.sampler.load_state_dict(state["sampler"])
+
+    def resume(self, engine, path: Path, rank: int) -> None:
+        """Engine tensors, this state and this rank's RNG from the checkpoint at ``path``."""
+        self.load_state_dict(eng.load_checkpoint(engine, path), path)
+        ckpt.load_rng_state(path, rank)
+
+    def record(self, result, skipped_rows: int, truncated_sides: int) -> None:
+        """Count one finished step (``result.skipped`` is the same on every rank)."""
+        self.step += 1
+        self.skipped_rows += skipped_rows
+        self.truncated_sides += truncated_sides
+        self.skipped_steps += int(result.skipped)
+        self.consecutive_skips = self.consecutive_skips + 1 if result.skipped else 0
+
 
 @dataclass
 class TrainResult:
@@ -492,19 +551,15 @@ class TrainResult:
     export_dir: str = ""
 
 
+# ------------------------------------------------------------------------------ train
+
 def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]] = None) -> TrainResult:
     """Run the training job on this rank (every rank calls it).
 
     ``on_step_end(step, result)``, if given, runs after each optimizer step (tests use it
     to raise a preemption signal at a chosen step).
     """
-    from llave_ds import engine as eng
-    from llave_ds.model import load_embedding_model, trainable_parameters
-    from llave_ds.processing import InputFormatter
-
-    # DeepSpeed's ZeRO collectives call torch's deprecated all_gather_into_tensor: a warning on
-    # every step that no user can act on.
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    eng.silence_deprecated_collective_warnings()  # DeepSpeed's, one per ZeRO step otherwise
     # -- before any process group: config for this world size, model dir, resume checkpoint
     denv = distributed.detect_env()
     resume_candidates = preflight(cfg, denv.world_size)
@@ -517,30 +572,17 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
     is_main = rank == 0
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s")
-    run_dir = Path(cfg.run_dir)
-    ckpt_root = checkpoint_root(cfg)
+    run_dir, ckpt_root = Path(cfg.run_dir), checkpoint_root(cfg)
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.checkpoint.overwrite and not resume_candidates:
-            moved = ckpt.move_aside(run_dir, ckpt_root)
-            if moved is not None:
-                logger.warning("checkpoint.overwrite: moved the earlier checkpoints and metrics of %s to %s",
-                               run_dir, moved)
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        # Resuming is a decision of each launch, not a property of the run: the saved config
-        # resumes (a run started with --resume none must stay resumable from its config.yaml).
-        dump_config(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto",
-                                                                             overwrite=False)),
-                    run_dir / "config.yaml")
-    local_batch = cfg.global_batch_size // world
+        prepare_run_dir(cfg, run_dir, ckpt_root, fresh=not resume_candidates)
     device = distributed.default_device(env)
 
     # -- the resume checkpoint's checksums, read by all ranks in parallel ------------------
     resume_from = choose_verified(cfg, resume_candidates, rank, world, device, is_main)
 
     # -- data first (cheap, and bad data should not wait for the model): same on all ranks
-    dataset = MMEBTrainDataset(cfg.data)
-    load_skipped = sum(dataset.skip_counts.values())
+    dataset = MMEBTrainDataset(cfg.data, video_frames=cfg.processing.video_frames,
+                               video_max_side=cfg.processing.video_max_side)
     sampler = GlobalBatchSampler(dataset, cfg.global_batch_size, rank=rank, world_size=world,
                                  seed=cfg.seed, homogeneous=cfg.data.homogeneous_batches)
     check_same_data(dataset, sampler, device)
@@ -549,27 +591,28 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
     torch.manual_seed(cfg.seed)
     ds_config = eng.complete_ds_config(
         eng.load_ds_config(resolve_ds_config_path(cfg.deepspeed.config)),
-        local_batch_size=local_batch, world_size=world,
+        local_batch_size=cfg.global_batch_size // world, world_size=world,
         gradient_clipping=cfg.deepspeed.gradient_clipping,
         activation_checkpointing=cfg.model.gradient_checkpointing,
         bf16=cfg.model.dtype == "bfloat16")
     eng.attach_deepspeed_comm()
     model, processor = load_embedding_model(cfg.model, deepspeed_config=ds_config)
-    formatter = InputFormatter.from_config(processor, model.backbone, cfg.processing)
+    # video_slot: with any video rows every chunk carries a (dummy) video, so every rank runs
+    # the same tower calls in every chunk under ZeRO-3 (docs/VIDEO.md, the dummy rule).
+    formatter = InputFormatter.from_config(processor, model.backbone, cfg.processing,
+                                           video_slot=dataset.has_videos)
 
     # -- loader: every rank the same number of pairs per step ------------------------------
     collator = CountingCollator(PairCollator(formatter, cfg.gradcache.query_chunk_size,
                                              cfg.gradcache.target_chunk_size))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
-                                         num_workers=cfg.num_workers,
-                                         persistent_workers=False)
-    steps_per_epoch = len(sampler)
-    total_steps = cfg.schedule.max_steps if cfg.schedule.max_steps > 0 else steps_per_epoch * cfg.schedule.epochs
+                                         num_workers=cfg.num_workers, persistent_workers=False)
+    total_steps = cfg.schedule.max_steps if cfg.schedule.max_steps > 0 else len(sampler) * cfg.schedule.epochs
     negatives = cfg.data.num_hard_negatives if cfg.data.use_hard_negatives else 0
 
     # -- optimizer, schedule, engine ----------------------------------------------------
-    params = trainable_parameters(model)
-    optimizer = eng.build_optimizer(params, ds_config, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+    optimizer = eng.build_optimizer(trainable_parameters(model), ds_config, lr=cfg.optim.lr,
+                                    weight_decay=cfg.optim.weight_decay,
                                     betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.schedule))
     engine = eng.build_engine(model, optimizer, ds_config, lr_scheduler=scheduler)
@@ -577,169 +620,190 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
     device = backend.device
 
     # -- resume ---------------------------------------------------------------------------
-    step = 0
-    skipped_steps = consecutive_skips = skipped_rows_total = 0
+    state = TrainState(sampler, world_size=world)
     if resume_from is not None:
-        state = eng.load_checkpoint(engine, resume_from)
-        if state.get("world_size") != world:
-            raise ckpt.CheckpointError(
-                f"{resume_from} was written by {state.get('world_size')} ranks, this run has {world}: "
-                "resume with the same number of ranks, or convert it with DeepSpeed's "
-                "ds_to_universal.py and load it as a universal checkpoint")
-        step = int(state["step"])
-        skipped_steps = int(state.get("skipped_steps", 0))
-        consecutive_skips = int(state.get("consecutive_skips", 0))
-        skipped_rows_total = int(state.get("skipped_rows", 0))
-        sampler.load_state_dict(state["sampler"])
-        ckpt.load_rng_state(resume_from, rank)
+        state.resume(engine, resume_from, rank)
         if is_main:
-            logger.info("resumed from %s at step %d", resume_from, step)
+            logger.info("resumed from %s at step %d", resume_from, state.step)
 
-    # -- the loop ---------------------------------------------------------------------------
-    metrics = MetricsWriter(run_dir, is_main, cfg.logging.tensorboard,
-                            resumed_at=step if resume_from is not None else None)
-    progress = None
-    log_above_bar = contextlib.ExitStack()
-    if is_main and cfg.logging.progress:
-        from tqdm.auto import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-        progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-        # Warnings during training (a replaced row, a skipped step, a library's Python
-        # warning) print on their own line above the bar, not glued to the end of its line.
-        logging.captureWarnings(True)
-        log_above_bar.callback(logging.captureWarnings, False)
-        log_above_bar.enter_context(logging_redirect_tqdm(
-            loggers=[logging.getLogger(), logging.getLogger("py.warnings")]))
-    last_saved = step if resume_from is not None else -1
-    final_loss = float("nan")
-    stopped_early = False
-    timed = []
-    truncated_total = 0
-
-    def save(at_step: int) -> Path:
-        # The data position is the global step: epoch = step // steps_per_epoch, and the
-        # batches already consumed in it = step % steps_per_epoch (the sampler's plan is
-        # a function of seed and epoch only).
-        sampler_state = {**sampler.state_dict(), "epoch": at_step // steps_per_epoch,
-                         "step": at_step % steps_per_epoch}
-        state = {"step": at_step, "world_size": world, "sampler": sampler_state,
-                 "skipped_steps": skipped_steps, "consecutive_skips": consecutive_skips,
-                 "skipped_rows": skipped_rows_total}
-        path = eng.save_checkpoint(engine, ckpt_root, ckpt.tag_for_step(at_step), state,
+    def save() -> Path:
+        path = eng.save_checkpoint(engine, ckpt_root, ckpt.tag_for_step(state.step), state.state_dict(),
                                    checksums=cfg.checkpoint.checksums)
         if is_main:
             ckpt.prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
         return path
 
-    saved_path = resume_from
+    # -- the loop ---------------------------------------------------------------------------
+    metrics = MetricsWriter(run_dir, is_main, cfg.logging.tensorboard,
+                            resumed_at=state.step if resume_from is not None else None)
+    progress = ProgressBar(total_steps, state.step, enabled=is_main and cfg.logging.progress)
+    saved_path, last_saved = resume_from, (state.step if resume_from is not None else -1)
+    final_loss, stopped_early, timed = float("nan"), False, []
     try:
-        while step < total_steps:
-            epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch)
+        while state.step < total_steps and not stopped_early:
+            sampler.set_epoch(state.epoch)
             batches = iter(loader)
-            while True:
-                item = next_batch_agreed(batches, device, step + 1)
-                if item is None:
-                    break
+            while state.step < total_steps and (item := next_batch_agreed(batches, device, state.step + 1)):
                 batch, truncated = item
                 t0 = time.perf_counter()
-                torch.manual_seed(step_seed(cfg.seed, step, rank))
+                torch.manual_seed(step_seed(cfg.seed, state.step, rank))
                 batch = batch.to(device)
                 result = gradcache_step(backend, batch.query_chunks, batch.target_chunks, cfg.objective,
                                         batch.negative_chunks, batch.num_negatives_per_pair if negatives else 0)
-                step += 1
                 elapsed = time.perf_counter() - t0
-                if on_step_end is not None:
-                    on_step_end(step, result)
-                # Ranks must agree to stop together, and the counts are summed over ranks:
-                # two tiny all-reduces per step.
-                flags = torch.tensor([float(preempt.poll()),
-                                      float(count_tokens(batch.query_chunks) + count_tokens(batch.target_chunks)
-                                            + count_tokens(batch.negative_chunks)),
-                                      float(sum(batch.skipped.values())), float(truncated)], device=device)
-                stop_now = bool(all_reduce_max(flags[:1]).item())
-                tokens, skipped_rows, truncated_sides = (int(v) for v in all_reduce_sum(flags[1:]).tolist())
-                skipped_rows_total += skipped_rows
-                truncated_total += truncated_sides
+                if on_step_end is not None:  # before the agreement: a signal it raises counts at this step
+                    on_step_end(state.step + 1, result)
+                # Ranks must agree to stop together, and the counts are summed over ranks.
+                stop_now, tokens, skipped_rows, truncated_sides = agree_after_step(preempt, batch, truncated, device)
+                state.record(result, skipped_rows, truncated_sides)
                 final_loss = float(result.output.loss.detach())
-                if result.skipped:  # the same on every rank (gradcache_step agrees on it)
-                    skipped_steps += 1
-                    consecutive_skips += 1
-                    if is_main:
-                        logger.warning("step %d skipped: %s (%d in a row, %d in total; the run stops at "
-                                       "optim.max_consecutive_skips=%d in a row)", step, result.skip_reason,
-                                       consecutive_skips, skipped_steps, cfg.optim.max_consecutive_skips)
-                else:
-                    consecutive_skips = 0
-                if step > cfg.logging.warmup_steps and not result.skipped:
+                if state.step > cfg.logging.warmup_steps and not result.skipped:
                     timed.append((elapsed, tokens))
-                if is_main and step % max(1, cfg.logging.every_steps) == 0:
-                    record = {"step": step, "epoch": epoch, **result.metrics(),
-                              "samples_per_s": cfg.global_batch_size / elapsed,
-                              "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
-                              "peak_mem_gb": peak_memory_gb(device), "skipped_rows": skipped_rows,
-                              "skipped_rows_total": skipped_rows_total, "load_skipped_rows": load_skipped,
-                              "truncated_sides": truncated_sides, "skipped_step": int(result.skipped),
-                              "skipped_steps": skipped_steps}
-                    if result.skipped:
-                        record["skip_reason"] = result.skip_reason
-                    metrics.write(record)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{final_loss:.4f}", gap=f"{float(result.output.gap):.3f}",
-                                         sps=f"{cfg.global_batch_size / elapsed:.1f}")
-                if consecutive_skips >= cfg.optim.max_consecutive_skips:
-                    last = f"; the last complete checkpoint is {saved_path}" if saved_path else ""
-                    raise NonFiniteLossError(
-                        f"step {step}: {consecutive_skips} optimizer steps in a row were skipped for non-finite "
-                        f"values (optim.max_consecutive_skips={cfg.optim.max_consecutive_skips}); last: "
-                        f"{result.skip_reason}. The parameters are those of the last good step{last}. Lower "
-                        "optim.lr, check the data of these steps, or raise the limit")
-                if cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0:
-                    saved_path, last_saved = save(step), step
+                if is_main:
+                    log_step(cfg, state, result, elapsed, tokens, skipped_rows, truncated_sides,
+                             sum(dataset.skip_counts.values()), metrics, progress, final_loss)
+                check_consecutive_skips(cfg, state, result, saved_path)
+                if cfg.checkpoint.every_steps > 0 and state.step % cfg.checkpoint.every_steps == 0:
+                    saved_path, last_saved = save(), state.step
                 if stop_now:
                     logger.warning("preemption requested (%s): checkpointing at step %d and stopping",
-                                   preempt.signal_name or "signal on another rank", step)
+                                   preempt.signal_name or "signal on another rank", state.step)
                     stopped_early = True
                     break
-                if step >= total_steps:
-                    break
-            if stopped_early:
-                break
-        if last_saved != step:
-            saved_path, last_saved = save(step), step
+        if last_saved != state.step:
+            saved_path, last_saved = save(), state.step
     except Exception as exc:
         if not is_peer_failure(exc):
             raise
-        # One line for the user instead of gloo's / NCCL's traceback: what happened, where,
-        # and how to go on (the checkpoints of this run are intact: saves are all-or-nothing).
-        raise PeerStoppedError(
-            f"another rank stopped (killed, crashed or stuck) during step {step + 1}; the communication layer "
-            f"said: {str(exc).splitlines()[0][:200]}. The last complete checkpoint is "
-            f"{ckpt.find_resume_checkpoint(ckpt_root) or 'none (no checkpoint yet)'}: relaunch with --resume auto "
-            "to continue from it") from None
+        raise peer_stopped(exc, state.step, ckpt_root) from None
     finally:
-        log_above_bar.close()
-        if progress is not None:
-            progress.close()
+        progress.close()
         metrics.close()
-    if is_main and (load_skipped or skipped_rows_total or truncated_total or skipped_steps):
-        logger.warning("data and numerics: %d bad rows skipped at load %s, %d replaced during training, %d sides "
-                       "truncated to processing.max_length, %d optimizer steps skipped (non-finite)",
-                       load_skipped, dict(dataset.skip_counts) if load_skipped else "", skipped_rows_total,
-                       truncated_total, skipped_steps)
+    if is_main:
+        log_run_summary(cfg, dataset, state, timed)
 
     export_dir = ""
     if cfg.export.at_end and not stopped_early:
-        from llave_ds.export import export_from_engine
         export_dir = str(Path(cfg.export.dir) if cfg.export.dir else run_dir / "export")
         export_from_engine(engine, model, processor, formatter, export_dir, cfg, dtype=cfg.export.dtype)
-    if is_main and timed:
+    return TrainResult(run_dir=str(run_dir), steps=state.step, final_loss=final_loss, stopped_early=stopped_early,
+                       checkpoint=str(saved_path or ""), export_dir=export_dir)
+
+
+# ------------------------------------------------------------------- the loop's parts
+
+def prepare_run_dir(cfg: TrainConfig, run_dir: Path, ckpt_root: Path, fresh: bool) -> None:
+    """Rank 0: the run directory, earlier checkpoints moved aside under ``overwrite``, and
+    the resolved config saved as ``config.yaml``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.checkpoint.overwrite and fresh:
+        moved = ckpt.move_aside(run_dir, ckpt_root)
+        if moved is not None:
+            logger.warning("checkpoint.overwrite: moved the earlier checkpoints and metrics of %s to %s",
+                           run_dir, moved)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    # Resuming is a decision of each launch, not a property of the run: the saved config
+    # resumes (a run started with --resume none must stay resumable from its config.yaml).
+    dump_config(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto",
+                                                                         overwrite=False)),
+                run_dir / "config.yaml")
+
+
+def agree_after_step(preempt: "PreemptionFlag", batch, truncated: int, device) -> tuple[bool, int, int, int]:
+    """(stop now, tokens, replaced rows, truncated sides) over all ranks: two tiny all-reduces.
+    Every rank must stop at the same step, or the others wait in the next collective."""
+    flags = torch.tensor([float(preempt.poll()),
+                          float(count_tokens(batch.query_chunks) + count_tokens(batch.target_chunks)
+                                + count_tokens(batch.negative_chunks)),
+                          float(sum(batch.skipped.values())), float(truncated)], device=device)
+    stop_now = bool(all_reduce_max(flags[:1]).item())
+    tokens, skipped_rows, truncated_sides = (int(v) for v in all_reduce_sum(flags[1:]).tolist())
+    return stop_now, tokens, skipped_rows, truncated_sides
+
+
+def log_step(cfg: TrainConfig, state: TrainState, result, elapsed: float, tokens: int, skipped_rows: int,
+             truncated_sides: int, load_skipped: int, metrics: "MetricsWriter", progress: "ProgressBar",
+             loss: float) -> None:
+    """Rank 0: the skipped-step warning, the metrics row and the progress bar of one step."""
+    if result.skipped:
+        logger.warning("step %d skipped: %s (%d in a row, %d in total; the run stops at "
+                       "optim.max_consecutive_skips=%d in a row)", state.step, result.skip_reason,
+                       state.consecutive_skips, state.skipped_steps, cfg.optim.max_consecutive_skips)
+    if state.step % max(1, cfg.logging.every_steps) == 0:
+        record = {"step": state.step, "epoch": (state.step - 1) // state.steps_per_epoch, **result.metrics(),
+                  "samples_per_s": cfg.global_batch_size / elapsed,
+                  "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
+                  "peak_mem_gb": peak_memory_gb(result.output.loss.device), "skipped_rows": skipped_rows,
+                  "skipped_rows_total": state.skipped_rows, "load_skipped_rows": load_skipped,
+                  "truncated_sides": truncated_sides, "skipped_step": int(result.skipped),
+                  "skipped_steps": state.skipped_steps}
+        if result.skipped:
+            record["skip_reason"] = result.skip_reason
+        metrics.write(record)
+    progress.update(loss=f"{loss:.4f}", gap=f"{float(result.output.gap):.3f}",
+                    sps=f"{cfg.global_batch_size / elapsed:.1f}")
+
+
+def check_consecutive_skips(cfg: TrainConfig, state: TrainState, result, saved_path: Optional[Path]) -> None:
+    """Too many non-finite steps in a row stop the run (on every rank: the count is agreed)."""
+    if state.consecutive_skips < cfg.optim.max_consecutive_skips:
+        return
+    last = f"; the last complete checkpoint is {saved_path}" if saved_path else ""
+    raise NonFiniteLossError(
+        f"step {state.step}: {state.consecutive_skips} optimizer steps in a row were skipped for non-finite "
+        f"values (optim.max_consecutive_skips={cfg.optim.max_consecutive_skips}); last: "
+        f"{result.skip_reason}. The parameters are those of the last good step{last}. Lower "
+        "optim.lr, check the data of these steps, or raise the limit")
+
+
+def peer_stopped(exc: BaseException, step: int, ckpt_root: Path) -> PeerStoppedError:
+    """One line for the user instead of gloo's / NCCL's traceback: what happened, where,
+    and how to go on (the checkpoints of this run are intact: saves are all-or-nothing)."""
+    return PeerStoppedError(
+        f"another rank stopped (killed, crashed or stuck) during step {step + 1}; the communication layer "
+        f"said: {str(exc).splitlines()[0][:200]}. The last complete checkpoint is "
+        f"{ckpt.find_resume_checkpoint(ckpt_root) or 'none (no checkpoint yet)'}: relaunch with --resume auto "
+        "to continue from it")
+
+
+def log_run_summary(cfg: TrainConfig, dataset, state: TrainState, timed: list) -> None:
+    """Rank 0, at the end: what was skipped or cut, and the throughput of the timed steps."""
+    load_skipped = sum(dataset.skip_counts.values())
+    if load_skipped or state.skipped_rows or state.truncated_sides or state.skipped_steps:
+        logger.warning("data and numerics: %d bad rows skipped at load %s, %d replaced during training, %d sides "
+                       "truncated to processing.max_length, %d optimizer steps skipped (non-finite)",
+                       load_skipped, dict(dataset.skip_counts) if load_skipped else "", state.skipped_rows,
+                       state.truncated_sides, state.skipped_steps)
+    if timed:
         sps = [cfg.global_batch_size / t for t, _ in timed]
         logger.info("throughput over %d timed steps: %.2f samples/s, %.0f tokens/s", len(timed),
                     sum(sps) / len(sps), sum(tok / t for t, tok in timed) / len(timed))
-    return TrainResult(run_dir=str(run_dir), steps=step, final_loss=final_loss, stopped_early=stopped_early,
-                       checkpoint=str(saved_path or ""), export_dir=export_dir)
+
+
+class ProgressBar:
+    """Rank 0's tqdm bar (a no-op elsewhere). While it is open, log records and Python
+    warnings print on their own line above the bar, not glued to the end of its line."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        self._stack = contextlib.ExitStack()
+        if not enabled:
+            return
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+        logging.captureWarnings(True)
+        self._stack.callback(logging.captureWarnings, False)
+        self._stack.enter_context(logging_redirect_tqdm(loggers=[logging.getLogger(),
+                                                                 logging.getLogger("py.warnings")]))
+
+    def update(self, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        self._stack.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 # -------------------------------------------------------------------------------- CLI
@@ -795,8 +859,7 @@ def run(args: argparse.Namespace) -> int:
         report_error(f"config error: {exc}")
         return 2
     if args.print_config:
-        import yaml
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        print(config_to_yaml(cfg), end="")
         return 0
     try:
         result = train(cfg)

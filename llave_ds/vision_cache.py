@@ -20,6 +20,10 @@ chunk's ``pixel_values`` tensor as the key; then
 * anything else (the uncached step, a chunk never seen, tensors made under
   ``torch.inference_mode``): run the tower.
 
+A chunk with videos calls the tower twice (images, then videos): ``EmbeddingModel`` keys
+each call by its own tensor (``pixel_values``, ``pixel_values_videos``), so each is cached
+and replayed on its own (tests/test_video_inputs.py checks the gradients).
+
 The chunk's tensor is the key because the gradient cache passes the same chunk objects to
 both passes; an entry goes away with its tensor (a weak reference), so memory is bounded by
 the chunks alive (2B: 3.4 MB per 384-px image in bf16). Evaluation (no autograd either)

@@ -1,8 +1,8 @@
-"""Shared pieces of the multimodal tests: a duck-typed side and deterministic images."""
+"""Shared pieces of the multimodal tests: a duck-typed side, deterministic images and videos."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, List, Optional
 
 import numpy as np
 from PIL import Image
@@ -17,13 +17,30 @@ ALL_BACKBONES = BACKBONES + ["qwen2_5_vl"]
 
 @dataclass
 class Side:
-    """What the InputFormatter reads: ``.text`` and ``.image`` (PIL or None)."""
+    """What the InputFormatter reads: ``.text``, ``.image`` (PIL or None) and ``.video``
+    (a path, a ``llave_ds.video.Video``, a list of PIL frames, or None)."""
     text: str
     image: Optional[Image.Image] = None
+    video: Any = None
 
 
 def noise_image(h: int, w: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def moving_video(seed: int, num_frames: int = 4, size: int = 28) -> List[Image.Image]:
+    """A deterministic clip: a noisy background with a bright block moving right, one
+    frame per step (``size`` x ``size``; 28 is what the tiny processors keep unresized)."""
+    rng = np.random.RandomState(seed)
+    background = rng.randint(0, 120, (size, size, 3)).astype(np.uint8)
+    colour = rng.randint(130, 255, 3).astype(np.uint8)
+    frames = []
+    for t in range(num_frames):
+        arr = background.copy()
+        x = (3 + t * (size - 10) // max(num_frames - 1, 1)) % (size - 6)
+        arr[8:16, x:x + 6] = colour
+        frames.append(Image.fromarray(arr))
+    return frames
 
 
 def gradient_keeping_backend(model):

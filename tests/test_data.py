@@ -446,10 +446,22 @@ def test_decode_problems_with_skip_are_replaced_counted_and_logged(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="llave_ds.data"):
         pair = ds[2]
     assert (pair.subset, pair.row, pair.replaced) == ("Alpha", 3, [reason])  # next row stands in
-    assert ds.skip_counts == {reason: 1}
+    assert ds.skip_counts == {}  # load-time drops only; a replacement travels with its pair
     assert any("row 2," in r.getMessage() and fragment in r.getMessage() for r in caplog.records)
     batch = PairCollator(fake_formatter, 2, 2)([ds[0], pair, ds[4]])
     assert batch.num_pairs == 3 and batch.skipped == {reason: 1}
+
+
+def test_replacements_in_dataloader_workers_reach_the_main_process(tmp_path):
+    """A worker's copy of the dataset is never seen by the training process: the count must
+    come back with the batch."""
+    root = _bad_source(tmp_path, ("file", "truncated"), fmt="parquet")
+    ds = MMEBTrainDataset(config(tmp_path, root, skip_bad_rows=True))
+    for workers in (0, 1):  # the same counts whether the rows are read here or in a worker
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=[[0, 2, 4], [1, 2]], num_workers=workers,
+                                             collate_fn=PairCollator(fake_formatter, 2, 2))
+        assert [batch.skipped for batch in loader] == [{"unreadable_image": 1}, {"unreadable_image": 1}]
+        assert ds.skip_counts == {}, workers  # not counted twice (load-time drops + replacements)
 
 
 def test_verify_images_upfront_turns_decode_problems_into_load_time_skips(tmp_path):
@@ -705,3 +717,149 @@ def test_dataset_and_collator_pickle_for_spawned_workers(tmp_path):
     assert collate([a, b]).num_pairs == 2
     sampler = GlobalBatchSampler(ds, 2, seed=1)  # a dataset stands for its subset ranges
     assert list(pickle.loads(pickle.dumps(sampler))) == list(sampler)
+
+
+# --------------------------------------------------------------------------- video rows
+
+def _video_source(tmp_path, extra_rows=(), negatives=True):
+    """Subset "Vid" (jsonl): row 0 mp4 query -> text; row 1 text -> frame-folder target; row 2
+    text -> text with a video hard negative; plus an image subset "Alpha" (make_source)."""
+    from llave_ds.synthetic_video import VideoSpec, render_video, write_frame_folder, write_mp4
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    root = make_source(tmp_path, sizes={"Alpha": 4}, negatives=1 if negatives else 0)
+    frames = render_video(VideoSpec(2, "red", "square", "left"), size=32, num_frames=8)
+    write_mp4(frames, str(root / "videos" / "clip.mp4"))
+    write_frame_folder(frames[::-1], str(root / "videos" / "clip_frames"))
+    rows = [
+        dict(qry="<|video_1|>\nWhat moves?", qry_image_path="", qry_video_path="videos/clip.mp4",
+             pos_text="two red squares moving left", pos_image_path="", pos_video_path=""),
+        dict(qry="two red squares moving right", qry_image_path="", qry_video_path="",
+             pos_text="<|video_1|>\nRepresent the video.", pos_image_path="", pos_video_path="videos/clip_frames"),
+        dict(qry="a caption", qry_image_path="", qry_video_path="", pos_text="the caption", pos_image_path="",
+             pos_video_path=""),
+    ]
+    if negatives:
+        for row in rows:
+            row.update(neg_text=["<|video_1|>\nRepresent the video."], neg_image_path=[""],
+                       neg_video_path=["videos/clip_frames"])
+    changes = list(extra_rows) + [{}] * (len(rows) - len(extra_rows))
+    write_subset(str(root), "Vid", [dict(r, **c) for r, c in zip(rows, changes)], fmt="jsonl")
+    return root
+
+
+def test_video_rows_load_mp4_and_frame_folders_with_the_callers_frame_count(tmp_path):
+    root = _video_source(tmp_path)
+    ds = MMEBTrainDataset(config(tmp_path, root, use_hard_negatives=True), video_frames=4, video_max_side=16)
+    assert ds.has_videos and ds.subset_ranges == {"Alpha": (0, 4), "Vid": (4, 7)}
+    q = ds[4].query  # the mp4
+    assert q.video_path == "videos/clip.mp4" and q.image is None and q.has_video and not q.has_image
+    assert q.video.num_frames == 4 and q.video.indices == [0, 2, 4, 6] and q.video.info.kind == "file"
+    assert q.video.frames[0].mode == "RGB" and q.video.frames[0].size == (16, 16)  # video_max_side
+    assert q.video.info.fps == 8 and ds[4].target.video is None
+    t = ds[5].target  # the frame folder
+    assert t.video.info.kind == "frames" and t.video.num_frames == 4 and t.video_path == "videos/clip_frames"
+    neg = ds[6].negatives[0]
+    assert neg.video.num_frames == 4 and neg.image is None
+    # An image row keeps .image; its sides have no video.
+    assert ds[0].query.image is not None and ds[0].query.video is None
+    # Default: the processing default of 8 frames (training passes processing.video_frames).
+    from llave_ds.processing import DEFAULT_VIDEO_FRAMES
+    from llave_ds.data import DEFAULT_VIDEO_FRAMES as DATA_DEFAULT
+    assert DATA_DEFAULT == DEFAULT_VIDEO_FRAMES
+    assert MMEBTrainDataset(config(tmp_path, root, use_hard_negatives=True))[4].query.video.num_frames == 8
+    # Decoded in DataLoader workers: the clip travels pickled with its pair.
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=[[4, 5, 0]], num_workers=1,
+                                         collate_fn=PairCollator(lambda sides, role: {
+                                             "frames": torch.tensor([s.video.num_frames if s.video else 0
+                                                                     for s in sides])}, 3, 3))
+    batch = next(iter(loader))
+    assert batch.query_chunks[0]["frames"].tolist() == [4, 0, 0]
+    assert batch.target_chunks[0]["frames"].tolist() == [0, 4, 0]
+    with pytest.raises(ValueError, match="video_frames"):
+        MMEBTrainDataset(config(tmp_path, root), video_frames=0)
+
+
+def test_has_videos_is_about_the_sides_the_run_reads(tmp_path):
+    (tmp_path / "img").mkdir()
+    image_only = make_source(tmp_path / "img")
+    assert MMEBTrainDataset(config(tmp_path, image_only)).has_videos is False
+    # Only the hard negatives have a video: videos only when negatives are read.
+    root = _video_source(tmp_path, negatives=True)
+    rows = [json.loads(line) for line in open(root / "Vid.jsonl")]
+    for row in rows:
+        row.update(qry_video_path="", pos_video_path="", qry="q", pos_text="p")
+    write_subset(str(root), "Vid", rows, fmt="jsonl")
+    assert MMEBTrainDataset(config(tmp_path, root)).has_videos is False
+    assert MMEBTrainDataset(config(tmp_path, root, use_hard_negatives=True)).has_videos is True
+    # Only the subsets trained on count.
+    assert MMEBTrainDataset(config(tmp_path, root, subsets=["Alpha"], use_hard_negatives=True)).has_videos is False
+
+
+def test_synthetic_video_training_rows_load(tmp_path):
+    from llave_ds.synthetic_video import generate_synthetic_videos
+    out = tmp_path / "sv"
+    generate_synthetic_videos(str(out), num_test=4, num_train_per_subset=4, num_frames=8)
+    ds = MMEBTrainDataset(config(tmp_path, out / "train", image_root=str(out), use_hard_negatives=True),
+                          video_frames=4)
+    assert ds.subsets == ["SynthVideo_T2V", "SynthVideo_V2T"] and len(ds) == 8 and ds.has_videos
+    t2v, v2t = ds[0], ds[4]
+    assert t2v.query.video is None and t2v.target.video.num_frames == 4 and t2v.negatives[0].video is not None
+    assert v2t.query.video.num_frames == 4 and v2t.target.video is None and v2t.negatives[0].video is None
+    # Opposite-direction negative = the positive played backwards.
+    pos, neg = t2v.target.video.to_array().astype(int), t2v.negatives[0].video.to_array().astype(int)
+    assert not np.array_equal(pos, neg)
+
+
+def test_video_on_a_side_with_an_image_is_refused(tmp_path):
+    root = _video_source(tmp_path, extra_rows=[dict(qry_image_path="images/Alpha/0.png")])
+    with pytest.raises(DataError) as info:
+        MMEBTrainDataset(config(tmp_path, root))
+    msg = str(info.value)
+    assert "subset 'Vid'" in msg and "Vid.jsonl" in msg and "row 0," in msg and "field 'qry_video_path'" in msg
+    assert "both an image" in msg and "images/Alpha/0.png" in msg and "videos/clip.mp4" in msg
+    assert (info.value.reason, info.value.row) == ("image_and_video", 0)
+    # A negative too, named by its index in the row's lists.
+    root = _video_source(tmp_path / "neg", extra_rows=[{}, {}, dict(neg_image_path=["images/Alpha/0.png"])])
+    with pytest.raises(DataError, match=r"row 2, field 'neg_video_path\[0\]'.*both an image"):
+        MMEBTrainDataset(config(tmp_path, root, use_hard_negatives=True))
+
+
+@pytest.mark.parametrize("how, reason, fragment", [
+    ("missing", "missing_video", "video not found"),
+    ("empty", "empty_video_file", "empty (0 bytes)"),
+])
+def test_missing_or_empty_video_is_a_load_time_problem(tmp_path, caplog, how, reason, fragment):
+    root = _video_source(tmp_path, negatives=False)
+    full = root / "videos" / "clip.mp4"
+    os.remove(full) if how == "missing" else open(full, "wb").close()
+    with pytest.raises(DataError) as info:
+        MMEBTrainDataset(config(tmp_path, root))
+    msg = str(info.value)
+    assert "row 0," in msg and "field 'qry_video_path'" in msg and fragment in msg and str(full) in msg
+    assert info.value.reason == reason
+    ds = MMEBTrainDataset(config(tmp_path, root, skip_bad_rows=True, max_skip_fraction=0.5))
+    assert ds.skip_counts == {reason: 1} and len(ds) == 4 + 2
+
+
+def test_unreadable_video_raises_in_getitem_or_is_a_counted_replacement(tmp_path, caplog):
+    root = _video_source(tmp_path, negatives=False)
+    full = root / "videos" / "clip.mp4"
+    full.write_bytes(b"this is not a video" * 20)
+    ds = MMEBTrainDataset(config(tmp_path, root))  # the cheap load-time pass cannot see it
+    with pytest.raises(DataError) as info:
+        ds[4]
+    msg = str(info.value)
+    assert "subset 'Vid'" in msg and "row 0," in msg and "field 'qry_video_path'" in msg and str(full) in msg
+    assert info.value.reason == "unreadable_video"
+    ds = MMEBTrainDataset(config(tmp_path, root, skip_bad_rows=True))
+    with caplog.at_level(logging.WARNING, logger="llave_ds.data"):
+        pair = ds[4]
+    assert (pair.row, pair.replaced) == (1, ["unreadable_video"])
+    assert any("qry_video_path" in r.getMessage() and str(full) in r.getMessage() for r in caplog.records)
+    assert PairCollator(fake_formatter, 2, 2)([pair, ds[5]]).skipped == {"unreadable_video": 1}
+    # verify_images_upfront decodes videos too: a load-time skip, exact counts.
+    with pytest.raises(DataError, match=r"row 0, field 'qry_video_path'"):
+        MMEBTrainDataset(config(tmp_path, root, verify_images_upfront=True))
+    ds = MMEBTrainDataset(config(tmp_path, root, verify_images_upfront=True, skip_bad_rows=True,
+                                 max_skip_fraction=0.5))
+    assert ds.skip_counts == {"unreadable_video": 1}

@@ -89,7 +89,7 @@ def test_exported_prompt_settings_are_used(tiny_dirs, tmp_path):
     model.eval()
     cfg = ProcessingConfig(max_length=80, max_image_tokens=14, query_instruction="Find: ",
                            target_instruction="Doc: ", system_prompt="Embed.", padding_side="left",
-                           prompt_format="llave")
+                           prompt_format="llave", video_frames=4, video_max_side=20)
     assert all(getattr(cfg, f.name) != getattr(ProcessingConfig(), f.name) for f in dataclasses.fields(cfg))
     fmt = InputFormatter.from_config(processor, backbone, cfg)
     meta = embedding_metadata(model, fmt, export_dtype="float32", model_class="LlavaOnevisionForConditionalGeneration")

@@ -52,3 +52,23 @@ def test_set_fetch_units_marks_leaves_only_under_zero3_and_without_a_user_block(
     assert eng.set_fetch_units(model, complete({"stage": 3})) == ["Linear"]
     assert get_z3_leaf_modules(model) == list(model.blocks)
     assert eng.set_fetch_units(torch.nn.Linear(2, 2), complete({"stage": 3})) == []  # declares none
+
+
+def test_only_the_deprecated_collective_warnings_are_silenced():
+    """Exactly torch's FutureWarnings for the two collectives DeepSpeed calls, attributed
+    as torch attributes them; the same text from elsewhere, or another warning, still shows."""
+    import warnings
+
+    def shown(message, module, category=FutureWarning):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            eng.silence_deprecated_collective_warnings()
+            warnings.warn_explicit(message, category, "c10d_logger.py", 83, module=module)
+        return len(caught)
+
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        text = f"`torch.distributed.{name}` is deprecated. Please use `torch.distributed.x` instead."
+        assert shown(text, "torch.distributed.c10d_logger") == 0
+        assert shown(text, "my_module") == 1
+        assert shown(text, "torch.distributed.c10d_logger", DeprecationWarning) == 1
+    assert shown("`torch.distributed.all_reduce` is deprecated.", "torch.distributed.c10d_logger") == 1

@@ -35,7 +35,7 @@ def test_distributed_eval_equals_single_process(assets):
     single = _evaluate(assets["model"], assets["eval"], assets["images"])
     outcomes = run_distributed(_evaluate_ranked, 2, assets["model"], assets["eval"], assets["images"],
                                timeout_s=240)
-    assert len(single) == 4
+    assert len(single) == 6  # llave_ds.synthetic.EVAL_SUBSETS
     for out in outcomes:
         for name, want in single.items():
             got = out.value[name]
@@ -91,7 +91,8 @@ def test_images_are_decoded_batch_by_batch_not_all_before_encoding(assets, monke
         counts["encoded"] += sum(s.image is not None for s in sides)
         return real_encode(sides, **kwargs)
 
-    monkeypatch.setattr(data, "load_image", load_image)
+    import llave_ds.eval as eval_module
+    monkeypatch.setattr(eval_module, "load_image", load_image)  # eval's own reference to data.load_image
     monkeypatch.setattr(embedder, "encode_sides", encode_sides)
     streamed = evaluate_subset(embedder, subset, batch_size=3, progress=False, num_workers=0)
     assert counts["decoded"] > 3 and len(counts["ahead"]) > 2

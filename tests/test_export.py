@@ -54,7 +54,7 @@ QUERY_INSTRUCTION = "Find an answer: "
 PROCESSING = {
     backbone: dict(max_length=128, max_image_tokens=cap, query_instruction=QUERY_INSTRUCTION,
                    target_instruction="Represent the answer: ", system_prompt="Embed.", padding_side="left",
-                   prompt_format="llave")
+                   prompt_format="llave", video_frames=4, video_max_side=48)
     for backbone, cap in (("llava_onevision", 14), ("qwen2_vl", 1))
 }
 STOCK_PROCESSOR = {"llava_onevision": "LlavaOnevisionProcessor", "qwen2_vl": "Qwen2VLProcessor"}
@@ -215,7 +215,10 @@ def _run_without_llave_ds(root, name: str, source: str, jobs: dict):
     script = root / name
     script.write_text(source)
     env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([PYTHON, str(script), json.dumps(jobs)], cwd=str(root), env=env,
+    # LLAVE_DS_PLAIN_PYTHON: another interpreter for the "plain transformers user" (one with
+    # torchvision, say: the CPU torch wheel here has no matching torchvision on PyPI).
+    python = os.environ.get("LLAVE_DS_PLAIN_PYTHON") or PYTHON
+    proc = subprocess.run([python, str(script), json.dumps(jobs)], cwd=str(root), env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -6,7 +6,10 @@ With the step-efficiency defaults on (ZeRO-3 fetch units = leaf decoder/vision b
 features), and once with the fetch units and DeepSpeed's linear switched back (the opt-out).
 
 Also the rank-agreement case the design depends on: in the same step one rank holds only
-text-only pairs (its vision tower runs on a blank image) while the other holds images.
+text-only pairs (its vision tower runs on a blank image) while the other holds images;
+and its video form (issue #16): one rank holds video (and text, or image, video and text)
+queries while the other holds only text, with the formatter's video slot on as training
+sets it for data with videos (every chunk carries a video, a blank dummy where it has none).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import torch
 from PIL import Image
 
 from tests.distributed_harness import run_distributed
-from tests.multimodal import Side
+from tests.multimodal import Side, moving_video
 from tests.reference_loss import reference_loss, reference_loss_sum
 
 STEPS, LR, TAU, ALPHA, TOL = 3, 2e-3, 0.1, 4.0, 1e-5
@@ -31,6 +34,7 @@ STEPS, LR, TAU, ALPHA, TOL = 3, 2e-3, 0.1, 4.0, 1e-5
 # get weight decay from DeepSpeed but not from torch (grad None): wd=0 as in the paper.
 ADAM = dict(lr=LR, eps=1e-4, weight_decay=0.0)
 PAIRS_PER_RANK = 4
+VIDEO_FRAMES = 4  # frames per clip in the video scenarios (the formatter's video_frames)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,10 @@ class Scenario:
     frozen_tower: bool = False  # the paper's setting; turns the frozen-vision cache on
     optimizations: bool = True  # False: no ZeRO-3 fetch units, DeepSpeed's memory-efficient linear
     reduction: str = "coalesced"
+    # "" (no videos), "rank1" (rank 1: video and text queries; rank 0: text only) or "mixed"
+    # (rank 1: image, video and text queries, a video target; rank 0: text only). Any
+    # value turns the formatter's video slot on, as training does for data with videos.
+    videos: str = ""
 
 
 def colour_image(step: int, i: int) -> Image.Image:
@@ -54,6 +62,8 @@ def colour_image(step: int, i: int) -> Image.Image:
 
 
 def pairs_of(sc: Scenario, step: int, rank: int) -> tuple[list[Side], list[Side]]:
+    if sc.videos:
+        return video_pairs_of(sc, step, rank)
     queries, targets = [], []
     for j in range(PAIRS_PER_RANK):
         i = rank * PAIRS_PER_RANK + j
@@ -63,6 +73,34 @@ def pairs_of(sc: Scenario, step: int, rank: int) -> tuple[list[Side], list[Side]
             queries.append(Side("<|image_1|>\nDescribe the colour.", colour_image(step, i)))
         targets.append(Side(f"colour {i * 37 % 11} shade {step}"))
     return queries, targets
+
+
+def video_pairs_of(sc: Scenario, step: int, rank: int) -> tuple[list[Side], list[Side]]:
+    """Rank 0: text only. Rank 1 ("rank1"): video queries at even positions, text at odd;
+    ("mixed"): query kinds cycle video, image, text, and the last target is a video."""
+    queries, targets = [], []
+    for j in range(PAIRS_PER_RANK):
+        i = rank * PAIRS_PER_RANK + j
+        kind = "text" if rank == 0 else (("video", "text") if sc.videos == "rank1" else ("video", "image", "text"))[
+            j % (2 if sc.videos == "rank1" else 3)]
+        if kind == "video":
+            queries.append(Side("<|video_1|>\nWhere does the block go?",
+                                video=moving_video(1000 * step + i, VIDEO_FRAMES)))
+        elif kind == "image":
+            queries.append(Side("<|image_1|>\nDescribe the colour.", colour_image(step, i)))
+        else:
+            queries.append(Side(f"find the clip number {i} of step {step}"))
+        if sc.videos == "mixed" and rank == 1 and j == PAIRS_PER_RANK - 1:
+            targets.append(Side("<|video_1|>\nRepresent the video.", video=moving_video(7 + step + i, VIDEO_FRAMES)))
+        else:
+            targets.append(Side(f"block {i * 37 % 11} moving {step}"))
+    return queries, targets
+
+
+def make_formatter(processor, sc: Scenario):
+    from llave_ds.processing import InputFormatter
+    return InputFormatter(processor, sc.backbone, max_length=96, system_prompt="E", video_frames=VIDEO_FRAMES,
+                          video_slot=bool(sc.videos))
 
 
 def chunks_of(formatter, sides, size):
@@ -87,14 +125,13 @@ def _ranked(rank, world, scenarios, model_dirs):
     from llave_ds.gradcache import gradcache_step
     from llave_ds.model import load_embedding_model, trainable_parameters
     from llave_ds.objective import ObjectiveConfig
-    from llave_ds.processing import InputFormatter
 
     eng.attach_deepspeed_comm()
     out = {}
     for sc in scenarios:
         cfg = eng.complete_ds_config(ds_config(sc), local_batch_size=PAIRS_PER_RANK, world_size=world)
         model, processor = load_embedding_model(model_config(model_dirs[sc.backbone], sc), deepspeed_config=cfg)
-        formatter = InputFormatter(processor, sc.backbone, max_length=96, system_prompt="E")
+        formatter = make_formatter(processor, sc)
         opt = torch.optim.AdamW(trainable_parameters(model), **ADAM)
         engine = eng.build_engine(model, opt, cfg)
         backend = eng.DeepSpeedStepBackend(engine, reduction=sc.reduction)
@@ -115,10 +152,9 @@ def _ranked(rank, world, scenarios, model_dirs):
 
 def reference(sc: Scenario, model_dir: str, world: int = 2):
     from llave_ds.model import load_embedding_model, trainable_parameters
-    from llave_ds.processing import InputFormatter
 
     model, processor = load_embedding_model(model_config(model_dir, sc))
-    formatter = InputFormatter(processor, sc.backbone, max_length=96, system_prompt="E")
+    formatter = make_formatter(processor, sc)
     opt = torch.optim.AdamW(trainable_parameters(model), **ADAM)
     losses, norms = [], []
     n = world * PAIRS_PER_RANK
@@ -172,6 +208,14 @@ SCENARIOS = [
     Scenario("qwen25_z3_c3_exact", backbone="qwen2_5_vl", chunk=3),
     Scenario("qwen25_z3_frozen_tower_text_only_rank", backbone="qwen2_5_vl", chunk=2, rank0_text_only=True,
              frozen_tower=True),
+    # Videos (issue #16): rank 1 holds videos, rank 0 only text; every chunk runs the tower
+    # on images then videos (blank dummies where a chunk has none).
+    Scenario("ov_z3_video_rank_text_rank", chunk=2, videos="rank1"),
+    Scenario("qwen_z3_video_rank_text_rank", backbone="qwen2_vl", chunk=2, videos="rank1"),
+    Scenario("qwen25_z3_video_rank_text_rank", backbone="qwen2_5_vl", chunk=2, videos="rank1"),
+    Scenario("ov_z3_mixed_image_video_rank", chunk=3, videos="mixed"),
+    Scenario("qwen_z3_mixed_image_video_frozen_tower", backbone="qwen2_vl", chunk=3, videos="mixed",
+             frozen_tower=True),
 ]
 
 
@@ -194,4 +238,33 @@ def test_gradcache_with_lmm_backbones_equals_plain_torch(model_dirs, sc):
         if sc.stage == 3:
             assert (got["leaves"] >= 4) == sc.optimizations, got["leaves"]
         chunks_per_step = 2 * -(-PAIRS_PER_RANK // sc.chunk)
-        assert got["tower_hits"] == (STEPS * chunks_per_step if sc.frozen_tower else 0), got["tower_hits"]
+        calls_per_chunk = 2 if sc.videos else 1  # images, then videos
+        assert got["tower_hits"] == (STEPS * chunks_per_step * calls_per_chunk if sc.frozen_tower else 0), \
+            got["tower_hits"]
+        print(f"{sc.name} rank {out.rank}: max |param diff| {param_err:.2e}, loss {loss_err:.2e}, "
+              f"grad norm (rel) {norm_err:.2e}")
+
+
+@pytest.mark.parametrize("backbone", ["llava_onevision", "qwen2_vl"])
+def test_without_the_video_slot_a_text_rank_and_a_video_rank_would_run_different_modules(model_dirs, backbone):
+    """Why the video scenarios need ``video_slot``: without it the text-only rank's chunks
+    carry no video tensors (its model would skip the video tower call the other rank makes,
+    and ZeRO-3's parameter gathers would stop matching); with it both ranks' chunks carry
+    the same keys, the text-only rank's video a blank dummy."""
+    from llave_ds.processing import load_processor
+    processor = load_processor(model_dirs[backbone])
+    sc = Scenario("check", backbone=backbone, videos="rank1")
+    per_rank = [pairs_of(sc, 0, rank)[0][:2] for rank in (0, 1)]  # the first query chunk of each rank
+    plain = formatter_without_slot(processor, sc)
+    text_chunk, video_chunk = (plain(sides, "query") for sides in per_rank)
+    assert "pixel_values_videos" not in text_chunk and "pixel_values_videos" in video_chunk
+    slot = make_formatter(processor, sc)
+    text_chunk, video_chunk = (slot(sides, "query") for sides in per_rank)
+    assert text_chunk.keys() == video_chunk.keys()
+    assert bool(text_chunk["dummy_video"]) and not bool(video_chunk["dummy_video"])
+    assert bool(text_chunk["dummy_image"]) and bool(video_chunk["dummy_image"])
+
+
+def formatter_without_slot(processor, sc: Scenario):
+    from llave_ds.processing import InputFormatter
+    return InputFormatter(processor, sc.backbone, max_length=96, system_prompt="E", video_frames=VIDEO_FRAMES)

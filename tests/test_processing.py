@@ -230,10 +230,10 @@ def test_bad_arguments_are_clear_errors(processors):
 # Every field away from its default (checked below): a field from_config dropped would show.
 NON_DEFAULT = {"llava_onevision": dict(max_length=200, max_image_tokens=14, query_instruction="Find: ",
                                        target_instruction="Doc: ", system_prompt="Embed.", padding_side="left",
-                                       prompt_format="llave"),
+                                       prompt_format="llave", video_frames=4, video_max_side=20),
                "qwen2_vl": dict(max_length=200, max_image_tokens=1, query_instruction="Find: ",
                                 target_instruction="Doc: ", system_prompt="Embed.", padding_side="left",
-                                prompt_format="llave")}
+                                prompt_format="llave", video_frames=6, video_max_side=40)}
 
 
 def fixed_chunk():
@@ -257,7 +257,8 @@ def test_from_config_uses_every_field(processors, backbone):
     explicit = InputFormatter(proc, backbone, max_length=cfg.max_length, max_image_tokens=cfg.max_image_tokens,
                               query_instruction=cfg.query_instruction, target_instruction=cfg.target_instruction,
                               system_prompt=cfg.system_prompt, padding_side=cfg.padding_side,
-                              prompt_format=cfg.prompt_format)
+                              prompt_format=cfg.prompt_format, video_frames=cfg.video_frames,
+                              video_max_side=cfg.video_max_side)
     default = InputFormatter.from_config(proc, backbone, defaults)
     for role in ("query", "target"):
         got, want = fmt(fixed_chunk(), role), explicit(fixed_chunk(), role)

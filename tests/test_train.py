@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,61 @@ def test_qwen2vl_backbone_trains_on_synthetic_data_under_zero3(assets, tmp_path)
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in records)  # finite, and it learned something
+
+
+def _result(skipped: bool):
+    return types.SimpleNamespace(skipped=skipped)
+
+
+def test_train_state_round_trips_and_counts():
+    """One object saves and restores where the run is: step, data position, skip counters."""
+    from llave_ds.data import GlobalBatchSampler
+    from llave_ds.train import TrainState
+
+    state = TrainState(GlobalBatchSampler(40, 8, rank=1, world_size=2, seed=3), world_size=2)
+    assert state.steps_per_epoch == 5
+    for skipped in (False, True, True, False, True, False, False):
+        state.record(_result(skipped), skipped_rows=2, truncated_sides=1)
+    assert (state.step, state.epoch, state.skipped_steps, state.consecutive_skips, state.skipped_rows,
+            state.truncated_sides) == (7, 1, 3, 0, 14, 7)
+    state.record(_result(True), skipped_rows=0, truncated_sides=0)
+    saved = state.state_dict()
+    assert saved["sampler"]["epoch"] == 1 and saved["sampler"]["step"] == 3  # step 8 = epoch 1, 3 batches in
+
+    fresh = TrainState(GlobalBatchSampler(40, 8, rank=1, world_size=2, seed=3), world_size=2)
+    fresh.load_state_dict(saved, Path("ckpt"))
+    assert fresh.state_dict() == saved and fresh.consecutive_skips == 1
+    fresh.sampler.set_epoch(fresh.epoch)
+    reference = GlobalBatchSampler(40, 8, rank=1, world_size=2, seed=3)
+    reference.set_epoch(1)
+    assert list(fresh.sampler) == list(reference)[3:]  # the data continues where it stopped
+
+
+def test_train_state_refuses_another_rank_count_and_another_sampler():
+    from llave_ds.checkpoint import CheckpointError
+    from llave_ds.data import GlobalBatchSampler
+    from llave_ds.train import TrainState
+
+    saved = TrainState(GlobalBatchSampler(40, 8, rank=0, world_size=2, seed=3), world_size=2).state_dict()
+    with pytest.raises(CheckpointError, match=r"ckpt was written by 2 ranks, this run has 4"):
+        TrainState(GlobalBatchSampler(40, 8, rank=0, world_size=4, seed=3), world_size=4).load_state_dict(
+            saved, Path("ckpt"))
+    with pytest.raises(ValueError, match="seed=3, this one has 4"):
+        TrainState(GlobalBatchSampler(40, 8, rank=0, world_size=2, seed=4), world_size=2).load_state_dict(
+            saved, Path("ckpt"))
+
+
+def test_print_config_reads_back_equal(tmp_path, capsys):
+    """--print-config prints what load_config reads back to the same config (a string that
+    looks like a number stays a string)."""
+    from llave_ds.config import load_config
+    from llave_ds.train import TrainConfig, main
+
+    overrides = ["run_dir=1e3", "data.subsets=A,B", "objective.alpha=4.5", "processing.system_prompt=yes"]
+    assert main(["--config", "demo_cpu", "--print-config", *overrides]) == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    want = load_config(TrainConfig, str(__import__("llave_ds.config").config.shipped_file("train", "demo_cpu")),
+                       overrides)
+    assert load_config(TrainConfig, str(printed)) == want
+    assert want.run_dir == "1e3" and want.processing.system_prompt == "yes"

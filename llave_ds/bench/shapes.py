@@ -1,4 +1,4 @@
-"""Real architecture shapes as transformers configs, and the arithmetic of their cost.
+"""Real architecture shapes as transformers configs.
 
 The benchmark (``llave_ds.bench``) builds models of these shapes with random weights, so
 no checkpoint is needed. Every shape is the LLaVA-OneVision architecture: a SigLIP
@@ -21,18 +21,17 @@ have the vocabulary sizes above; the llava-hf conversions add ``<image>``/``<vid
 and round the embedding up to a multiple of 64 (e.g. 152000 for 0.5B), a 0.04 % change
 that does not matter for cost.
 
-Cost arithmetic (all of it written out in docs/PERFORMANCE.md):
-
-* ``param_counts(config)``: exact parameter counts per part (checked against a model
-  built on the meta device in tests/test_bench.py);
-* ``llm_forward_flops``, ``vision_forward_flops``, ``projector_forward_flops``: forward
-  FLOPs of matrix products (2 per multiply-add); norms, activations, RoPE, softmax and
-  biases are not counted (<1 %).
+The cost of a shape (parameter counts, FLOPs, activation bytes) is ``llave_ds.bench.cost``;
+tests/bench/test_shapes.py checks the published sizes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
+
+from transformers import LlavaOnevisionConfig
+
+from llave_ds.tiny import tiny_config
 
 # LLaVA-OV / Qwen2 token ids (the LLaVA-NeXT checkpoints and their llava-hf conversions).
 QWEN_ENDOFTEXT_ID = 151643          # also the pad token
@@ -112,12 +111,8 @@ def shape_config(name: str, llm_layers: Optional[int] = None, vision_layers: Opt
     reduced-layer shapes keep every width of the real model, so per-layer costs,
     activation sizes and the vocabulary are real while a step fits a CPU.
     """
-    from transformers import LlavaOnevisionConfig
-
     shape = resolve_shape(name)
     if shape.name == "tiny":
-        from llave_ds.tiny import tiny_config
-
         data = tiny_config("llava_onevision").to_dict()
     else:
         data = dict(
@@ -138,124 +133,7 @@ def shape_config(name: str, llm_layers: Optional[int] = None, vision_layers: Opt
     return LlavaOnevisionConfig.from_dict(data)
 
 
-# ---------------------------------------------------------------------------------------
-# Parameter counts
-# ---------------------------------------------------------------------------------------
-
-def _dims(config) -> dict:
-    t, v = config.text_config, config.vision_config
-    heads = t.num_attention_heads
-    head_dim = getattr(t, "head_dim", None) or t.hidden_size // heads
-    return dict(
-        d=t.hidden_size, f=t.intermediate_size, L=t.num_hidden_layers, h=heads,
-        kv=t.num_key_value_heads * head_dim, q=heads * head_dim, V=t.vocab_size,
-        dv=v.hidden_size, fv=v.intermediate_size, Lv=v.num_hidden_layers,
-        S=v.image_size, P=v.patch_size, C=getattr(v, "num_channels", 3),
-        tied=bool(config.tie_word_embeddings),
-    )
-
-
-def patches_per_tile(config) -> int:
-    v = config.vision_config
-    return (v.image_size // v.patch_size) ** 2
-
-
-def param_counts(config) -> dict[str, int]:
-    """Exact parameter counts of ``LlavaOnevisionForConditionalGeneration(config)``.
-
-    Keys: vision_tower, projector (MLP + image_newline), llm_embedding, llm_layers
-    (decoder layers + final norm), lm_head (0 when tied), total, and
-    trainable (everything but the vision tower and an untied LM head: the paper's
-    setting and llave_ds.model's default freezing).
-    """
-    g = _dims(config)
-    d, f, L, kv, q, V = g["d"], g["f"], g["L"], g["kv"], g["q"], g["V"]
-    dv, fv, Lv, S, P, C = g["dv"], g["fv"], g["Lv"], g["S"], g["P"], g["C"]
-    n = (S // P) ** 2
-    siglip_layer = (2 * dv) + 4 * (dv * dv + dv) + (2 * dv) + (dv * fv + fv) + (fv * dv + dv)
-    vision = (C * P * P * dv + dv) + n * dv + Lv * siglip_layer + 2 * dv  # + post_layernorm
-    projector = (dv * d + d) + (d * d + d) + d                          # linear_1, linear_2, newline
-    qwen_layer = (d * q + q) + 2 * (d * kv + kv) + q * d + 3 * d * f + 2 * d
-    llm_layers = L * qwen_layer + d
-    embedding = V * d
-    lm_head = 0 if g["tied"] else V * d
-    total = vision + projector + embedding + llm_layers + lm_head
-    return dict(vision_tower=vision, projector=projector, llm_embedding=embedding,
-                llm_layers=llm_layers, lm_head=lm_head, total=total,
-                trainable=projector + embedding + llm_layers)
-
-
-# ---------------------------------------------------------------------------------------
-# Forward FLOPs (2 FLOPs per multiply-add; matrix products only)
-# ---------------------------------------------------------------------------------------
-
-def llm_forward_flops(config, seq_len: int, causal: bool = True) -> dict[str, float]:
-    """Forward FLOPs of the Qwen2 decoder on one sequence of ``seq_len`` tokens.
-
-    linear    = 2 * s * L * (d*q + 2*d*kv + q*d + 3*d*f)      (q/k/v/o projections, SwiGLU MLP)
-    attention = 2 * 2 * s^2 * q * L * (1/2 if causal)          (Q K^T and A V; q = heads * head_dim)
-
-    The LM head is never run by the embedding model, so it is not counted.
-    """
-    g = _dims(config)
-    d, f, L, kv, q = g["d"], g["f"], g["L"], g["kv"], g["q"]
-    s = float(seq_len)
-    linear = 2.0 * s * L * (d * q + 2 * d * kv + q * d + 3 * d * f)
-    attention = 4.0 * s * s * q * L * (0.5 if causal else 1.0)
-    return {"linear": linear, "attention": attention, "total": linear + attention}
-
-
-def vision_forward_flops(config, tiles: int) -> float:
-    """Forward FLOPs of the SigLIP tower on ``tiles`` tiles of n = (S/P)^2 patches each.
-
-    per tile = 2*n*(C*P^2)*dv  (patch embedding)
-             + Lv * [2*n*(4*dv^2 + 2*dv*fv) + 4*n^2*dv]   (projections, MLP, full attention)
-    """
-    g = _dims(config)
-    dv, fv, Lv, P, C = g["dv"], g["fv"], g["Lv"], g["P"], g["C"]
-    n = float(patches_per_tile(config))
-    per_tile = 2 * n * C * P * P * dv + Lv * (2 * n * (4 * dv * dv + 2 * dv * fv) + 4 * n * n * dv)
-    return tiles * per_tile
-
-
-def projector_forward_flops(config, tiles: int) -> float:
-    """Forward FLOPs of the projector on every tile's n features: 2*n*(dv*d + d*d) per tile."""
-    g = _dims(config)
-    n = float(patches_per_tile(config))
-    return tiles * 2 * n * (g["dv"] * g["d"] + g["d"] * g["d"])
-
-
-def activation_bytes_per_token(config, checkpointing: bool, seq_len: int, act_bytes: int = 2) -> dict[str, float]:
-    """Bytes autograd keeps per token of one chunk in the language model (pass 2).
-
-    Measured with saved-tensor hooks on the real widths (tests/test_bench.py; exact at
-    bf16 for the tiny, 0.5B and 2B widths): one Qwen2 decoder layer under SDPA keeps
-
-        24*d + 8*f + 4*h + 8 + 2*s   bytes per token
-
-    (two RMSNorms with their fp32 upcasts 2*(4d + 2d + 2d + 4), q and the head-repeated k, v
-    and the attention output 4*2d, the SwiGLU MLP 4*2f, the fp32 log-sum-exp 4h, and the
-    additive padding mask, materialised per layer: 2*s per token at s = padded length),
-    plus 6*d + 4*head_dim + 12 once (final norm, rotary cos/sin, ids). With non-reentrant
-    checkpointing per layer only the layer input (2*d) stays, and one layer is recomputed
-    at a time during backward ("transient"). ``act_bytes`` = 4 scales everything (fp32
-    runs keep no separate upcast copies, so that is an upper bound).
-    """
-    g = _dims(config)
-    d, f, h, L = g["d"], g["f"], g["h"], g["L"]
-    head_dim = g["q"] // h
-    scale = act_bytes / 2.0
-    layer = (24 * d + 8 * f + 4 * h + 8 + 2 * seq_len) * scale
-    once = (6 * d + 4 * head_dim + 12) * scale
-    if checkpointing:
-        kept, transient = L * 2 * d * scale + once, layer
-    else:
-        kept, transient = L * layer + once, 0.0
-    return {"per_layer": layer, "once": once, "kept": kept, "transient": transient}
-
-
 __all__ = [
-    "SHAPES", "ALIASES", "Shape", "shape_names", "resolve_shape", "shape_config", "param_counts",
-    "patches_per_tile", "llm_forward_flops", "vision_forward_flops", "projector_forward_flops",
-    "activation_bytes_per_token", "LLAVA_OV_PINPOINTS", "LLAVA_IMAGE_TOKEN_ID", "QWEN_ENDOFTEXT_ID",
+    "SHAPES", "ALIASES", "Shape", "shape_names", "resolve_shape", "shape_config",
+    "LLAVA_OV_PINPOINTS", "LLAVA_IMAGE_TOKEN_ID", "LLAVA_VIDEO_TOKEN_ID", "QWEN_ENDOFTEXT_ID",
 ]

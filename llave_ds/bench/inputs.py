@@ -1,0 +1,177 @@
+"""The benchmark's inputs: the tensors the processor would produce for MMEB-like pairs.
+
+No tokenizer or image file is needed. Each side is the Qwen chat prompt that
+``llave_ds.processing.InputFormatter`` builds: 14 template tokens in front
+(``<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n`` in
+Qwen's BPE), then for a side with an image the ``<image>`` tokens and ``\\n``, then the text,
+then 5 closing tokens (``<|im_end|>\\n<|im_start|>assistant\\n``). Text tokens are random
+ids, their count drawn uniformly from a range. The image token count and the tile tensor
+shape come from transformers' own LLaVA-OV processor classes (``geometry_for``); pixel
+values are random. A chunk without any image carries the blank dummy image, exactly as the
+formatter does (tests/bench/test_inputs.py checks the synthesis against the formatter on
+the tiny model).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from PIL import Image
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
+
+from llave_ds.bench import cost, shapes
+from llave_ds.processing import LlavaOnevisionImageTextProcessor
+from llave_ds.tiny import build_tiny_tokenizer
+
+TEMPLATE_HEAD_TOKENS = 14  # <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n
+TEMPLATE_TAIL_TOKENS = 5   # <|im_end|>\n<|im_start|>assistant\n
+
+
+@dataclass
+class Geometry:
+    image_hw: tuple[int, int]
+    tiles_per_image: int
+    tokens_per_image: int
+    dummy_tiles: int
+    tile_px: int
+    id_high: int         # random text ids are drawn from [0, id_high)
+    image_token_id: int
+    pad_token_id: int
+
+
+def _llava_processor(config):
+    """transformers' LLaVA-OV image processor + processor for ``config``'s tiling, with the
+    byte-level tokenizer of llave_ds.tiny (only its ``<image>`` token is used here)."""
+    size = int(config.vision_config.image_size)
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": size, "width": size}, image_grid_pinpoints=config.image_grid_pinpoints)
+    return LlavaOnevisionImageTextProcessor(
+        image_processor=image_processor, tokenizer=build_tiny_tokenizer(),
+        num_image_tokens=cost.patches_per_tile(config),
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        vision_aspect_ratio=config.vision_aspect_ratio)
+
+
+def image_tiles_and_tokens(config, height: int, width: int, processor=None) -> tuple[int, int]:
+    """(tiles the vision tower runs, ``<image>`` tokens in the text) for one image, from
+    the same transformers code the InputFormatter uses."""
+    processor = processor or _llava_processor(config)
+    out = processor.image_processor([Image.new("RGB", (width, height))], return_tensors="pt")
+    inputs = {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"], "batch_num_images": [1]}
+    tokens = len(processor.replace_image_token(inputs, 0)) // len(processor.image_token)
+    return int(out["pixel_values"].shape[1]), int(tokens)
+
+
+def geometry_for(config, image_hw: Optional[tuple[int, int]]) -> Geometry:
+    tile = int(config.vision_config.image_size)
+    hw = tuple(image_hw) if image_hw else (tile, tile)
+    processor = _llava_processor(config)
+    tiles, tokens = image_tiles_and_tokens(config, hw[0], hw[1], processor)
+    dummy_tiles, _ = image_tiles_and_tokens(config, tile, tile, processor)  # the formatter's blank image
+    image_id = int(config.image_token_index)
+    specials = [image_id, int(config.video_token_index)]
+    vocab = int(config.text_config.vocab_size)
+    pad = config.text_config.pad_token_id
+    id_high = min([vocab] + specials)
+    if pad is not None and int(pad) < id_high and int(pad) > id_high - 8:
+        id_high = int(pad)  # Qwen: ids from <|endoftext|> (151643) up are special tokens
+    return Geometry(image_hw=hw, tiles_per_image=tiles, tokens_per_image=tokens,
+                    dummy_tiles=dummy_tiles, tile_px=tile, id_high=id_high, image_token_id=image_id,
+                    pad_token_id=int(pad) if pad is not None else 0)
+
+
+@dataclass
+class Side:
+    text_tokens: int
+    has_image: bool
+
+    def length(self, geo: Geometry) -> int:
+        image = geo.tokens_per_image + 1 if self.has_image else 0  # "<image>"*n + "\n"
+        return TEMPLATE_HEAD_TOKENS + image + self.text_tokens + TEMPLATE_TAIL_TOKENS
+
+
+def make_sides(n: int, image_fraction: float, text_range: tuple[int, int], gen: torch.Generator) -> list[Side]:
+    """n sides; side i has an image iff floor((i+1)f) > floor(i f) (evenly spread)."""
+    lo, hi = text_range
+    lengths = torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+    frac = min(max(float(image_fraction), 0.0), 1.0)
+    return [Side(int(t), math.floor((i + 1) * frac + 1e-9) > math.floor(i * frac + 1e-9))
+            for i, t in enumerate(lengths)]
+
+
+def build_chunk(sides: list[Side], geo: Geometry, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """The keyword arguments of EmbeddingModel.forward for these sides (right padding)."""
+    rows = []
+    for side in sides:
+        head = torch.randint(0, geo.id_high, (TEMPLATE_HEAD_TOKENS,), generator=gen)
+        text = torch.randint(0, geo.id_high, (side.text_tokens,), generator=gen)
+        tail = torch.randint(0, geo.id_high, (TEMPLATE_TAIL_TOKENS,), generator=gen)
+        parts = [head]
+        if side.has_image:
+            parts.append(torch.full((geo.tokens_per_image,), geo.image_token_id, dtype=torch.long))
+            parts.append(torch.randint(0, geo.id_high, (1,), generator=gen))  # the "\n"
+        parts += [text, tail]
+        rows.append(torch.cat(parts))
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), geo.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = row
+        attention_mask[i, :len(row)] = 1
+    n_images = sum(s.has_image for s in sides)
+    px = geo.tile_px
+    if n_images:
+        pixel_values = torch.randn(n_images, geo.tiles_per_image, 3, px, px, generator=gen)
+        image_sizes = torch.tensor([list(geo.image_hw)] * n_images, dtype=torch.long)
+    else:  # InputFormatter's blank dummy image (one base-size image) and no image token
+        pixel_values = torch.zeros(1, geo.dummy_tiles, 3, px, px)
+        image_sizes = torch.tensor([[px, px]], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+            "image_sizes": image_sizes, "dummy_image": torch.tensor(n_images == 0)}
+
+
+def to_device(chunk: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in chunk.items()}
+
+
+def chunked(sides: list[Side], size: int) -> list[list[Side]]:
+    return [sides[i:i + size] for i in range(0, len(sides), size)]
+
+
+@dataclass
+class Workload:
+    """What one rank benchmarks: the model's config and parameter counts, the image
+    geometry and the local batch (query and target sides)."""
+    config: Any          # LlavaOnevisionConfig
+    counts: dict         # cost.param_counts (trainable includes the tower when it trains)
+    geo: Geometry
+    sides_q: list[Side]
+    sides_t: list[Side]
+
+
+def build_workload(args, rank: int = 0) -> Workload:
+    """The workload of the command line ``args`` on ``rank`` (its own random text lengths)."""
+    config = shapes.shape_config(args.shape, args.llm_layers, args.vision_layers)
+    counts = cost.param_counts(config)
+    if args.train_vision_tower:
+        counts = dict(counts, trainable=counts["trainable"] + counts["vision_tower"])
+    geo = geometry_for(config, args.image_size)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
+    sides_q = make_sides(args.pairs_per_rank, args.query_image_fraction, args.query_text_tokens, gen)
+    sides_t = make_sides(args.pairs_per_rank, args.target_image_fraction, args.target_text_tokens, gen)
+    return Workload(config, counts, geo, sides_q, sides_t)
+
+
+def describe(args, geo: Geometry) -> dict:
+    """The ``inputs`` entry of the benchmark's JSON."""
+    return {"image_hw": list(geo.image_hw), "tiles_per_image": geo.tiles_per_image,
+            "tokens_per_image": geo.tokens_per_image, "dummy_tiles": geo.dummy_tiles,
+            "query_image_fraction": args.query_image_fraction,
+            "target_image_fraction": args.target_image_fraction,
+            "query_text_tokens": list(args.query_text_tokens),
+            "target_text_tokens": list(args.target_text_tokens),
+            "template_tokens": TEMPLATE_HEAD_TOKENS + TEMPLATE_TAIL_TOKENS}

@@ -1,0 +1,81 @@
+"""llave_ds.bench.runner: the benchmark on 2 gloo ranks with the tiny shape prints a table
+and one JSON line last with every reported field (no timing assertions); the DeepSpeed
+comms counters it reads through llave_ds.engine."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llave_ds import engine
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def test_comms_counters_sum_the_loggers_calls_and_bytes():
+    import deepspeed.comm as dscomm
+
+    saved = dscomm.comms_logger.comms_dict
+    try:
+        # the comms logger's layout: op -> message size -> [count, latencies, ...]
+        dscomm.comms_logger.comms_dict = {"all_reduce": {8: [2, [0.1, 0.2]], 1024: [1, [0.3]]},
+                                          "broadcast": {16: [3, [0.0, 0.0, 0.0]]}}
+        assert engine.comms_snapshot() == {"all_reduce": {"count": 3, "bytes": 2 * 8 + 1024},
+                                           "broadcast": {"count": 3, "bytes": 48}}
+        engine.comms_reset()
+        assert engine.comms_snapshot() == {}
+    finally:
+        dscomm.comms_logger.comms_dict = saved
+
+
+REQUIRED_ROW_FIELDS = (
+    "stage", "ckpt", "chunk", "step_s", "samples_per_s", "samples_per_s_per_rank", "tokens_per_s",
+    "tokens_per_s_per_rank", "model_tflop_per_step_per_rank", "hardware_tflop_per_step_per_rank",
+    "mfu", "hfu", "phases_s", "bookkeeping_frac", "peak_memory_gib", "predicted_memory_gib",
+    "predicted_memory", "uncached", "cached_over_uncached", "cached_over_uncached_flops",
+)
+
+
+def test_bench_cpu_smoke_two_ranks(tmp_path):
+    json_out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--shape", "tiny", "--device", "cpu",
+           "--ranks", "2", "--stages", "3", "--chunk-sizes", "2", "--pairs-per-rank", "4", "--steps", "2",
+           "--warmup", "1", "--query-text-tokens", "10-30", "--target-text-tokens", "5-15",
+           "--json-out", str(json_out)]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=str(tmp_path))
+    wall = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    result = json.loads(lines[-1])
+    assert result == json.loads(json_out.read_text())
+    assert "zero" in proc.stdout and "MFU" in proc.stdout  # the human table came first
+    assert result["benchmark"] == "throughput" and result["world_size"] == 2
+    assert result["shape"] == "tiny" and result["device"] == "cpu"
+    for key in ("params", "peak_tflops", "peak_source", "inputs", "targets", "versions", "global_batch"):
+        assert key in result
+    assert result["global_batch"] == 8
+    (row,) = result["rows"]
+    for key in REQUIRED_ROW_FIELDS:
+        assert key in row, key
+    assert set(row["phases_s"]) >= {"encode", "loss", "reencode_backward", "reduce", "step", "rest"}
+    assert row["samples_per_s"] == pytest.approx(2 * row["samples_per_s_per_rank"])
+    assert row["tokens_per_s"] == pytest.approx(2 * row["tokens_per_s_per_rank"])
+    assert "step_s" in row["uncached"]
+    assert row["model_tflop_per_step_per_rank"] > 0 and row["hardware_tflop_per_step_per_rank"] > \
+        row["model_tflop_per_step_per_rank"]
+    # ZeRO-3 with the defaults: blocks fetched whole, tower reused in pass 2, plain F.linear;
+    # every hooked module fetch counted (2 chunks per role: 4 forwards, 4 re-forwards, 4 backwards).
+    assert row["optimizations"] == {"fetch_units": ["Qwen2DecoderLayer", "SiglipEncoderLayer"],
+                                    "vision_cache": True, "memory_efficient_linear": False}
+    fetches = row["zero3_fetches_per_step"]
+    assert fetches["forward"] > 0 and fetches["backward"] > 0
+    assert row["zero3_fetches_per_chunk_pass"] == pytest.approx(sum(fetches.values()) / 12)
+    assert "zero3 chunk=2:" in proc.stdout and "module fetches per step" in proc.stdout
+    print(f"bench smoke run: {wall:.1f} s")

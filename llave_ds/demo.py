@@ -1,10 +1,12 @@
 """``llave-ds demo [--out DIR]``: the whole job offline, on CPU, in a few minutes.
 
 1. generate the synthetic MMEB-format task (train + eval splits, images on disk);
-2. build a tiny LLaVA-OneVision model (random weights, offline tokenizer/processor);
-3. evaluate P@1 of the untrained model on the synthetic eval split;
-4. train it with the gradient cache under DeepSpeed ZeRO-3 (2 CPU ranks when the
-   machine has 2 cores, launched through torchrun; else one process);
+2. the starting model: a tiny LLaVA-OneVision warm-started by a short generative
+   pre-training on the task's captions (llave_ds.warm_start: image -> caption, LLaVA-style;
+   trained once, then reused from its cache), or with ``--no-warm-start`` the random one;
+3. evaluate P@1 of that model on the synthetic eval split;
+4. train it contrastively with the gradient cache under DeepSpeed ZeRO-3 (2 CPU ranks when
+   the machine has 2 cores, launched through torchrun; else one process);
 5. evaluate the exported model again; write DIR/eval.json and print where everything is.
 """
 from __future__ import annotations
@@ -30,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     parser.add_argument("--max-steps", type=int, default=None, help="stop training after N steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-warm-start", dest="warm_start", action="store_false",
+                        help="start from the random tiny model instead of the warm-started one")
+    parser.add_argument("--warm-steps", type=int, default=None,
+                        help="caption pre-training steps of the warm start (default: llave_ds.warm_start's)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="warm-start cache (default: $LLAVE_DS_CACHE/warm_start or ~/.cache/llave_ds/warm_start)")
     parser.add_argument("--config", default="demo_cpu",
                         help="training config: a YAML file or a shipped config's name (default: demo_cpu)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="extra training-config overrides")
@@ -61,8 +69,23 @@ def run(args: argparse.Namespace) -> int:
     train_dir, image_root = prepare_synthetic_mmeb(out / "data", num_train_per_subset=args.train_per_subset,
                                                    num_eval_per_subset=args.eval_per_subset, seed=args.seed)
     eval_dir = out / "data" / "eval"
-    print(f"[demo] 2/5 tiny LLaVA-OneVision model -> {out / 'tiny_model'}", flush=True)
-    model_dir = build_tiny_model_dir(out / "tiny_model", "llava_onevision", seed=args.seed)
+    if args.warm_start:
+        from llave_ds.warm_start import WarmStartConfig, get_warm_start
+
+        ws_cfg = WarmStartConfig(seed=args.seed, **({} if args.warm_steps is None else {"steps": args.warm_steps}))
+        print(f"[demo] 2/5 tiny LLaVA-OneVision, warm-started ({ws_cfg.steps} caption steps)", flush=True)
+        warm = get_warm_start(ws_cfg, args.cache_dir, log=lambda m: print(f"[demo]     {m}", flush=True))
+        # A copy beside the data (under 1 MB), where configs/demo_cpu.yaml's model.path points.
+        model_dir = out / "tiny_model"
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        shutil.copytree(warm.path, model_dir)
+        start = {"model": "warm_start", "path": str(warm.path), "model_dir": str(model_dir),
+                 "cached": warm.cached, "seconds": round(warm.seconds, 1), "key_hash": warm.key_hash}
+    else:
+        print(f"[demo] 2/5 tiny LLaVA-OneVision model (random weights) -> {out / 'tiny_model'}", flush=True)
+        model_dir = build_tiny_model_dir(out / "tiny_model", "llava_onevision", seed=args.seed)
+        start = {"model": "random", "path": str(model_dir)}
 
     run_dir = out / "run"
     if run_dir.exists():
@@ -82,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(TrainConfig, args.config, overrides)  # fail on a bad config before the long parts
     processing = {"max_length": cfg.processing.max_length, "system_prompt": cfg.processing.system_prompt}
 
-    print("[demo] 3/5 P@1 of the untrained model on the synthetic eval split", flush=True)
+    print("[demo] 3/5 P@1 of the starting model on the synthetic eval split", flush=True)
     before = _eval(model_dir, eval_dir, Path(image_root), processing)
     print(f"[demo]     before training: P@1 {before['overall_p_at_1']:.3f}", flush=True)
 
@@ -105,13 +128,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"[demo] 5/5 P@1 of the trained model ({export_dir})", flush=True)
     after = _eval(export_dir, eval_dir, Path(image_root), {})
     result = {"before": before, "after": after, "wall_time_s": round(time.time() - t_start, 1),
-              "ranks": args.ranks, "train_command": cmd}
+              "ranks": args.ranks, "start": start, "train_command": cmd}
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     print("\n[demo] done in {:.0f} s".format(time.time() - t_start))
     print(f"  P@1 (synthetic eval, {len(after['per_subset'])} subsets): before {before['overall_p_at_1']:.3f}"
           f" -> after {after['overall_p_at_1']:.3f}")
     for name in sorted(after["per_subset"]):
-        print(f"    {name:<12} {before['per_subset'][name]:.3f} -> {after['per_subset'][name]:.3f}")
+        print(f"    {name:<14} {before['per_subset'][name]:.3f} -> {after['per_subset'][name]:.3f}")
     print(f"  metrics:  {run_dir / 'metrics.jsonl'}")
     print(f"  config:   {run_dir / 'config.yaml'}")
     print(f"  eval:     {out / 'eval.json'}")

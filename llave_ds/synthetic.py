@@ -9,6 +9,13 @@ position (which half of the image they sit in), drawn with PIL on a plain backgr
 - ``Synth_CLS`` classification: image + instruction -> shape name;
 - ``Synth_VQA`` VQA: image + question -> short answer ("red", "two", "left", "circle").
 
+Two eval-only subsets make hard negatives decide the score (``HARD_EVAL_SUBSETS``):
+
+- ``Synth_I2T_Hard`` / ``Synth_T2I_Hard``: the queries of ``Synth_I2T`` / ``Synth_T2I``, but
+  the candidates are the truth and *all ten* of its one-attribute neighbours (2 other
+  counts, 3 colours, 2 shapes, 3 positions), no random scene: P@1 there is the fraction of
+  queries whose embedding tells the exact scene from every scene one word away.
+
 Every hard negative differs from the truth in exactly one attribute (negative captions
 for image->text, negative images for text->image, other labels/answers otherwise). The
 train split is MMEB-train (one file per subset; ``neg_text`` / ``neg_image_path`` are
@@ -36,7 +43,7 @@ from PIL import Image, ImageDraw
 from llave_ds.data import IMAGE_PLACEHOLDER, TrainDataConfig
 
 GENERATOR = "llave_ds.synthetic"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the eval-only hard-negative subsets
 
 COLOURS: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), "yellow": (225, 195, 20)}
@@ -65,6 +72,12 @@ SUBSETS: Dict[str, Tuple[str, str]] = {
     "Synth_CLS": ("classification", "classification"),
     "Synth_VQA": ("vqa", "vqa"),
 }
+# Eval-only: retrieval whose candidates are the truth + every one-attribute neighbour.
+HARD_EVAL_SUBSETS: Dict[str, Tuple[str, str]] = {
+    "Synth_I2T_Hard": ("i2t", "retrieval"),
+    "Synth_T2I_Hard": ("t2i", "retrieval"),
+}
+EVAL_SUBSETS: Dict[str, Tuple[str, str]] = {**SUBSETS, **HARD_EVAL_SUBSETS}
 MAX_HARD_NEGATIVES = 2  # classification has 3 shapes, so 2 other labels at most
 
 TRAIN_SCHEMA = pa.schema([("qry", pa.string()), ("qry_image_path", pa.string()), ("pos_text", pa.string()),
@@ -111,6 +124,11 @@ ALL_SCENES: Tuple[SceneSpec, ...] = tuple(
 def differing_attributes(a: SceneSpec, b: SceneSpec) -> List[str]:
     """Names of the attributes in which two scenes differ."""
     return [name for name in ATTRIBUTES if getattr(a, name) != getattr(b, name)]
+
+
+def one_attribute_neighbours(spec: SceneSpec) -> List[SceneSpec]:
+    """Every scene that differs from ``spec`` in exactly one attribute (10 of them), attribute by attribute."""
+    return [spec.with_value(a, v) for a in ATTRIBUTES for v in _other_values(spec, a)]
 
 
 def _other_values(spec: SceneSpec, attribute: str) -> List[Any]:
@@ -208,10 +226,17 @@ def _train_row(kind: str, spec: SceneSpec, rng: random.Random, k: int, images: _
 
 
 def _eval_row(kind: str, spec: SceneSpec, rng: random.Random, num_candidates: int, images: _ImageWriter,
-              prefix: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """One MMEB-eval row (ground truth first) and its attribute record."""
+              prefix: str, hard: bool = False) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """One MMEB-eval row (ground truth first) and its attribute record.
+
+    ``hard`` (retrieval only): the candidates are the truth and all its one-attribute
+    neighbours in random order, ``num_candidates`` is ignored."""
     attribute: Optional[str] = None
-    if kind in ("i2t", "t2i"):
+    if hard:
+        neighbours = one_attribute_neighbours(spec)
+        rng.shuffle(neighbours)
+        candidates = [spec] + neighbours
+    elif kind in ("i2t", "t2i"):
         # One hard negative per attribute, then random other scenes up to num_candidates.
         hard = [spec.with_value(a, rng.choice(_other_values(spec, a))) for a in ATTRIBUTES]
         candidates = [spec] + hard[:num_candidates - 1]
@@ -296,12 +321,13 @@ def generate_synthetic_mmeb(out_dir: str, *, num_train_per_subset: int = 256, nu
     Layout: ``manifest.json``; ``train/<subset>.<fmt>``; ``eval/<subset>.<fmt>``;
     ``images/<subset>/<split>/*.png``; ``attributes/<split>/<subset>.jsonl``. Image paths
     in rows are relative to ``out_dir`` (the image root). ``out_dir`` must be empty, new,
-    or an earlier output of this function (then it is replaced).
+    or an earlier output of this function (then it is replaced). ``subsets`` default: all
+    of ``EVAL_SUBSETS``; those of ``HARD_EVAL_SUBSETS`` have an eval split only.
     """
-    subsets = list(SUBSETS) if subsets is None else list(subsets)
-    unknown = [s for s in subsets if s not in SUBSETS]
+    subsets = list(EVAL_SUBSETS) if subsets is None else list(subsets)
+    unknown = [s for s in subsets if s not in EVAL_SUBSETS]
     if unknown or not subsets:
-        raise ValueError(f"unknown synthetic subset(s) {unknown}; available: {list(SUBSETS)}")
+        raise ValueError(f"unknown synthetic subset(s) {unknown}; available: {list(EVAL_SUBSETS)}")
     if num_train_per_subset < 1 or num_eval_per_subset < 0:
         raise ValueError("num_train_per_subset must be >= 1 and num_eval_per_subset >= 0")
     if not 0 <= num_hard_negatives <= MAX_HARD_NEGATIVES:
@@ -325,10 +351,13 @@ def generate_synthetic_mmeb(out_dir: str, *, num_train_per_subset: int = 256, nu
         num_hard_negatives=num_hard_negatives, num_eval_candidates=num_eval_candidates,
         attributes={k: list(v) for k, v in ATTRIBUTE_VALUES.items()}, subsets={})
     for subset in subsets:
-        kind, category = SUBSETS[subset]
+        kind, category = EVAL_SUBSETS[subset]
+        hard = subset in HARD_EVAL_SUBSETS
         entry: Dict[str, Any] = dict(kind=kind, category=category)
-        for split, count, schema in (("train", num_train_per_subset, TRAIN_SCHEMA),
-                                     ("eval", num_eval_per_subset, EVAL_SCHEMA)):
+        if hard:
+            entry["candidates"] = "one_attribute_neighbours"
+        splits = (("train", num_train_per_subset, TRAIN_SCHEMA), ("eval", num_eval_per_subset, EVAL_SCHEMA))
+        for split, count, schema in splits[1:] if hard else splits:
             # String seeds are hashed with SHA-512 by random.Random: stable across runs.
             rng = random.Random(f"{GENERATOR}/{seed}/{subset}/{split}")
             rows, records = [], []
@@ -338,7 +367,7 @@ def generate_synthetic_mmeb(out_dir: str, *, num_train_per_subset: int = 256, nu
                 if split == "train":
                     row, record = _train_row(kind, spec, rng, num_hard_negatives, images, prefix)
                 else:
-                    row, record = _eval_row(kind, spec, rng, num_eval_candidates, images, prefix)
+                    row, record = _eval_row(kind, spec, rng, num_eval_candidates, images, prefix, hard=hard)
                 rows.append(row)
                 records.append(dict(row=i, **record))
             data_file = f"{split}/{subset}.{file_format}"
@@ -371,7 +400,8 @@ def prepare_synthetic_mmeb(out_dir: str, **options: Any) -> Tuple[str, str]:
     """
     wanted = generate_parameters(**options)
     existing = load_synthetic_manifest(out_dir)
-    if existing is not None and existing.manifest.get("parameters") == wanted:
+    if (existing is not None and existing.manifest.get("parameters") == wanted
+            and existing.manifest.get("format_version") == FORMAT_VERSION):
         return existing.train_dir, existing.image_root
     made = generate_synthetic_mmeb(out_dir, **options)
     return made.train_dir, made.image_root
@@ -382,7 +412,7 @@ def generate_parameters(*, num_train_per_subset: int = 256, num_eval_per_subset:
                         num_eval_candidates: int = 16, file_format: str = "parquet") -> Dict[str, Any]:
     """The parameter record `generate_synthetic_mmeb` stores in the manifest."""
     return dict(seed=seed, num_train_per_subset=num_train_per_subset, num_eval_per_subset=num_eval_per_subset,
-                image_size=image_size, subsets=list(SUBSETS) if subsets is None else list(subsets),
+                image_size=image_size, subsets=list(EVAL_SUBSETS) if subsets is None else list(subsets),
                 num_hard_negatives=num_hard_negatives, num_eval_candidates=num_eval_candidates,
                 file_format=file_format)
 
@@ -394,7 +424,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-train", type=int, default=256, help="train rows per subset")
     parser.add_argument("--num-eval", type=int, default=64, help="eval rows per subset")
     parser.add_argument("--image-size", type=int, default=28)
-    parser.add_argument("--subsets", default=None, help="comma-separated, default: all of " + ",".join(SUBSETS))
+    parser.add_argument("--subsets", default=None, help="comma-separated, default: all of " + ",".join(EVAL_SUBSETS))
     parser.add_argument("--num-hard-negatives", type=int, default=2)
     parser.add_argument("--num-eval-candidates", type=int, default=16)
     parser.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")

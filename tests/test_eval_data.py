@@ -272,12 +272,12 @@ def test_shard_errors():
 # --------------------------------------------------------------------------- synthetic split
 
 def test_synthetic_eval_split_loads(tmp_path):
-    from llave_ds.synthetic import SUBSETS, SceneSpec, generate_synthetic_mmeb
+    from llave_ds.synthetic import EVAL_SUBSETS, SceneSpec, generate_synthetic_mmeb
 
     made = generate_synthetic_mmeb(str(tmp_path / "syn"), num_train_per_subset=1, num_eval_per_subset=3,
                                    num_eval_candidates=4, image_size=16)
     subs = load_eval_subsets(made.eval_dir, image_root=made.image_root)
-    assert set(subs) == set(SUBSETS)
+    assert set(subs) == set(EVAL_SUBSETS)
     i2t = subs["Synth_I2T"]
     assert len(i2t) == 3 and i2t.num_candidates == [4, 4, 4]
     with open(os.path.join(made.root, made.manifest["subsets"]["Synth_I2T"]["eval_attributes"])) as fh:

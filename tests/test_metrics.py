@@ -42,11 +42,11 @@ def test_official_subsets_match_the_benchmark_table():
 
 
 def test_synthetic_subsets_follow_the_generator():
-    from llave_ds.synthetic import SUBSETS
+    from llave_ds.synthetic import EVAL_SUBSETS
 
     synth = M.synthetic_subsets()
-    assert set(synth) == set(SUBSETS)
-    for name, (_, category) in SUBSETS.items():
+    assert set(synth) == set(EVAL_SUBSETS)
+    for name, (_, category) in EVAL_SUBSETS.items():
         assert synth[name].category == category
         assert synth[name].distribution == "synthetic" and not synth[name].official
 

@@ -13,8 +13,9 @@ from PIL import Image
 
 from llave_ds import synthetic as syn
 from llave_ds.data import MMEBTrainDataset
-from llave_ds.synthetic import (ALL_SCENES, ATTRIBUTES, BACKGROUND, COLOURS, SHAPES, SUBSETS, SceneSpec,
-                                differing_attributes, generate_synthetic_mmeb, prepare_synthetic_mmeb, render_scene)
+from llave_ds.synthetic import (ALL_SCENES, ATTRIBUTES, BACKGROUND, COLOURS, EVAL_SUBSETS, HARD_EVAL_SUBSETS, SHAPES,
+                                SUBSETS, SceneSpec, differing_attributes, generate_synthetic_mmeb,
+                                one_attribute_neighbours, prepare_synthetic_mmeb, render_scene)
 
 
 def tree_hashes(root):
@@ -84,12 +85,16 @@ def test_default_size_is_fast_and_manifest_counts(tmp_path):
     assert elapsed < 30, f"generation took {elapsed:.1f}s"
     manifest = json.load(open(made.manifest_path))
     assert manifest == made.manifest
-    assert set(manifest["subsets"]) == set(SUBSETS)
+    assert set(manifest["subsets"]) == set(EVAL_SUBSETS) == set(SUBSETS) | set(HARD_EVAL_SUBSETS)
     for subset, entry in manifest["subsets"].items():
-        assert entry["kind"] == SUBSETS[subset][0]
-        assert (entry["train_rows"], entry["eval_rows"]) == (256, 64)
-        assert len(read_rows(os.path.join(made.root, entry["train_file"]))) == 256
+        assert entry["kind"] == EVAL_SUBSETS[subset][0]
+        assert entry["eval_rows"] == 64
         assert len(read_rows(os.path.join(made.root, entry["eval_file"]))) == 64
+        if subset in HARD_EVAL_SUBSETS:  # eval only
+            assert "train_rows" not in entry and not os.path.exists(os.path.join(made.train_dir, subset + ".parquet"))
+        else:
+            assert entry["train_rows"] == 256
+            assert len(read_rows(os.path.join(made.root, entry["train_file"]))) == 256
     assert not any(os.path.isabs(str(v)) for e in manifest["subsets"].values() for v in e.values())
 
 
@@ -155,6 +160,37 @@ def test_eval_split_is_mmeb_eval_with_ground_truth_first(made):
                 answers = row["tgt_text"]
                 assert answers[0] == pos.answer(rec["attribute"]) and len(set(answers)) == len(answers)
                 assert len(answers) == len(syn.ATTRIBUTE_VALUES[rec["attribute"]])
+
+
+def test_hard_eval_subsets_are_the_truth_and_all_its_one_attribute_neighbours(made):
+    """Synth_I2T_Hard / Synth_T2I_Hard: every negative candidate differs from the truth in
+    exactly one attribute, all ten such scenes are there, no random scene is."""
+    assert len(one_attribute_neighbours(ALL_SCENES[5])) == 10
+    for subset, (kind, _) in HARD_EVAL_SUBSETS.items():
+        assert made.manifest["subsets"][subset]["candidates"] == "one_attribute_neighbours"
+        rows = read_rows(os.path.join(made.eval_dir, f"{subset}.parquet"))
+        records = read_records(made, "eval", subset)
+        assert len(rows) == len(records) == 16
+        orders = set()
+        for row, rec in zip(rows, records):
+            pos = spec(rec["positive"])
+            cands = [spec(c) for c in rec["candidates"]]
+            assert cands[0] == pos and len(cands) == 11 and len(set(cands)) == 11
+            assert all(len(differing_attributes(pos, c)) == 1 for c in cands[1:])
+            assert set(cands[1:]) == set(one_attribute_neighbours(pos))
+            assert sorted(differing_attributes(pos, c)[0] for c in cands[1:]) == sorted(
+                ["count"] * 2 + ["colour"] * 3 + ["shape"] * 2 + ["position"] * 3)
+            orders.add(tuple(differing_attributes(pos, c)[0] for c in cands[1:]))
+            if kind == "i2t":
+                assert row["qry_text"] == syn.I2T_QUERY and row["qry_img_path"]
+                assert row["tgt_text"] == [c.caption() for c in cands]
+                assert scene_summary(os.path.join(made.image_root, row["qry_img_path"])) == (pos.colour, pos.position)
+            else:
+                assert row["qry_text"] == syn.T2I_QUERY.format(caption=pos.caption()) and row["qry_img_path"] == ""
+                assert row["tgt_text"] == [syn.IMAGE_TARGET] * 11 and len(set(row["tgt_img_path"])) == 11
+                for path, scene in zip(row["tgt_img_path"], cands):
+                    assert scene_summary(os.path.join(made.image_root, path)) == (scene.colour, scene.position)
+        assert len(orders) > 1  # the neighbours are shuffled, not in a fixed order after the truth
 
 
 @pytest.mark.parametrize("file_format", ["parquet", "jsonl"])

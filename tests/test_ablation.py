@@ -1,0 +1,74 @@
+"""benchmarks/ablation.py: its statistics, and a one-seed, few-step smoke run of the whole
+script (warm start -> one 2-rank launch training the arms -> evaluation -> table and JSON).
+The numbers of a smoke run mean nothing; docs/RESULTS.md has the real ones."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "ablation.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("ablation_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_t_test_and_sign_flip_test():
+    ab = load_script()
+    # Student t, two-sided: t = 2.776 at 4 df and t = 2.228 at 10 df are the 5 % points.
+    assert abs(ab.t_two_sided_p(2.7764451, 4) - 0.05) < 1e-6
+    assert abs(ab.t_two_sided_p(2.2281389, 10) - 0.05) < 1e-6
+    assert abs(ab.t_two_sided_p(1.0, 1) - 0.5) < 1e-9          # Cauchy: P(|T| > 1) = 1/2
+    assert ab.t_two_sided_p(0.0, 3) == 1.0
+    res = ab.paired_test([0.5, 0.6, 0.7, 0.55, 0.65], [0.4, 0.45, 0.5, 0.5, 0.5])
+    diffs = [0.1, 0.15, 0.2, 0.05, 0.15]
+    mean = sum(diffs) / 5
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 4)
+    assert abs(res["mean_diff"] - mean) < 1e-12 and abs(res["sd_diff"] - sd) < 1e-12
+    assert abs(res["t"] - mean / (sd / math.sqrt(5))) < 1e-9
+    assert res["wins"] == 5 and res["p_signflip"] == 2 / 32   # all positive: only +/- all-flips as extreme
+    same = ab.paired_test([0.3, 0.4], [0.3, 0.4])
+    assert same["p_t"] == 1.0 and same["p_signflip"] == 1.0 and same["ties"] == 2
+    assert ab.json_safe({"x": [float("nan"), 1.0]}) == {"x": [None, 1.0]}
+
+
+@pytest.mark.slow
+def test_ablation_smoke_run_prints_table_and_json(tmp_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(SCRIPT), "--seeds", "0", "--steps", "2", "--warm-steps", "3", "--arms", "a", "b",
+           "--sweep", "0", "9", "--train-per-subset", "8", "--eval-per-subset", "2", "--batch", "8", "--chunk", "4",
+           "--work", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])                      # the JSON line is last, and strict JSON
+    assert "| (a) InfoNCE, local negatives | 8 | 2 |" in proc.stdout
+    assert result["benchmark"] == "ablation" and result["seeds"] == [0] and result["start"] == "warm_start"
+    assert result["metrics"] == ["hard_p_at_1", "hard_gap", "p_at_1"]
+    assert set(result["arms"]) == {"a", "b"} and result["best_setting"] == "b"
+    for arm in result["arms"].values():
+        for metric in result["metrics"]:
+            assert set(arm[metric]) == {"mean", "std", "values"} and len(arm[metric]["values"]) == 1
+    assert (result["arms"]["a"]["alpha"], result["arms"]["b"]["alpha"]) == (0.0, 9.0)
+    # The sweep at (b)'s setting reuses (a) and (b): alpha 0 and 9 there are those very runs.
+    assert set(result["sweep"]) == {"0", "9"}
+    assert result["sweep"]["0"]["hard_gap"] == result["arms"]["a"]["hard_gap"]
+    assert result["sweep"]["9"]["hard_gap"] == result["arms"]["b"]["hard_gap"]
+    pairs = {(p["x"], p["y"], p["metric"]) for p in result["paired"]}
+    assert ("b", "a", "hard_p_at_1") in pairs and ("alpha=9", "alpha=0", "hard_gap") in pairs
+    for name in ("random_init", "warm_start"):
+        assert set(result["spread"][name]["positive"]) == {"mean", "std", "p5", "p50", "p95"}
+    assert not result["warm_start"]["0"]["cached"]
+    for png in ("warm_start_spread.png", "ablation_histogram.png"):
+        assert (tmp_path / "work" / png).read_bytes()[:4] == b"\x89PNG"
+    assert len(list((tmp_path / "work" / "results").glob("*.json"))) == 2

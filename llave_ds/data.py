@@ -33,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 
 from llave_ds.config import check_choices
 from llave_ds.video import EMPTY_VIDEO_FILE, MISSING_VIDEO, UNREADABLE_VIDEO, Video, VideoError, read_video
+from llave_ds.video import to_rgb as _to_rgb  # transparent areas on white, one rule for images and frames
 
 logger = logging.getLogger("llave_ds.data")
 
@@ -264,18 +265,6 @@ def _check_image_file(full_path: str) -> None:
         raise _RowProblem(MISSING_IMAGE, "", f"image path is not a regular file: {full_path}")
     if st.st_size == 0:
         raise _RowProblem(EMPTY_IMAGE_FILE, "", f"image file is empty (0 bytes): {full_path}")
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Composite on white: a plain convert("RGB") turns transparent areas black.
-        rgba = img.convert("RGBA")
-        out = Image.new("RGB", rgba.size, (255, 255, 255))
-        out.paste(rgba, mask=rgba.getchannel("A"))
-        return out
-    return img.convert("RGB")
 
 
 def _decode_image(full_path: str, max_pixels: int, max_side: Optional[int]) -> Image.Image:

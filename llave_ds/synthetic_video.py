@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
-from llave_ds.synthetic import BACKGROUND, COLOURS, COUNTS, SHAPES
+from llave_ds.synthetic import BACKGROUND, COLOURS, COUNTS, SHAPES, _write_jsonl
 
 GENERATOR = "llave_ds.synthetic_video"
 FORMAT_VERSION = 1
@@ -295,13 +295,6 @@ def _train_row(kind: str, spec: VideoSpec, geometry: Geometry, rng: random.Rando
     record = dict(kind=kind, positive=spec.to_dict(), negatives=[n.to_dict() for n in negatives],
                   changed=attributes, geometry=geometry.to_dict())
     return row, record
-
-
-def _write_jsonl(rows: List[Dict[str, Any]], path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 _OWNED = ("manifest.json", "test.jsonl", "train", "videos", "attributes")

@@ -305,7 +305,7 @@ def _open_frame(path: str, folder: str, max_pixels: Optional[int]) -> Image.Imag
                     raise VideoError(f"video {folder}: {where} is {w}x{h} = {w * h} pixels, above the limit of "
                                      f"{max_pixels}", path=folder, reason=VIDEO_TOO_LARGE)
                 img.load()
-                return _to_rgb(img)
+                return to_rgb(img)
     except VideoError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -321,8 +321,8 @@ def _open_frame(path: str, folder: str, max_pixels: Optional[int]) -> Image.Imag
                          path=folder, reason=BAD_FRAME) from None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB; transparent areas composited on white (as llave_ds.data does for images)."""
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB; transparent areas composited on white (llave_ds.data uses it for images too)."""
     if img.mode == "RGB":
         return img
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

@@ -918,18 +918,7 @@ def _strip_placeholders(text: str) -> str:
 
 
 def _downscale_frames(frames: list, max_side: int) -> list:
-    """``llave_ds.video.read_video``'s ``max_side`` rule (BICUBIC thumbnail, aspect kept,
-    never upscaled); repeated frame objects are resized once."""
-    from PIL import Image
+    """``llave_ds.video.read_video``'s ``max_side`` rule, for frames given as a list."""
+    from llave_ds.video import downscale_frames
 
-    done: dict[int, Any] = {}
-    out = []
-    for frame in frames:
-        if id(frame) not in done:
-            small = frame
-            if max(frame.size) > max_side:
-                small = frame.copy()
-                small.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-            done[id(frame)] = small
-        out.append(done[id(frame)])
-    return out
+    return downscale_frames(frames, max_side)

@@ -270,18 +270,24 @@ def read_video(source: PathLike, num_frames: Optional[int] = None, *, max_frames
     return video
 
 
-def _downscale(video: Video, max_side: int) -> Video:
+def downscale_frames(frames: List[Image.Image], max_side: int) -> List[Image.Image]:
+    """The ``max_side`` rule: a BICUBIC thumbnail, aspect kept, never upscaled; a frame object
+    repeated in the list (sampling more frames than the video has) is resized once."""
     done: Dict[int, Image.Image] = {}
-    frames = []
-    for f in video.frames:
+    out = []
+    for f in frames:
         if id(f) not in done:
             g = f
             if max(f.size) > max_side:
                 g = f.copy()
                 g.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
             done[id(f)] = g
-        frames.append(done[id(f)])
-    return replace(video, frames=frames)
+        out.append(done[id(f)])
+    return out
+
+
+def _downscale(video: Video, max_side: int) -> Video:
+    return replace(video, frames=downscale_frames(video.frames, max_side))
 
 
 # --------------------------------------------------------------------------- frame folders

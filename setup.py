@@ -14,7 +14,7 @@ setup(
     packages=find_packages(include=["llave_ds", "llave_ds.*"]) + ["llave_ds.configs", "llave_ds.ds_configs"],
     package_dir={"llave_ds.configs": "configs", "llave_ds.ds_configs": "ds_configs"},
     include_package_data=True,
-    package_data={"llave_ds": ["*.json", "*.yaml"], "llave_ds.configs": ["*.yaml"],
+    package_data={"llave_ds.data": ["*.json"], "llave_ds.configs": ["*.yaml"],
                   "llave_ds.ds_configs": ["*.json"]},
     # Wide ranges on purpose: users on GPU clusters bring their own CUDA torch build.
     # CI and the README commands pin exact versions through constraints.txt.
@@ -31,7 +31,7 @@ setup(
         "omegaconf>=2.4",  # the config loader (llave_ds/config.py)
         "tqdm>=4.66",
         "pyarrow>=15",
-        "av>=12",  # PyAV (its wheels bundle FFmpeg): video decoding, llave_ds.video
+        "av>=12",  # PyAV (its wheels bundle FFmpeg): video decoding, llave_ds.media.video
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5"],

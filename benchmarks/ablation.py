@@ -2,7 +2,7 @@
 
     python benchmarks/ablation.py [--seeds 0 1 2 3 4] [--steps 150] [--work DIR] [--figures DIR]
 
-Every seed gets its own warm start (llave_ds.warm_start: the tiny model, initialised with
+Every seed gets its own warm start (llave_ds.toy.warm_start: the tiny model, initialised with
 that seed, pre-trained to caption the synthetic scenes; cached), then these runs, all
 with that seed, so they share the start and the order of the data and differ only in the
 objective (and, for (d), the batch):
@@ -81,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--sweep", type=float, nargs="*", default=[0.0, 3.0, 9.0, 15.0],
                    help="alphas of the sweep at the best setting (none: no sweep)")
     p.add_argument("--work", default="ablation_out")
-    p.add_argument("--cache-dir", default=None, help="warm-start cache (default: llave_ds.warm_start's)")
+    p.add_argument("--cache-dir", default=None, help="warm-start cache (default: llave_ds.toy.warm_start's)")
     p.add_argument("--figures", default=None, help="directory for the PNG histograms (default: --work)")
     p.add_argument("--no-spread", action="store_true", help="skip the before/after warm-start spread")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -169,10 +169,10 @@ def evaluate_model(model_dir, data_root: Path, processing=None) -> dict:
     """P@1 per subset, the hard-subset metrics, and the similarity arrays for histograms."""
     import numpy as np
 
-    from llave_ds.embedder import LlaveEmbedder
-    from llave_ds.eval import evaluate
-    from llave_ds.eval_data import load_eval_subsets
-    from llave_ds.metrics import positive_and_hardest_negative
+    from llave_ds.eval.mmeb import evaluate
+    from llave_ds.eval.mmeb_data import load_eval_subsets
+    from llave_ds.eval.mmeb_metrics import positive_and_hardest_negative
+    from llave_ds.model.embedder import LlaveEmbedder
 
     subsets = load_eval_subsets(str(data_root / "eval"), image_root=str(data_root))
     embedder = LlaveEmbedder.from_pretrained(str(model_dir), **(processing or {}))
@@ -242,8 +242,8 @@ def worker(jobs_file: str) -> int:
     import torch.distributed as dist
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from llave_ds import distributed
     from llave_ds.config import load_config
+    from llave_ds.core import distributed
     from llave_ds.train import TrainConfig, train
 
     spec = json.loads(Path(jobs_file).read_text())
@@ -301,7 +301,7 @@ def job_overrides(key: dict, data, run_dir: Path) -> list:
 
 def run_phase(args, work: Path, data, keys: list) -> dict:
     """Train + evaluate every key not already done (one torchrun launch); return name -> result."""
-    from llave_ds.distributed import free_port
+    from llave_ds.core.distributed import free_port
 
     todo, results = [], {}
     for key in keys:
@@ -348,10 +348,10 @@ def main(argv=None) -> int:
         return worker(args.worker)
     if args.ranks < 2 and "c" in args.arms:
         raise SystemExit("arm (c) gathers across ranks: --ranks must be >= 2")
-    from llave_ds.analysis import plot_similarity_histograms
-    from llave_ds.synthetic import prepare_synthetic_mmeb
-    from llave_ds.tiny import build_tiny_model_dir
-    from llave_ds.warm_start import WarmStartConfig, get_warm_start
+    from llave_ds.eval.analysis import plot_similarity_histograms
+    from llave_ds.toy.synthetic import prepare_synthetic_mmeb
+    from llave_ds.toy.tiny import build_tiny_model_dir
+    from llave_ds.toy.warm_start import WarmStartConfig, get_warm_start
 
     t_start = time.time()
     work = Path(args.work).resolve()

@@ -1,6 +1,6 @@
 """Peak host memory of MMEB evaluation on a subset with many distinct images: decoding every
 image of a role before encoding (the code before streaming; reproduced here as "preload")
-against the streaming loader of ``llave_ds.eval`` (DataLoader workers decode batch by batch).
+against the streaming loader of ``llave_ds.eval.mmeb`` (DataLoader workers decode batch by batch).
 
     python benchmarks/eval_memory.py --images 2000 --size 256 --workers 0 2
 
@@ -30,7 +30,7 @@ def build(work: Path, n_images: int, size: int, candidates: int) -> tuple[Path, 
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from llave_ds.tiny import build_tiny_model_dir
+    from llave_ds.toy.tiny import build_tiny_model_dir
 
     data, images = work / "eval", work / "images"
     (images / "big").mkdir(parents=True, exist_ok=True)
@@ -54,9 +54,9 @@ def build(work: Path, n_images: int, size: int, candidates: int) -> tuple[Path, 
 
 def child(args) -> None:
     """One evaluation in this (fresh) process; prints a JSON line with its measurements."""
-    from llave_ds import eval as ev
-    from llave_ds.embedder import LlaveEmbedder
-    from llave_ds.eval_data import load_eval_subsets
+    from llave_ds.eval import mmeb as ev
+    from llave_ds.eval.mmeb_data import load_eval_subsets
+    from llave_ds.model.embedder import LlaveEmbedder
 
     subset = load_eval_subsets(args.data, ["BigImages"], image_root=args.images)["BigImages"]
     embedder = LlaveEmbedder.from_pretrained(args.model, device="cpu")

@@ -46,10 +46,10 @@ def parse_args(argv=None):
 
 
 def worker(args) -> None:
-    from llave_ds import distributed
-    from llave_ds.engine import DeepSpeedStepBackend, build_engine, complete_ds_config
-    from llave_ds.gradcache import gradcache_step
-    from llave_ds.objective import ObjectiveConfig
+    from llave_ds.core import distributed
+    from llave_ds.core.gradcache import gradcache_step
+    from llave_ds.core.objective import ObjectiveConfig
+    from llave_ds.training.engine import DeepSpeedStepBackend, build_engine, complete_ds_config
 
     env = distributed.init_distributed(timeout_s=300)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // env.world_size))

@@ -74,7 +74,7 @@ class LastTokenEncoder(torch.nn.Module):
         self.hf_model = hf_model
 
     def forward(self, input_ids, attention_mask):
-        from llave_ds.model import last_token_index
+        from llave_ds.model.embedding import last_token_index
         hidden = self.hf_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return F.normalize(hidden[rows, last_token_index(attention_mask)].float(), dim=-1)
@@ -109,9 +109,9 @@ def main(argv=None) -> int:
     from sentence_transformers.sentence_transformer.modules import Pooling
     from transformers import AutoModel
 
-    from llave_ds.gradcache import TorchStepBackend, gradcache_step
-    from llave_ds.objective import ObjectiveConfig
-    from llave_ds.tiny import build_tiny_tokenizer
+    from llave_ds.core.gradcache import TorchStepBackend, gradcache_step
+    from llave_ds.core.objective import ObjectiveConfig
+    from llave_ds.toy.tiny import build_tiny_tokenizer
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))

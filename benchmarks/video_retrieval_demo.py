@@ -1,6 +1,6 @@
 """Is motion learnable? A demo-sized run on synthetic videos (issue #16).
 
-Synthetic clips (`llave_ds.synthetic_video`) of shapes moving left/right/up/down, a tiny
+Synthetic clips (`llave_ds.toy.synthetic_video`) of shapes moving left/right/up/down, a tiny
 model trained with the gradient cache on the caption<->video rows (hard negative: the same
 clip played backwards), then `llave-ds eval --task video-retrieval` on a held-out test split
 built of direction pairs (every clip with its time-reversed twin, so a model blind to
@@ -42,8 +42,8 @@ def direction_accuracy(result_sim: np.ndarray, attributes: list[dict]) -> float:
 
 
 def evaluate(model_dir: Path, data: Path, out: Path) -> dict:
-    from llave_ds.embedder import LlaveEmbedder, Side
-    from llave_ds.retrieval import load_retrieval_split, retrieval_metrics, similarity_matrix
+    from llave_ds.eval.retrieval_metrics import load_retrieval_split, retrieval_metrics, similarity_matrix
+    from llave_ds.model.embedder import LlaveEmbedder, Side
 
     split = load_retrieval_split(str(data / "test.jsonl"))
     embedder = LlaveEmbedder.from_pretrained(model_dir, device="cpu")
@@ -71,8 +71,8 @@ def main(argv=None) -> int:
                    help="more training config overrides (default: optim.lr=0.0005 objective.alpha=4)")
     args = p.parse_args(argv)
 
-    from llave_ds.synthetic_video import generate_synthetic_videos
-    from llave_ds.tiny import build_tiny_model_dir
+    from llave_ds.toy.synthetic_video import generate_synthetic_videos
+    from llave_ds.toy.tiny import build_tiny_model_dir
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

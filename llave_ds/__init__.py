@@ -9,7 +9,7 @@ __all__ = ["LlaveEmbedder", "__version__"]
 def __getattr__(name):
     # Lazy: ``import llave_ds`` stays free of torch / transformers imports.
     if name == "LlaveEmbedder":
-        from llave_ds.embedder import LlaveEmbedder
+        from llave_ds.model.embedder import LlaveEmbedder
 
         return LlaveEmbedder
     raise AttributeError(f"module 'llave_ds' has no attribute {name!r}")

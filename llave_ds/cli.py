@@ -8,15 +8,15 @@ from typing import Optional, Sequence
 
 # subcommand -> (module with `add_arguments(parser)` and `run(args) -> int`, help line)
 SUBCOMMANDS = {
-    "demo": ("llave_ds.demo", "the offline demo: synthetic data, tiny model, train -> eval -> export on CPU"),
+    "demo": ("llave_ds.toy.demo", "the offline demo: synthetic data, tiny model, train -> eval -> export on CPU"),
     "train": ("llave_ds.train", "train an embedding model (YAML config + dotted overrides)"),
-    "eval": ("llave_ds.eval", "MMEB evaluation (precision@1 per subset, category, IND/OOD, overall), or "
-                              "--task video-retrieval (text<->video Recall@K)"),
-    "synth": ("llave_ds.synthetic", "generate the offline synthetic MMEB-format dataset"),
-    "synth-video": ("llave_ds.synthetic_video", "generate synthetic moving-shape videos: a retrieval test split and "
-                                                "video training rows"),
-    "export": ("llave_ds.export", "consolidate a training checkpoint into a transformers model directory"),
-    "encode": ("llave_ds.embedder", "embed the rows of a .jsonl / .parquet file with an exported model"),
+    "eval": ("llave_ds.eval.cli", "MMEB evaluation (precision@1 per subset, category, IND/OOD, overall), or "
+                                  "--task video-retrieval (text<->video Recall@K)"),
+    "synth": ("llave_ds.toy.synthetic", "generate the offline synthetic MMEB-format dataset"),
+    "synth-video": ("llave_ds.toy.synthetic_video", "generate synthetic moving-shape videos: a retrieval test split "
+                                                    "and video training rows"),
+    "export": ("llave_ds.export.model_dir", "consolidate a training checkpoint into a transformers model directory"),
+    "encode": ("llave_ds.model.embedder", "embed the rows of a .jsonl / .parquet file with an exported model"),
     "bench": ("llave_ds.bench.cli", "training throughput (samples/s, MFU, memory) of the cached step at real shapes"),
 }
 

@@ -4,6 +4,12 @@ a single process. Reads top to bottom: config -> preflight (model directory, res
 checkpoint) -> distributed -> data -> model -> engine -> resume -> loop (gradient-cache
 step, metrics, checkpoints) -> export.
 
+The loop composes the library: data (`llave_ds.data`), the model and its formatter
+(`llave_ds.model`), the gradient cache (`llave_ds.core.gradcache`) and DeepSpeed
+(`llave_ds.training.engine`); the run directory (`llave_ds.training.run_dir.RunDir`) owns
+every file the run writes, `llave_ds.training.step_log` what each step logs, and
+`llave_ds.core.distributed` the preemption flag and the launcher watch.
+
 Failure handling (docs/RELIABILITY.md): configuration and checkpoint problems that can be
 seen without the other ranks fail before any process group exists; a failure on one rank
 (data loading, a checkpoint write) is agreed on and raised on every rank with its text;
@@ -14,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import math
 import os
-import resource
 import signal
 import sys
 import time
@@ -28,26 +32,30 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from llave_ds import checkpoint as ckpt
-from llave_ds import distributed
-from llave_ds import engine as eng
-from llave_ds.config import ConfigError, config_to_yaml, dump_config, load_config, shipped_file
-from llave_ds.checkpoint import CheckpointConfig
-from llave_ds.data import DataError, GlobalBatchSampler, MMEBTrainDataset, PairCollator, TrainDataConfig
-from llave_ds.engine import (DeepSpeedConfig, EngineConfigError, complete_ds_config, load_ds_config,
-                             resolve_ds_config_path)
-from llave_ds.export import ExportConfig, export_from_engine
-from llave_ds.gather import all_gather_objects, all_reduce_max, all_reduce_sum, is_distributed, rank_errors
-from llave_ds.gradcache import GradCacheConfig, gradcache_step
-from llave_ds.model import ModelConfig, load_embedding_model, trainable_parameters
-from llave_ds.objective import ObjectiveConfig
-from llave_ds.optim import OptimConfig, ScheduleConfig, lr_lambda
-from llave_ds.processing import InputFormatter, ProcessingConfig, detect_backbone
+from llave_ds.config import ConfigError, config_to_yaml, load_config, shipped_file
+from llave_ds.core import distributed
+from llave_ds.core.distributed import PreemptionFlag, is_peer_failure
+from llave_ds.core.gather import all_gather_objects, all_reduce_max, all_reduce_sum, is_distributed, rank_errors
+from llave_ds.core.gradcache import GradCacheConfig, gradcache_step
+from llave_ds.core.objective import ObjectiveConfig
+from llave_ds.data.batching import GlobalBatchSampler, PairCollator
+from llave_ds.data.errors import DataError
+from llave_ds.data.mmeb_train import MMEBTrainDataset, TrainDataConfig
+from llave_ds.export.model_dir import ExportConfig, export_from_engine
+from llave_ds.model.backbones import check_model_path
+from llave_ds.model.embedding import ModelConfig, load_embedding_model, trainable_parameters
+from llave_ds.model.formatter import InputFormatter, ProcessingConfig
+from llave_ds.training import checkpoint as ckpt
+from llave_ds.training import engine as eng
+from llave_ds.training.checkpoint import CheckpointConfig
+from llave_ds.training.engine import (DeepSpeedConfig, EngineConfigError, complete_ds_config, load_ds_config,
+                                      resolve_ds_config_path)
+from llave_ds.training.optim import OptimConfig, ScheduleConfig, lr_lambda
+from llave_ds.training.run_dir import RunDir, choose_verified
+from llave_ds.training.step_log import MetricsWriter, ProgressBar, peak_memory_gb
 
-logger = logging.getLogger("llave_ds.train")
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------ config
@@ -111,13 +119,15 @@ class TrainConfig:
         self.check_chunk_sizes(world_size)
 
     def check_chunk_sizes(self, world_size: int) -> None:
-        """A chunk may not exceed a rank's share of the batch (the whole batch on one rank)."""
+        """A chunk may not exceed a rank's share of the batch (the whole batch on one rank);
+        the rule is the gradient cache's (`GradCacheConfig.validate`)."""
         local = self.global_batch_size // world_size
         share = (f"global_batch_size={self.global_batch_size}" if world_size == 1 else
                  f"the per-rank batch {local} (= {self.global_batch_size} / {world_size} ranks)")
-        for name in ("query_chunk_size", "target_chunk_size"):
-            if getattr(self.gradcache, name) > local:
-                raise ConfigError(f"gradcache.{name}={getattr(self.gradcache, name)} is larger than {share}")
+        try:
+            self.gradcache.validate(local, share)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def resolve_train_config_path(name: Optional[str]) -> Optional[str]:
@@ -135,12 +145,6 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 1_009 + rank) % (2 ** 63)
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
-
-
 def count_tokens(chunks) -> int:
     return int(sum(int(c["attention_mask"].sum()) for c in chunks if isinstance(c, dict) and "attention_mask" in c))
 
@@ -153,19 +157,6 @@ class TrainingError(RuntimeError):
 class PeerStoppedError(TrainingError):
     """Another rank is gone (killed, crashed, its node lost) while this one was in a collective:
     raised on the surviving ranks instead of the communication library's own error."""
-
-
-# Texts of gloo / NCCL / c10d errors when a peer process is gone (not a bug in the step).
-_PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe", "socket closed",
-              "nccl communicator was aborted", "remote process exited", "connection refused", "read timed out",
-              "timed out waiting", "watchdog caught collective operation timeout")
-
-
-def is_peer_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` is the communication layer reporting a peer that went away (torch's
-    ``DistError`` family and gloo's plain RuntimeErrors alike are RuntimeErrors)."""
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(p in text for p in _PEER_GONE)
 
 
 class NonFiniteLossError(TrainingError):
@@ -190,118 +181,13 @@ class CountingCollator:
         return batch, getattr(formatter, "num_truncated", 0) - before
 
 
-def check_model_path(model_cfg) -> None:
-    """Fail before any process group on a model directory that cannot be loaded: missing,
-    no config.json, or an unsupported / mismatching backbone. Hub ids pass (resolved later)."""
-    raw = model_cfg.path
-    if not raw:
-        raise ConfigError("model.path is empty: give a checkpoint directory or a hub id")
-    path = Path(raw).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.path={raw}: {path} has no config.json (not a transformers checkpoint directory)")
-        try:
-            backbone = detect_backbone(path)
-        except (ValueError, OSError) as exc:
-            raise ConfigError(f"model.path={raw}: {exc}") from None
-        if model_cfg.backbone != "auto" and model_cfg.backbone != backbone:
-            raise ConfigError(f"model.backbone={model_cfg.backbone!r} but {path} is a {backbone!r} checkpoint")
-    elif path.exists() or path.is_absolute() or raw.startswith((".", "~")):
-        raise ConfigError(f"model.path={raw}: no such directory")
-
-
-def checkpoint_root(cfg: "TrainConfig") -> Path:
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run_dir) / "checkpoints"
-
-
-def check_written_by(path: Path, written_by: Optional[int], world_size: int) -> None:
-    """A checkpoint resumes only on the number of ranks that wrote it (ZeRO partitions)."""
-    if written_by is not None and written_by != world_size:
-        raise ckpt.CheckpointError(
-            f"{path} was written by {written_by} ranks, this run has {world_size}: resume with the same "
-            "number of ranks, or convert it with DeepSpeed's ds_to_universal.py and load it as a universal "
-            "checkpoint")
-
-
-def resolve_resume(cfg: "TrainConfig", world_size: int) -> list[Path]:
-    """The checkpoints to try resuming from, best first, checked without loading anything:
-    complete, written by this many ranks, every listed file present with its recorded size.
-
-    ``auto``: every complete checkpoint of the run that passes, newest first; one that does
-    not is skipped with a warning naming it and why (an unattended requeue must recover, not
-    fail again). An explicit path: that one, or an error. ``none``: nothing, and refused
-    when the run directory holds checkpoints, unless ``checkpoint.overwrite``.
-    """
-    resume = cfg.checkpoint.resume
-    root = checkpoint_root(cfg)
-    if resume in ("none", ""):
-        existing = ckpt.complete_checkpoints(root)
-        if existing and not cfg.checkpoint.overwrite:
-            raise ckpt.CheckpointError(
-                f"{root} holds checkpoints up to step {existing[-1][0]}: starting fresh (checkpoint.resume=none) "
-                f"would append a new run to {Path(cfg.run_dir) / 'metrics.jsonl'} and move 'latest' away from "
-                "them. Resume with --resume auto, or start over with --resume none --overwrite (the old "
-                "checkpoints and metrics are moved to <run_dir>/previous-<time>/), or choose another run_dir")
-        return []
-    if resume != "auto":
-        path = Path(resume)
-        if not path.is_dir():
-            raise ckpt.CheckpointError(f"checkpoint.resume={resume}: no such checkpoint directory")
-        check_written_by(path, ckpt.describe(path).get("world_size"), world_size)
-        ckpt.verify_checkpoint(path, checksums=False)
-        return [path]
-    found = ckpt.resume_candidates(root)
-    usable, problems = [], []
-    for path in found:
-        # A setup mistake, not damage: never skipped.
-        check_written_by(path, ckpt.describe(path).get("world_size"), world_size)
-        try:
-            ckpt.verify_checkpoint(path, checksums=False)
-        except ckpt.CheckpointError as exc:
-            problems.append(str(exc))
-            logger.warning("--resume auto: skipping %s: %s", path, exc)
-            continue
-        usable.append(path)
-    if found and not usable:
-        raise ckpt.CheckpointError(f"--resume auto: no checkpoint in {root} is usable: " + "; ".join(problems))
-    return usable
-
-
 def preflight(cfg: "TrainConfig", world_size: int) -> list[Path]:
     """Every check that needs no other rank, before any process group exists: the number of
     ranks, the model directory, the resume checkpoint. Returns the checkpoints to try
-    resuming from, best first (see ``resolve_resume``)."""
+    resuming from, best first (``RunDir.resume_candidates``)."""
     cfg.validate_for_world(world_size)
-    check_model_path(cfg.model)
-    return resolve_resume(cfg, world_size)
-
-
-def choose_verified(cfg: "TrainConfig", candidates: list[Path], rank: int, world: int, device,
-                    is_main: bool) -> Optional[Path]:
-    """The first candidate whose files match their checksums (each rank reads a share; the
-    ranks agree through one gather per candidate). Under ``resume: auto`` a damaged one is
-    skipped with a warning naming the file; an explicit checkpoint that fails is an error."""
-    if not cfg.checkpoint.checksums:
-        return candidates[0] if candidates else None
-    failures = []
-    for path in candidates:
-        files = sorted((ckpt.read_marker(path) or {}).get("files") or {})
-        local_error = None
-        try:
-            ckpt.verify_checkpoint(path, checksums=True, files=files[rank::world])
-        except ckpt.CheckpointError as exc:
-            local_error = str(exc)
-        errors = rank_errors(local_error, device)  # every rank gets every rank's verdict
-        if not errors:
-            return path
-        if cfg.checkpoint.resume != "auto":
-            raise ckpt.CheckpointError("; ".join(errors))
-        failures.append("; ".join(errors))
-        if is_main:
-            logger.warning("--resume auto: skipping %s, it does not verify: %s", path, "; ".join(errors))
-    if failures:
-        raise ckpt.CheckpointError("--resume auto: no checkpoint verifies: " + " | ".join(failures))
-    return None
+    check_model_path(cfg.model.path, cfg.model.backbone)
+    return RunDir.from_config(cfg).resume_candidates(cfg.checkpoint.resume, world_size, cfg.checkpoint.overwrite)
 
 
 def next_batch_agreed(iterator, device: torch.device, step: int):
@@ -347,143 +233,6 @@ def check_same_data(dataset, sampler, device: torch.device) -> None:
                         "data (data.source, data.image_root, data.subsets, data.max_per_subset)")
 
 
-class PreemptionFlag:
-    """SIGUSR1 / SIGTERM set a flag; the loop checkpoints at the end of the current step.
-
-    A dead launcher counts too (``poll``): SIGUSR1 kills torchrun or the ``deepspeed`` runner
-    at once (its default action) and would leave the ranks training unsupervised to the end;
-    under a launcher the ranks watch it and stop, checkpointed, at the next step boundary.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name = ""
-        self.watched: dict[int, str] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-        self.watched = launcher_processes()
-
-    def _handler(self, signum, frame):
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-    def poll(self) -> bool:
-        """Set the flag if a watched launcher process is gone; returns ``requested``."""
-        if not self.requested and self.watched:
-            alive = _ancestors()
-            gone = [f"{name} (pid {pid})" for pid, name in self.watched.items() if pid not in alive]
-            if gone:
-                self.requested = True
-                self.signal_name = f"the launcher exited: {', '.join(gone)}"
-        return self.requested
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _ancestors() -> list[int]:
-    """This process's parent, grandparent, ... (Linux /proc; empty elsewhere)."""
-    out, pid = [], os.getppid()
-    while pid > 1 and len(out) < 8:
-        out.append(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            pid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return out
-
-
-def launcher_processes() -> dict[int, str]:
-    """The launcher processes this rank should outlive only briefly: torchrun (the parent of
-    its ranks), or DeepSpeed's per-node ``launch`` process and the ``deepspeed`` runner above
-    it. Nothing under srun or a plain process (a shell may exit on purpose, e.g. nohup)."""
-    chain = _ancestors()
-    if not chain:
-        return {}
-    parent = chain[0]
-    if os.environ.get("TORCHELASTIC_RUN_ID"):
-        return {parent: "torchrun"}
-    if "deepspeed.launcher.launch" in _cmdline(parent):
-        watched = {parent: "deepspeed launch"}
-        if len(chain) > 1 and "deepspeed" in _cmdline(chain[1]):
-            watched[chain[1]] = "deepspeed"
-        return watched
-    return {}
-
-
-class MetricsWriter:
-    """Per-step JSONL on rank 0, one row per step across resumes; optional TensorBoard.
-
-    Resuming at step S keeps the rows of steps <= S and moves the rest (the interrupted
-    attempt's steps after its last checkpoint, which the resumed run repeats) to
-    ``metrics.superseded.jsonl``, each marked with the step resumed from.
-    """
-
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resumed_at: Optional[int] = None):
-        self.enabled = enabled
-        if enabled and resumed_at is not None:
-            self._truncate(run_dir, resumed_at)
-        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise ConfigError("logging.tensorboard=true needs the tensorboard package "
-                                  "(pip install tensorboard)") from exc
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-
-    @staticmethod
-    def _truncate(run_dir: Path, resumed_at: int) -> None:
-        path = run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        keep, superseded = [], []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-                step = int(row["step"])
-            except (ValueError, KeyError, TypeError):  # a line torn by the crash
-                superseded.append(json.dumps({"superseded_by_resume_from": resumed_at, "unreadable_line": line}))
-                continue
-            if step <= resumed_at:
-                keep.append(line)
-            else:
-                superseded.append(json.dumps({**row, "superseded_by_resume_from": resumed_at}))
-        if not superseded:
-            return
-        with open(run_dir / "metrics.superseded.jsonl", "a", encoding="utf-8") as fh:
-            fh.write("".join(r + "\n" for r in superseded))
-        ckpt.atomic_write_text(path, "".join(r + "\n" for r in keep))
-        logger.info("resumed at step %d: %d later row(s) of the interrupted attempt moved from %s to %s",
-                    resumed_at, len(superseded), path, run_dir / "metrics.superseded.jsonl")
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        # JSON has no NaN / Infinity: a non-finite value (a skipped step's loss) becomes null.
-        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 # ------------------------------------------------------------------------ train state
 
 @dataclass
@@ -520,7 +269,7 @@ class TrainState:
                 "skipped_rows": self.skipped_rows}
 
     def load_state_dict(self, state: dict, source: Path) -> None:
-        check_written_by(source, state.get("world_size"), self.world_size)
+        ckpt.check_written_by(source, state.get("world_size"), self.world_size)
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
@@ -545,7 +294,7 @@ class TrainState:
 class TrainResult:
     run_dir: str
     steps: int
-    final_loss: float
+    final_loss: Optional[float]  # None when this launch ran no step and the run logged no loss
     stopped_early: bool = False
     checkpoint: str = ""
     export_dir: str = ""
@@ -572,13 +321,14 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
     is_main = rank == 0
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format=f"[rank{rank}] %(asctime)s %(name)s: %(message)s")
-    run_dir, ckpt_root = Path(cfg.run_dir), checkpoint_root(cfg)
+    run = RunDir.from_config(cfg)
     if is_main:
-        prepare_run_dir(cfg, run_dir, ckpt_root, fresh=not resume_candidates)
+        run.prepare(cfg, fresh=not resume_candidates)
     device = distributed.default_device(env)
 
     # -- the resume checkpoint's checksums, read by all ranks in parallel ------------------
-    resume_from = choose_verified(cfg, resume_candidates, rank, world, device, is_main)
+    resume_from = choose_verified(resume_candidates, resume=cfg.checkpoint.resume, checksums=cfg.checkpoint.checksums,
+                                  rank=rank, world=world, device=device, is_main=is_main)
 
     # -- data first (cheap, and bad data should not wait for the model): same on all ranks
     dataset = MMEBTrainDataset(cfg.data, video_frames=cfg.processing.video_frames,
@@ -603,8 +353,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
                                            video_slot=dataset.has_videos)
 
     # -- loader: every rank the same number of pairs per step ------------------------------
-    collator = CountingCollator(PairCollator(formatter, cfg.gradcache.query_chunk_size,
-                                             cfg.gradcache.target_chunk_size))
+    collator = CountingCollator(PairCollator(formatter, **cfg.gradcache.chunk_sizes()))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
                                          num_workers=cfg.num_workers, persistent_workers=False)
     total_steps = cfg.schedule.max_steps if cfg.schedule.max_steps > 0 else len(sampler) * cfg.schedule.epochs
@@ -627,18 +376,19 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
             logger.info("resumed from %s at step %d", resume_from, state.step)
 
     def save() -> Path:
-        path = eng.save_checkpoint(engine, ckpt_root, ckpt.tag_for_step(state.step), state.state_dict(),
+        path = eng.save_checkpoint(engine, run.checkpoints, ckpt.tag_for_step(state.step), state.state_dict(),
                                    checksums=cfg.checkpoint.checksums)
         if is_main:
-            ckpt.prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+            ckpt.prune_checkpoints(run.checkpoints, cfg.checkpoint.keep_last)
         return path
 
     # -- the loop ---------------------------------------------------------------------------
-    metrics = MetricsWriter(run_dir, is_main, cfg.logging.tensorboard,
+    metrics = MetricsWriter(run, is_main, cfg.logging.tensorboard,
                             resumed_at=state.step if resume_from is not None else None)
     progress = ProgressBar(total_steps, state.step, enabled=is_main and cfg.logging.progress)
     saved_path, last_saved = resume_from, (state.step if resume_from is not None else -1)
-    final_loss, stopped_early, timed = float("nan"), False, []
+    final_loss: Optional[float] = None
+    stopped_early, timed = False, []
     try:
         while state.step < total_steps and not stopped_early:
             sampler.set_epoch(state.epoch)
@@ -675,39 +425,24 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
     except Exception as exc:
         if not is_peer_failure(exc):
             raise
-        raise peer_stopped(exc, state.step, ckpt_root) from None
+        raise peer_stopped(exc, state.step, run.checkpoints) from None
     finally:
         progress.close()
         metrics.close()
+    if final_loss is None and is_main:
+        final_loss = run.last_logged_loss()  # nothing left to do in this launch: the run's last loss
     if is_main:
         log_run_summary(cfg, dataset, state, timed)
 
     export_dir = ""
     if cfg.export.at_end and not stopped_early:
-        export_dir = str(Path(cfg.export.dir) if cfg.export.dir else run_dir / "export")
+        export_dir = str(run.export_dir)
         export_from_engine(engine, model, processor, formatter, export_dir, cfg, dtype=cfg.export.dtype)
-    return TrainResult(run_dir=str(run_dir), steps=state.step, final_loss=final_loss, stopped_early=stopped_early,
+    return TrainResult(run_dir=str(run.path), steps=state.step, final_loss=final_loss, stopped_early=stopped_early,
                        checkpoint=str(saved_path or ""), export_dir=export_dir)
 
 
 # ------------------------------------------------------------------- the loop's parts
-
-def prepare_run_dir(cfg: TrainConfig, run_dir: Path, ckpt_root: Path, fresh: bool) -> None:
-    """Rank 0: the run directory, earlier checkpoints moved aside under ``overwrite``, and
-    the resolved config saved as ``config.yaml``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.checkpoint.overwrite and fresh:
-        moved = ckpt.move_aside(run_dir, ckpt_root)
-        if moved is not None:
-            logger.warning("checkpoint.overwrite: moved the earlier checkpoints and metrics of %s to %s",
-                           run_dir, moved)
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    # Resuming is a decision of each launch, not a property of the run: the saved config
-    # resumes (a run started with --resume none must stay resumable from its config.yaml).
-    dump_config(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto",
-                                                                         overwrite=False)),
-                run_dir / "config.yaml")
-
 
 def agree_after_step(preempt: "PreemptionFlag", batch, truncated: int, device) -> tuple[bool, int, int, int]:
     """(stop now, tokens, replaced rows, truncated sides) over all ranks: two tiny all-reduces.
@@ -778,32 +513,6 @@ def log_run_summary(cfg: TrainConfig, dataset, state: TrainState, timed: list) -
         sps = [cfg.global_batch_size / t for t, _ in timed]
         logger.info("throughput over %d timed steps: %.2f samples/s, %.0f tokens/s", len(timed),
                     sum(sps) / len(sps), sum(tok / t for t, tok in timed) / len(timed))
-
-
-class ProgressBar:
-    """Rank 0's tqdm bar (a no-op elsewhere). While it is open, log records and Python
-    warnings print on their own line above the bar, not glued to the end of its line."""
-
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.bar = None
-        self._stack = contextlib.ExitStack()
-        if not enabled:
-            return
-        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-        logging.captureWarnings(True)
-        self._stack.callback(logging.captureWarnings, False)
-        self._stack.enter_context(logging_redirect_tqdm(loggers=[logging.getLogger(),
-                                                                 logging.getLogger("py.warnings")]))
-
-    def update(self, **postfix) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(**postfix)
-
-    def close(self) -> None:
-        self._stack.close()
-        if self.bar is not None:
-            self.bar.close()
 
 
 # -------------------------------------------------------------------------------- CLI
@@ -883,7 +592,8 @@ def run(args: argparse.Namespace) -> int:
         with contextlib.suppress(Exception):
             distributed.shutdown_distributed()
     if distributed.detect_env().rank == 0:
-        print(json.dumps({"run_dir": result.run_dir, "steps": result.steps, "final_loss": result.final_loss,
+        loss = result.final_loss if result.final_loss is not None and math.isfinite(result.final_loss) else None
+        print(json.dumps({"run_dir": result.run_dir, "steps": result.steps, "final_loss": loss,
                           "checkpoint": result.checkpoint, "export": result.export_dir,
                           "stopped_early": result.stopped_early}))
     # Preempted: a distinct exit code lets launch scripts requeue.
@@ -893,20 +603,10 @@ def run(args: argparse.Namespace) -> int:
     return write_exit_status(cfg, 0, "completed", "", step=result.steps)
 
 
-EXIT_STATUS_FILE = "exit_status.json"
-
-
 def write_exit_status(cfg: "TrainConfig", code: int, status: str, message: str, step: Optional[int] = None) -> int:
-    """Rank 0 records how the run ended in ``RUN_DIR/exit_status.json`` and returns ``code``.
-
-    Why: a launcher does not pass the ranks' exit code on (torchrun exits 1 when its ranks
-    exit 3; a launcher killed by a signal reports nothing), so a wrapper that requeues on
-    "preempted" reads this file instead (``launch/run_with_status.sh``)."""
-    if distributed.detect_env().rank == 0 and Path(cfg.run_dir).is_dir():
-        record = {"status": status, "exit_code": code, "step": step, "message": message[:2000],
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        with contextlib.suppress(OSError):  # reporting must never be what fails
-            ckpt.atomic_write_text(Path(cfg.run_dir) / EXIT_STATUS_FILE, json.dumps(record, indent=2) + "\n")
+    """Rank 0 records how the launch ended (``RunDir.write_exit_status``); returns ``code``."""
+    if distributed.detect_env().rank == 0:
+        RunDir.from_config(cfg).write_exit_status(code, status, message, step=step)
     return code
 
 

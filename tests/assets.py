@@ -8,8 +8,8 @@ def build_demo_assets(root: Path, *, train_per_subset: int = 12, eval_per_subset
                       data_seed: int = 3, model_seed: int = 1, backbone: str = "llava_onevision") -> dict:
     """Synthetic data under ``root/data`` and a tiny model under ``root/tiny``; the paths
     the demo config's ``data.source`` / ``data.image_root`` / ``model.path`` take."""
-    from llave_ds.synthetic import prepare_synthetic_mmeb
-    from llave_ds.tiny import build_tiny_model_dir
+    from llave_ds.toy.synthetic import prepare_synthetic_mmeb
+    from llave_ds.toy.tiny import build_tiny_model_dir
     train_dir, image_root = prepare_synthetic_mmeb(Path(root) / "data", num_train_per_subset=train_per_subset,
                                                    num_eval_per_subset=eval_per_subset, seed=data_seed)
     model_dir = build_tiny_model_dir(Path(root) / "tiny", backbone, seed=model_seed)

@@ -1,7 +1,7 @@
 """Run a function on N local CPU ranks over gloo, in bounded time.
 
 Each rank is a fresh spawned process with the torchrun variables set, so the code under
-test goes through the same ``llave_ds.distributed.init_distributed`` as a real launch.
+test goes through the same ``llave_ds.core.distributed.init_distributed`` as a real launch.
 Results travel back pickled; a rank that raises sends its traceback; a run that exceeds
 ``timeout_s`` is killed and reported, so a collective mismatch can never hang the suite.
 """
@@ -15,7 +15,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from llave_ds.distributed import free_port
+from llave_ds.core.distributed import free_port
 
 
 @dataclass
@@ -35,7 +35,7 @@ def _worker(fn, rank, world_size, port, collective_timeout_s, env_extra, queue, 
     os.environ.update(env_extra or {})
     import torch
     torch.set_num_threads(1)
-    from llave_ds import distributed
+    from llave_ds.core import distributed
     ok = False
     try:
         distributed.init_distributed(timeout_s=collective_timeout_s, backend="gloo")

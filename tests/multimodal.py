@@ -1,11 +1,12 @@
-"""Shared pieces of the multimodal tests: a duck-typed side, deterministic images and videos."""
+"""Shared pieces of the multimodal tests: the side type, deterministic images and videos."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import List
 
 import numpy as np
 from PIL import Image
+
+from llave_ds.media.side import Side  # noqa: F401  (the package's one side type, re-exported)
 
 BACKBONES = ["llava_onevision", "qwen2_vl"]
 # Qwen2.5-VL came third. ALL_BACKBONES is every backbone (test_tiny, test_model use it).
@@ -13,15 +14,6 @@ BACKBONES = ["llava_onevision", "qwen2_vl"]
 # expectations on those two names (its Qwen2.5-VL tests are separate). test_vision_cache and
 # test_embedder also pass on ALL_BACKBONES (checked when Qwen2.5-VL was added).
 ALL_BACKBONES = BACKBONES + ["qwen2_5_vl"]
-
-
-@dataclass
-class Side:
-    """What the InputFormatter reads: ``.text``, ``.image`` (PIL or None) and ``.video``
-    (a path, a ``llave_ds.video.Video``, a list of PIL frames, or None)."""
-    text: str
-    image: Optional[Image.Image] = None
-    video: Any = None
 
 
 def noise_image(h: int, w: int, seed: int = 0) -> Image.Image:
@@ -48,7 +40,7 @@ def gradient_keeping_backend(model):
     returned dict) instead of applying them, so a cached step can be compared with a reference."""
     import torch
 
-    from llave_ds.gradcache import TorchStepBackend
+    from llave_ds.core.gradcache import TorchStepBackend
 
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     backend, grads = TorchStepBackend(model, opt), {}

@@ -1,7 +1,7 @@
 """An independent float64 reference of the LLaVE loss, written from the paper's formula.
 
 Deliberately naive (explicit loops, explicit weights and denominators, no logsumexp), so
-it shares no code or structure with ``llave_ds.objective``.
+it shares no code or structure with ``llave_ds.core.objective``.
 """
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""llave_ds.analysis: Figure-1-style histograms (a valid PNG) and the Table-1-style gap table."""
+"""llave_ds.eval.analysis: Figure-1-style histograms (a valid PNG) and the Table-1-style gap table."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from llave_ds.analysis import gap_table, groups_from_scores, plot_similarity_histograms
+from llave_ds.eval.analysis import gap_table, groups_from_scores, plot_similarity_histograms
 
 GROUPS = {
     # InfoNCE-like: positives and hardest negatives close together.

@@ -296,17 +296,20 @@ def test_dump_keeps_field_order_and_plain_types(tmp_path):
 # --------------------------------------------------------------------------- the project's configs
 
 def test_choices_agree_with_the_code_that_uses_them():
-    from llave_ds import export, model
-    from llave_ds.gather import GatherMode
-    from llave_ds.objective import ObjectiveConfig
+    from llave_ds.core.gather import GatherMode
+    from llave_ds.core.objective import ObjectiveConfig
+    from llave_ds.export import model_dir as export
+    from llave_ds.model import embedding as model
+    from llave_ds.model.backbones import SUPPORTED_BACKBONES
+    from llave_ds.model.dtypes import DTYPES
 
     def choices(cls, name):
         return set(typing.get_args(typing.get_type_hints(cls)[name]))
 
     assert choices(ObjectiveConfig, "gather_mode") == {m.value for m in GatherMode}
-    assert choices(model.ModelConfig, "dtype") == set(model.DTYPES)
-    assert choices(model.ModelConfig, "backbone") == {"auto", *model.SUPPORTED_BACKBONES}
-    assert choices(export.ExportConfig, "dtype") <= set(export._DTYPES)
+    assert choices(model.ModelConfig, "dtype") == set(DTYPES)
+    assert choices(model.ModelConfig, "backbone") == {"auto", *SUPPORTED_BACKBONES}
+    assert choices(export.ExportConfig, "dtype") <= set(DTYPES)
 
 
 def test_shipped_configs_load_and_round_trip(tmp_path):

@@ -1,4 +1,4 @@
-"""llave_ds.data: MMEB-train loading, bad-input policy, sampler, collator, DataLoader."""
+"""llave_ds.data.mmeb_train: MMEB-train loading, bad-input policy, sampler, collator, DataLoader."""
 from __future__ import annotations
 
 import json
@@ -13,8 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from llave_ds.data import (DataError, GlobalBatchSampler, MMEBTrainDataset, Pair, PairCollator, Side,
-                           TrainBatch, TrainDataConfig, load_image)
+from llave_ds.data.batching import GlobalBatchSampler, PairCollator, TrainBatch
+from llave_ds.data.errors import DataError
+from llave_ds.data.mmeb_train import MMEBTrainDataset, Pair, TrainDataConfig
+from llave_ds.media.files import MediaError
+from llave_ds.media.image import load_image
+from llave_ds.media.side import Side
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
 
@@ -92,7 +96,7 @@ def config(tmp_path, root, **kw):
 
 
 def fake_formatter(sides, role):
-    """Stands in for llave_ds.processing: text lengths, first char code, image pixel sums."""
+    """Stands in for llave_ds.model.formatter: text lengths, first char code, image pixel sums."""
     return {
         "text_len": torch.tensor([len(s.text) for s in sides]),
         "first_char": torch.tensor([ord(s.text[0]) if s.text else 0 for s in sides]),
@@ -163,7 +167,7 @@ def test_subset_selection_and_typo(tmp_path):
     assert list(ds.subset_ranges) == ["Gamma", "Alpha"]
     assert ds[0].subset == "Gamma"
     assert MMEBTrainDataset(config(tmp_path, root, subsets="Beta")).subsets == ["Beta"]
-    with pytest.raises(DataError, match=r"unknown subset\(s\) \['Betta'\].*available subsets: Alpha, Beta, Gamma"):
+    with pytest.raises(DataError, match=r"unknown subset 'Betta' in .*did you mean 'Beta'.*available subsets: Alpha, Beta, Gamma"):
         MMEBTrainDataset(config(tmp_path, root, subsets=["Alpha", "Betta"]))
     with pytest.raises(ValueError, match="more than once"):
         MMEBTrainDataset(config(tmp_path, root, subsets=["Alpha", "Alpha"]))
@@ -187,7 +191,7 @@ def official_layout(tmp_path):
 
 def test_default_subsets_are_the_official_training_subsets(tmp_path, caplog):
     root = official_layout(tmp_path)
-    with caplog.at_level(logging.INFO, logger="llave_ds.data"):
+    with caplog.at_level(logging.INFO, logger="llave_ds.data.mmeb_train"):
         ds = MMEBTrainDataset(config(tmp_path, root))
     # The official order (VLM2Vec's and LLaVE's scripts), not the directory order.
     assert ds.subsets == ["ImageNet_1K", "CIRR"] and len(ds) == 5
@@ -202,14 +206,14 @@ def test_default_subsets_are_the_official_training_subsets(tmp_path, caplog):
 
 def test_default_subsets_of_data_without_official_names_is_everything(tmp_path, caplog):
     root = make_source(tmp_path, sizes={"Alpha": 2, "Beta": 2})
-    with caplog.at_level(logging.INFO, logger="llave_ds.data"):
+    with caplog.at_level(logging.INFO, logger="llave_ds.data.mmeb_train"):
         assert MMEBTrainDataset(config(tmp_path, root)).subsets == ["Alpha", "Beta"]
     assert "no official MMEB-train subset" in caplog.text
 
 
 def test_official_training_subsets_are_the_in_distribution_eval_subsets():
-    from llave_ds.data import official_train_subsets
-    from llave_ds.metrics import official_subsets
+    from llave_ds.data.mmeb_files import official_train_subsets
+    from llave_ds.eval.mmeb_metrics import official_subsets
     train = official_train_subsets()
     ind = [n for n, info in official_subsets().items() if info.distribution == "IND"]
     assert len(train) == 20 == len(set(train))
@@ -291,7 +295,7 @@ def test_too_few_negatives_is_an_error_or_a_counted_skip(tmp_path, caplog):
     rows[3].update(neg_text="", neg_image_path="")
     write_subset(str(root), "Beta", rows)
     write_images_for(str(root), rows)
-    with caplog.at_level(logging.WARNING, logger="llave_ds.data"):
+    with caplog.at_level(logging.WARNING, logger="llave_ds.data.mmeb_train"):
         ds = MMEBTrainDataset(config(tmp_path, root, subsets=["Beta"], use_hard_negatives=True, skip_bad_rows=True,
                                      max_skip_fraction=0.5))
     assert len(ds) == 4 and ds.skip_counts == {"missing_negatives": 1}
@@ -407,11 +411,11 @@ def test_load_time_bad_rows_raise_naming_subset_row_field(tmp_path, case):
 def test_load_time_bad_rows_are_skipped_counted_and_logged(tmp_path, caplog, case):
     change, reason, field, fragment = LOAD_TIME_CASES[case]
     root = _bad_source(tmp_path, change)
-    with caplog.at_level(logging.WARNING, logger="llave_ds.data"):
+    with caplog.at_level(logging.WARNING, logger="llave_ds.data.mmeb_train"):
         ds = MMEBTrainDataset(config(tmp_path, root, skip_bad_rows=True))
     assert len(ds) == 11 and ds.skip_counts == {reason: 1} and ds.subset_skip_counts["Alpha"] == {reason: 1}
     assert [ds.locate(i)[1] for i in range(3)] == [0, 1, 3]
-    messages = [r.getMessage() for r in caplog.records if r.name == "llave_ds.data"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "llave_ds.data.mmeb_train"]
     assert any("row 2," in m and field in m and fragment in m for m in messages)
     assert any("skipped 1 of 12 rows" in m and reason in m for m in messages)
 
@@ -443,7 +447,7 @@ def test_decode_problems_with_skip_are_replaced_counted_and_logged(tmp_path, cap
     how, extra, reason, fragment = LAZY_CASES[case]
     root = _bad_source(tmp_path, ("file", how), fmt="parquet")
     ds = MMEBTrainDataset(config(tmp_path, root, skip_bad_rows=True, **extra))
-    with caplog.at_level(logging.WARNING, logger="llave_ds.data"):
+    with caplog.at_level(logging.WARNING, logger="llave_ds.data.mmeb_train"):
         pair = ds[2]
     assert (pair.subset, pair.row, pair.replaced) == ("Alpha", 3, [reason])  # next row stands in
     assert ds.skip_counts == {}  # load-time drops only; a replacement travels with its pair
@@ -476,11 +480,11 @@ def test_pil_decompression_bomb_guard_becomes_data_error(tmp_path, monkeypatch):
     path = str(tmp_path / "img.png")
     write_png(path, size=(20, 20))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150)  # 400 px: PIL warns above 150, raises above 300
-    with pytest.raises(DataError, match="too large") as info:
+    with pytest.raises(MediaError, match="too large") as info:
         load_image(path, max_pixels=10_000)
     assert info.value.reason == "image_too_large"
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # PIL only warns; our limit is lower, so the warning counts
-    with pytest.raises(DataError, match="too large"):
+    with pytest.raises(MediaError, match="too large"):
         load_image(path, max_pixels=200)
     assert load_image(path, max_pixels=10_000).size == (20, 20)
 
@@ -521,7 +525,7 @@ def test_schema_errors(tmp_path, caplog):
     # Extra fields are harmless: a warning names them.
     write_subset(str(root), "Alpha", [dict(mmeb_row("Alpha", 1), source_id="x")])
     write_images_for(str(root), [mmeb_row("Alpha", 1)])
-    with caplog.at_level(logging.WARNING, logger="llave_ds.data"):
+    with caplog.at_level(logging.WARNING, logger="llave_ds.data.mmeb_train"):
         assert len(MMEBTrainDataset(config(tmp_path, root))) == 1
     assert any("ignoring unknown field(s) ['source_id']" in r.getMessage() for r in caplog.records)
     # A whole column of the wrong type (parquet int64).
@@ -724,7 +728,7 @@ def test_dataset_and_collator_pickle_for_spawned_workers(tmp_path):
 def _video_source(tmp_path, extra_rows=(), negatives=True):
     """Subset "Vid" (jsonl): row 0 mp4 query -> text; row 1 text -> frame-folder target; row 2
     text -> text with a video hard negative; plus an image subset "Alpha" (make_source)."""
-    from llave_ds.synthetic_video import VideoSpec, render_video, write_frame_folder, write_mp4
+    from llave_ds.toy.synthetic_video import VideoSpec, render_video, write_frame_folder, write_mp4
     tmp_path.mkdir(parents=True, exist_ok=True)
     root = make_source(tmp_path, sizes={"Alpha": 4}, negatives=1 if negatives else 0)
     frames = render_video(VideoSpec(2, "red", "square", "left"), size=32, num_frames=8)
@@ -763,8 +767,8 @@ def test_video_rows_load_mp4_and_frame_folders_with_the_callers_frame_count(tmp_
     # An image row keeps .image; its sides have no video.
     assert ds[0].query.image is not None and ds[0].query.video is None
     # Default: the processing default of 8 frames (training passes processing.video_frames).
-    from llave_ds.processing import DEFAULT_VIDEO_FRAMES
-    from llave_ds.data import DEFAULT_VIDEO_FRAMES as DATA_DEFAULT
+    from llave_ds.media.video import DEFAULT_VIDEO_FRAMES
+    from llave_ds.media.video import DEFAULT_VIDEO_FRAMES as DATA_DEFAULT
     assert DATA_DEFAULT == DEFAULT_VIDEO_FRAMES
     assert MMEBTrainDataset(config(tmp_path, root, use_hard_negatives=True))[4].query.video.num_frames == 8
     # Decoded in DataLoader workers: the clip travels pickled with its pair.
@@ -796,7 +800,7 @@ def test_has_videos_is_about_the_sides_the_run_reads(tmp_path):
 
 
 def test_synthetic_video_training_rows_load(tmp_path):
-    from llave_ds.synthetic_video import generate_synthetic_videos
+    from llave_ds.toy.synthetic_video import generate_synthetic_videos
     out = tmp_path / "sv"
     generate_synthetic_videos(str(out), num_test=4, num_train_per_subset=4, num_frames=8)
     ds = MMEBTrainDataset(config(tmp_path, out / "train", image_root=str(out), use_hard_negatives=True),
@@ -852,7 +856,7 @@ def test_unreadable_video_raises_in_getitem_or_is_a_counted_replacement(tmp_path
     assert "subset 'Vid'" in msg and "row 0," in msg and "field 'qry_video_path'" in msg and str(full) in msg
     assert info.value.reason == "unreadable_video"
     ds = MMEBTrainDataset(config(tmp_path, root, skip_bad_rows=True))
-    with caplog.at_level(logging.WARNING, logger="llave_ds.data"):
+    with caplog.at_level(logging.WARNING, logger="llave_ds.data.mmeb_train"):
         pair = ds[4]
     assert (pair.row, pair.replaced) == (1, ["unreadable_video"])
     assert any("qry_video_path" in r.getMessage() and str(full) in r.getMessage() for r in caplog.records)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from llave_ds.synthetic import EVAL_SUBSETS
+from llave_ds.toy.synthetic import EVAL_SUBSETS
 
 pytestmark = pytest.mark.slow
 

@@ -15,10 +15,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from llave_ds import tiny  # noqa: E402
+from llave_ds.toy import tiny  # noqa: E402
 from llave_ds.cli import main as cli_main  # noqa: E402
-from llave_ds.model import ModelConfig, load_embedding_model  # noqa: E402
-from llave_ds.processing import InputFormatter, ProcessingConfig  # noqa: E402
+from llave_ds.model.embedding import ModelConfig, load_embedding_model  # noqa: E402
+from llave_ds.model.formatter import InputFormatter, ProcessingConfig  # noqa: E402
 from tests.multimodal import BACKBONES, Side, noise_image  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def test_exported_prompt_settings_are_used(tiny_dirs, tmp_path):
     import dataclasses
 
     from llave_ds import LlaveEmbedder
-    from llave_ds.export import embedding_metadata, write_model_dir
+    from llave_ds.export.model_dir import embedding_metadata, write_model_dir
 
     backbone = "llava_onevision"
     model, processor = load_embedding_model(ModelConfig(path=str(tiny_dirs[backbone]), dtype="float32"))
@@ -170,7 +170,7 @@ def test_llave_prompt_format_from_export_and_override(tiny_dirs, tmp_path):
 
 def test_encode_sides_and_argument_errors(tiny_dirs):
     from llave_ds import LlaveEmbedder
-    from llave_ds.embedder import EncodeError
+    from llave_ds.model.embedder import EncodeError
 
     embedder = LlaveEmbedder.from_pretrained(tiny_dirs["qwen2_vl"], device="cpu")
     sides = [Side("<|image_1|> x", noise_image(28, 28, 5)), Side("y")]

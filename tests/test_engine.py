@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llave_ds import engine as eng
+from llave_ds.training import engine as eng
 
 
 def complete(zero: dict) -> dict:
@@ -25,8 +25,8 @@ def test_zero3_gets_plain_linear_unless_the_config_says_otherwise():
     ("qwen2_vl", ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"]),
 ])
 def test_fetch_units_are_the_repeated_blocks(backbone, want):
-    from llave_ds.model import EmbeddingModel
-    from llave_ds.tiny import build_tiny_model
+    from llave_ds.model.embedding import EmbeddingModel
+    from llave_ds.toy.tiny import build_tiny_model
     model = EmbeddingModel(build_tiny_model(backbone), backbone)
     # transformers declares the vision embeddings unsplittable too; they occur once and, as a
     # leaf, broke a trainable tower's gradient under ZeRO-3: left out.

@@ -18,9 +18,9 @@ def assets(tmp_path_factory):
 
 
 def _evaluate(model_dir, eval_dir, image_root):
-    from llave_ds.embedder import LlaveEmbedder
-    from llave_ds.eval import evaluate
-    from llave_ds.eval_data import load_eval_subsets
+    from llave_ds.eval.mmeb import evaluate
+    from llave_ds.eval.mmeb_data import load_eval_subsets
+    from llave_ds.model.embedder import LlaveEmbedder
     subsets = load_eval_subsets(eval_dir, image_root=image_root)
     result = evaluate(LlaveEmbedder.from_pretrained(model_dir, device="cpu"), subsets, batch_size=3,
                       progress=False)
@@ -35,7 +35,7 @@ def test_distributed_eval_equals_single_process(assets):
     single = _evaluate(assets["model"], assets["eval"], assets["images"])
     outcomes = run_distributed(_evaluate_ranked, 2, assets["model"], assets["eval"], assets["images"],
                                timeout_s=240)
-    assert len(single) == 6  # llave_ds.synthetic.EVAL_SUBSETS
+    assert len(single) == 6  # llave_ds.toy.synthetic.EVAL_SUBSETS
     for out in outcomes:
         for name, want in single.items():
             got = out.value[name]
@@ -72,10 +72,10 @@ def test_images_are_decoded_batch_by_batch_not_all_before_encoding(assets, monke
     """Memory holds the batches in flight, not every image of a role: with the decoding in
     this process, at most one batch is decoded ahead of the encoder (and with workers, their
     prefetch); the results equal the single-process ones above."""
-    import llave_ds.data as data
-    from llave_ds.embedder import LlaveEmbedder
-    from llave_ds.eval import evaluate_subset
-    from llave_ds.eval_data import load_eval_subsets
+    import llave_ds.media.image as data
+    from llave_ds.eval.mmeb import evaluate_subset
+    from llave_ds.eval.mmeb_data import load_eval_subsets
+    from llave_ds.model.embedder import LlaveEmbedder
 
     subset = load_eval_subsets(assets["eval"], ["Synth_I2T"], image_root=assets["images"])["Synth_I2T"]
     embedder = LlaveEmbedder.from_pretrained(assets["model"], device="cpu")
@@ -91,7 +91,7 @@ def test_images_are_decoded_batch_by_batch_not_all_before_encoding(assets, monke
         counts["encoded"] += sum(s.image is not None for s in sides)
         return real_encode(sides, **kwargs)
 
-    import llave_ds.eval as eval_module
+    import llave_ds.eval.mmeb as eval_module
     monkeypatch.setattr(eval_module, "load_image", load_image)  # eval's own reference to data.load_image
     monkeypatch.setattr(embedder, "encode_sides", encode_sides)
     streamed = evaluate_subset(embedder, subset, batch_size=3, progress=False, num_workers=0)
@@ -107,7 +107,7 @@ def test_an_unreadable_image_in_a_worker_is_one_clear_error(assets, tmp_path):
     import shutil
 
     from llave_ds.cli import main
-    from llave_ds.eval_data import load_eval_subsets
+    from llave_ds.eval.mmeb_data import load_eval_subsets
     images = tmp_path / "images"
     shutil.copytree(assets["images"], images)
     row = load_eval_subsets(assets["eval"], ["Synth_I2T"], image_root=assets["images"])["Synth_I2T"][0]
@@ -122,3 +122,23 @@ def test_an_unreadable_image_in_a_worker_is_one_clear_error(assets, tmp_path):
     assert code == 2, buf.getvalue()
     assert "Synth_I2T" in buf.getvalue() and str(broken) in buf.getvalue(), buf.getvalue()
     assert "Traceback" not in buf.getvalue() and "worker process" not in buf.getvalue(), buf.getvalue()
+
+
+def test_model_may_be_a_run_directory(tmp_path):
+    """`llave-ds eval --model RUN_DIR` evaluates the run's export (where its config put it)."""
+    from llave_ds.eval.cli import resolve_model_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("run_dir: run\n")
+    with pytest.raises(ValueError, match=r"training run directory without an export .*llave-ds export"):
+        resolve_model_dir(str(run))
+    (run / "export").mkdir()
+    (run / "export" / "config.json").write_text("{}")
+    assert resolve_model_dir(str(run)) == str(run / "export")
+    elsewhere = tmp_path / "exports" / "x"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "config.json").write_text("{}")
+    (run / "config.yaml").write_text(f"run_dir: run\nexport:\n  dir: {elsewhere}\n")
+    assert resolve_model_dir(str(run)) == str(elsewhere)
+    assert resolve_model_dir(str(elsewhere)) == str(elsewhere)  # an export stays itself

@@ -1,4 +1,4 @@
-"""llave_ds.eval_data: MMEB-eval loading, row checks, image root, dedup, sharding, synthetic split."""
+"""llave_ds.eval.mmeb_data: MMEB-eval loading, row checks, image root, dedup, sharding, synthetic split."""
 from __future__ import annotations
 
 import json
@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from llave_ds import eval_data as ed
-from llave_ds.eval_data import (EvalDataError, EvalItem, list_eval_subsets, load_eval_subset, load_eval_subsets,
-                                reassemble, shard, shard_padded_size, shard_range, unique_items)
-from llave_ds.metrics import candidate_scores, precision_at_1
+from llave_ds.eval import mmeb_data as ed
+from llave_ds.eval.mmeb_data import (EvalDataError, EvalItem, list_eval_subsets, load_eval_subset, load_eval_subsets,
+                                     reassemble, shard, shard_padded_size, shard_range, unique_items)
+from llave_ds.eval.mmeb_metrics import candidate_scores, precision_at_1
 
 SCHEMA = pa.schema([("qry_text", pa.string()), ("qry_img_path", pa.string()),
                     ("tgt_text", pa.list_(pa.string())), ("tgt_img_path", pa.list_(pa.string()))])
@@ -272,7 +272,7 @@ def test_shard_errors():
 # --------------------------------------------------------------------------- synthetic split
 
 def test_synthetic_eval_split_loads(tmp_path):
-    from llave_ds.synthetic import EVAL_SUBSETS, SceneSpec, generate_synthetic_mmeb
+    from llave_ds.toy.synthetic import EVAL_SUBSETS, SceneSpec, generate_synthetic_mmeb
 
     made = generate_synthetic_mmeb(str(tmp_path / "syn"), num_train_per_subset=1, num_eval_per_subset=3,
                                    num_eval_candidates=4, image_size=16)
@@ -301,7 +301,7 @@ def test_empty_sides_are_kept_counted_and_logged_by_default(tmp_path, images, ca
     src = tmp_path / "src"
     rows = [row(), row(q="", qi="", tt=("cat", "", "bird")), row(tt=("", "", "x"))]
     write_parquet(str(src / "Holes" / "test-00000-of-00001.parquet"), rows)
-    with caplog.at_level("WARNING", logger="llave_ds.eval_data"):
+    with caplog.at_level("WARNING", logger="llave_ds.eval.mmeb_data"):
         sub = load_eval_subset(str(src), "Holes", image_root=images)
     assert len(sub) == 3 and sub[1].qry_text == "" and sub[1].tgt_text == ("cat", "", "bird")
     assert sub.empty_sides == {"query": 1, "candidate": 3}
@@ -317,7 +317,7 @@ def test_empty_sides_are_kept_counted_and_logged_by_default(tmp_path, images, ca
     # A subset without empty sides logs nothing about them.
     write_parquet(str(src / "Full" / "test-00000-of-00001.parquet"), [row()])
     caplog.clear()
-    with caplog.at_level("WARNING", logger="llave_ds.eval_data"):
+    with caplog.at_level("WARNING", logger="llave_ds.eval.mmeb_data"):
         assert load_eval_subset(str(src), "Full", image_root=images, strict_empty=True).empty_sides == \
             {"query": 0, "candidate": 0}
     assert "empty" not in caplog.text

@@ -56,7 +56,7 @@ def build_mmeb_eval_dir(root) -> dict:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from llave_ds.tiny import build_tiny_model_dir
+    from llave_ds.toy.tiny import build_tiny_model_dir
     return str(build_tiny_model_dir(tmp_path_factory.mktemp("eval_tiny") / "tiny", "llava_onevision", seed=2))
 
 
@@ -68,7 +68,7 @@ def data(tmp_path):
 @pytest.fixture
 def encoded(monkeypatch):
     """Every side the embedder encodes: (role, text, has image), one list per call."""
-    from llave_ds.embedder import LlaveEmbedder
+    from llave_ds.model.embedder import LlaveEmbedder
 
     calls: list[list[tuple[str, str, bool]]] = []
     original = LlaveEmbedder.encode_sides
@@ -94,7 +94,7 @@ def _num_sides(calls) -> int:
 
 def test_default_run_scores_official_and_synthetic_skips_cifar_and_writes_as_it_goes(model_dir, data, tmp_path,
                                                                                      encoded, caplog):
-    caplog.set_level(logging.INFO, logger="llave_ds.eval")
+    caplog.set_level(logging.INFO, logger="llave_ds.eval.mmeb")
     out = tmp_path / "res" / "eval.json"
     assert _eval(model_dir, data, out) == 0
     summary = json.loads(out.read_text())
@@ -131,7 +131,7 @@ def test_rerun_loads_matching_score_files_and_reencodes_only_what_changed(model_
     first = json.loads(out.read_text())
     assert _num_sides(encoded) > 0
     encoded.clear()
-    caplog.set_level(logging.INFO, logger="llave_ds.eval")
+    caplog.set_level(logging.INFO, logger="llave_ds.eval.mmeb")
     assert _eval(model_dir, data, out) == 0
     assert encoded == []                                  # nothing encoded again
     second = json.loads(out.read_text())
@@ -219,7 +219,8 @@ def test_no_official_or_synthetic_subset_is_a_clear_error(model_dir, tmp_path, c
 
 
 def _eval_ranked(rank, world, model_dir, data, out):
-    from llave_ds.eval import main
+    from llave_ds.eval.cli import main
+
     # Rank 1 is given an --out whose score directory is empty: deciding alone it would encode
     # every subset (and mismatch rank 0's collectives); it must follow rank 0 and write nothing.
     out = out if rank == 0 else out.replace("eval.json", "rank1.json")

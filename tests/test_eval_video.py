@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from llave_ds.eval import main as eval_main
-from llave_ds.eval_video import evaluate_video_retrieval
-from llave_ds.retrieval import load_retrieval_split
+from llave_ds.eval.cli import main as eval_main
+from llave_ds.eval.retrieval_metrics import load_retrieval_split
+from llave_ds.eval.video_retrieval import evaluate_video_retrieval
 
 
 class StandIn:
@@ -95,10 +95,10 @@ def test_cli_names_the_bad_split_file(tmp_path, capsys):
 def test_one_command_on_synthetic_videos_with_a_tiny_model(tmp_path, backbone, capsys):
     """Synthetic mp4 clips -> `llave-ds eval --task video-retrieval` -> R@1/5/10 per direction,
     with the numbers recomputed here from the model's own embeddings."""
-    from llave_ds.embedder import LlaveEmbedder, Side
-    from llave_ds.retrieval import retrieval_metrics, similarity_matrix
-    from llave_ds.synthetic_video import generate_synthetic_videos
-    from llave_ds.tiny import build_tiny_model_dir
+    from llave_ds.eval.retrieval_metrics import retrieval_metrics, similarity_matrix
+    from llave_ds.model.embedder import LlaveEmbedder, Side
+    from llave_ds.toy.synthetic_video import generate_synthetic_videos
+    from llave_ds.toy.tiny import build_tiny_model_dir
 
     model = build_tiny_model_dir(tmp_path / "model", backbone)
     videos = generate_synthetic_videos(tmp_path / "data", num_test=6, num_train_per_subset=0, seed=1)

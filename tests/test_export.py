@@ -17,9 +17,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from llave_ds import tiny  # noqa: E402
+from llave_ds.toy import tiny  # noqa: E402
 from llave_ds.cli import main as cli_main  # noqa: E402
-from llave_ds.processing import ProcessingConfig  # noqa: E402
+from llave_ds.model.formatter import ProcessingConfig  # noqa: E402
 from tests.multimodal import Side, noise_image  # noqa: E402
 
 pytestmark = pytest.mark.slow  # 2-rank DeepSpeed training in the module fixture
@@ -68,7 +68,7 @@ RUNS = {
 
 
 def run_config(tiny_dir, run_dir, backbone, lora_r):
-    from llave_ds.model import ModelConfig
+    from llave_ds.model.embedding import ModelConfig
     from llave_ds.train import ProcessingConfig, TrainConfig
 
     cfg = TrainConfig(run_dir=str(run_dir), global_batch_size=8,
@@ -87,14 +87,14 @@ def train_worker(rank, world_size, jobs):
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 30 s JIT build
     torch.set_num_threads(1)
-    from llave_ds import checkpoint as ckpt
-    from llave_ds import engine as eng
+    from llave_ds.training import checkpoint as ckpt
+    from llave_ds.training import engine as eng
     from llave_ds.config import load_config
-    from llave_ds.export import export_from_engine
-    from llave_ds.gradcache import gradcache_step
-    from llave_ds.model import load_embedding_model, trainable_parameters
-    from llave_ds.objective import ObjectiveConfig
-    from llave_ds.processing import InputFormatter
+    from llave_ds.export.model_dir import export_from_engine
+    from llave_ds.core.gradcache import gradcache_step
+    from llave_ds.model.embedding import load_embedding_model, trainable_parameters
+    from llave_ds.core.objective import ObjectiveConfig
+    from llave_ds.model.formatter import InputFormatter
     from llave_ds.train import TrainConfig
 
     results = {}
@@ -269,9 +269,14 @@ def test_export_reloads_with_plain_transformers_and_matches_the_engine(trained, 
 
     # The export is not the base model: training moved weights the probe depends on.
     exported, base = read_safetensors_dir(fp32_exports[name]), read_safetensors_dir(run["tiny"])
-    assert set(exported) == set(base)  # plain transformers names: no hf_model., no LoRA keys
+    # The tiny LLaVA-OV's LM head is untied: frozen, never run, left out of the export (docs/EXPORT.md).
+    head = {"llava_onevision": "language_model.lm_head.weight"}.get(run["backbone"])
+    assert head is None or head in base
+    assert set(exported) == set(base) - {head}  # plain transformers names: no hf_model., no LoRA keys
+    meta = json.loads((fp32_exports[name] / "llave_embedding.json").read_text())
+    assert ("lm_head" in meta) == (head is not None)
     assert all(t.dtype == torch.float32 for t in exported.values())
-    moved = max((exported[k] - base[k]).abs().max().item() for k in base)
+    moved = max((exported[k] - base[k]).abs().max().item() for k in exported)
     assert moved > 1e-3
 
 
@@ -301,7 +306,8 @@ def test_export_from_run_dir_keeps_every_processing_field(trained, fp32_exports,
 
     from llave_ds import LlaveEmbedder
     from llave_ds.config import load_config
-    from llave_ds.processing import InputFormatter, load_processor
+    from llave_ds.model.formatter import InputFormatter
+    from llave_ds.model.processors import load_processor
     from llave_ds.train import TrainConfig
 
     run = trained["runs"][name]
@@ -374,7 +380,8 @@ def test_auto_processor_on_the_export_is_the_stock_processor(trained, fp32_expor
     import numpy as np
     from PIL import Image
 
-    from llave_ds.processing import InputFormatter, load_processor
+    from llave_ds.model.formatter import InputFormatter
+    from llave_ds.model.processors import load_processor
 
     root = trained["root"]
     jobs = {name: {"dir": str(fp32_exports[name])} for name in RUNS}
@@ -575,3 +582,25 @@ def test_clear_errors_name_the_path(trained, tmp_path, capsys):
     # --base-model points at the base where it lives on this machine.
     assert export(ckpt, tmp_path / "o5", "--config", bad_cfg, "--base-model", run["tiny"]) == 0
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o4").exists()
+
+
+@pytest.mark.timeout(300)
+def test_export_takes_the_runs_export_dtype_unless_told(trained, tmp_path):
+    """A run whose config says export.dtype: float32 re-exports in float32 (as its own
+    end-of-training export did); --dtype still overrides it."""
+    import yaml
+
+    run = trained["runs"]["zero3"]
+    raw = yaml.safe_load((run["run_dir"] / "config.yaml").read_text())
+    raw.setdefault("export", {})["dtype"] = "float32"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    checkpoint = run["run_dir"] / "checkpoints" / f"step_{STEPS:08d}"
+
+    def dtypes(out):
+        return {t.dtype for t in read_safetensors_dir(out).values() if t.is_floating_point()}
+
+    assert export(checkpoint, tmp_path / "run_dtype", "--config", config) == 0
+    assert dtypes(tmp_path / "run_dtype") == {torch.float32}
+    assert export(checkpoint, tmp_path / "told", "--config", config, "--dtype", "bf16") == 0
+    assert dtypes(tmp_path / "told") == {torch.bfloat16}

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llave_ds.gather import GatherMode, RankMismatchError, all_gather_rows
-from llave_ds.objective import hardness_weighted_loss
+from llave_ds.core.gather import GatherMode, RankMismatchError, all_gather_rows
+from llave_ds.core.objective import hardness_weighted_loss
 from tests.distributed_harness import run_distributed
 from tests.reference_loss import reference_loss, reference_loss_sum
 

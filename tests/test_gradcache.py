@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from llave_ds.gradcache import GradCacheConfig, GradCacheError, TorchStepBackend, gradcache_step
-from llave_ds.objective import ObjectiveConfig
+from llave_ds.core.gradcache import GradCacheConfig, GradCacheError, TorchStepBackend, gradcache_step
+from llave_ds.core.objective import ObjectiveConfig
 from tests.distributed_harness import run_distributed
 from tests.reference_loss import reference_loss, reference_loss_sum
 from tests.toy_models import D_IN, ToyEncoder
@@ -70,9 +70,8 @@ def ds_config(stage: int) -> dict:
 
 
 def _train_ranked(rank: int, world: int, scenarios: list[Scenario]):
-    from llave_ds import engine as eng
-    from llave_ds import gradcache
-
+    from llave_ds.core import gradcache
+    from llave_ds.training import engine as eng
     results = {}
     restore = gradcache.RngState.restore
     for sc in scenarios:
@@ -196,7 +195,7 @@ def test_non_reentrant_checkpointing_under_zero3_is_exact():
 
 
 def test_reentrant_checkpointing_under_zero3_is_a_config_error():
-    from llave_ds.engine import EngineConfigError, complete_ds_config
+    from llave_ds.training.engine import EngineConfigError, complete_ds_config
     with pytest.raises(EngineConfigError, match="reentrant.*ZeRO-3"):
         complete_ds_config(ds_config(3), local_batch_size=4, world_size=2,
                            activation_checkpointing="reentrant")
@@ -226,7 +225,7 @@ def test_a_rank_skipping_a_chunk_is_padded_not_hung():
 
 
 def _failing_rank(rank: int, world: int):
-    from llave_ds import engine as eng
+    from llave_ds.training import engine as eng
     torch.manual_seed(0)
     model = ToyEncoder()
     engine = eng.build_engine(model, torch.optim.AdamW(model.parameters()),

@@ -98,7 +98,7 @@ def video_pairs_of(sc: Scenario, step: int, rank: int) -> tuple[list[Side], list
 
 
 def make_formatter(processor, sc: Scenario):
-    from llave_ds.processing import InputFormatter
+    from llave_ds.model.formatter import InputFormatter
     return InputFormatter(processor, sc.backbone, max_length=96, system_prompt="E", video_frames=VIDEO_FRAMES,
                           video_slot=bool(sc.videos))
 
@@ -108,7 +108,7 @@ def chunks_of(formatter, sides, size):
 
 
 def model_config(path, sc: Scenario):
-    from llave_ds.model import ModelConfig
+    from llave_ds.model.embedding import ModelConfig
     return ModelConfig(path=path, dtype="float32", attn_implementation="sdpa", freeze_vision_tower=sc.frozen_tower)
 
 
@@ -121,10 +121,10 @@ def ds_config(sc: Scenario) -> dict:
 
 
 def _ranked(rank, world, scenarios, model_dirs):
-    from llave_ds import engine as eng
-    from llave_ds.gradcache import gradcache_step
-    from llave_ds.model import load_embedding_model, trainable_parameters
-    from llave_ds.objective import ObjectiveConfig
+    from llave_ds.core.gradcache import gradcache_step
+    from llave_ds.core.objective import ObjectiveConfig
+    from llave_ds.model.embedding import load_embedding_model, trainable_parameters
+    from llave_ds.training import engine as eng
 
     eng.attach_deepspeed_comm()
     out = {}
@@ -151,7 +151,7 @@ def _ranked(rank, world, scenarios, model_dirs):
 
 
 def reference(sc: Scenario, model_dir: str, world: int = 2):
-    from llave_ds.model import load_embedding_model, trainable_parameters
+    from llave_ds.model.embedding import load_embedding_model, trainable_parameters
 
     model, processor = load_embedding_model(model_config(model_dir, sc))
     formatter = make_formatter(processor, sc)
@@ -177,7 +177,13 @@ def reference(sc: Scenario, model_dir: str, world: int = 2):
             loss = loss / (2 * n)
         opt.zero_grad()
         loss.backward()
-        norms.append(float(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm()))
+        # The reference norm is reduced in float64: a float32 norm over these ~1.5e5 gradient
+        # elements is itself off by 4e-6 to 9.5e-6 relative (measured, 35-80 eps, always low;
+        # its rounding depends on the CPU's reduction kernel), i.e. at TOL on its own.
+        # DeepSpeed's norm is not: against the float64 one the worst scenario is now 3.4e-6
+        # (most under 1e-6), so the relative check below keeps TOL.
+        norms.append(float(torch.cat([p.grad.flatten() for p in model.parameters()
+                                      if p.grad is not None]).double().norm()))
         opt.step()
         losses.append(float(reference_loss(q.detach(), t.detach(), TAU, ALPHA, True)))
     return {n_: p.detach().clone() for n_, p in model.named_parameters()}, losses, norms
@@ -185,7 +191,7 @@ def reference(sc: Scenario, model_dir: str, world: int = 2):
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    from llave_ds.tiny import build_tiny_model_dir
+    from llave_ds.toy.tiny import build_tiny_model_dir
     root = tmp_path_factory.mktemp("lmm")
     return {bb: str(build_tiny_model_dir(root / bb, bb, seed=2)) for bb in ("llava_onevision", "qwen2_vl", "qwen2_5_vl")}
 
@@ -251,7 +257,7 @@ def test_without_the_video_slot_a_text_rank_and_a_video_rank_would_run_different
     carry no video tensors (its model would skip the video tower call the other rank makes,
     and ZeRO-3's parameter gathers would stop matching); with it both ranks' chunks carry
     the same keys, the text-only rank's video a blank dummy."""
-    from llave_ds.processing import load_processor
+    from llave_ds.model.processors import load_processor
     processor = load_processor(model_dirs[backbone])
     sc = Scenario("check", backbone=backbone, videos="rank1")
     per_rank = [pairs_of(sc, 0, rank)[0][:2] for rank in (0, 1)]  # the first query chunk of each rank
@@ -266,5 +272,5 @@ def test_without_the_video_slot_a_text_rank_and_a_video_rank_would_run_different
 
 
 def formatter_without_slot(processor, sc: Scenario):
-    from llave_ds.processing import InputFormatter
+    from llave_ds.model.formatter import InputFormatter
     return InputFormatter(processor, sc.backbone, max_length=96, system_prompt="E", video_frames=VIDEO_FRAMES)

@@ -1,4 +1,4 @@
-"""llave_ds.metrics: precision@1 conventions, aggregation, markdown, similarity gaps, subset file."""
+"""llave_ds.eval.mmeb_metrics: precision@1 conventions, aggregation, markdown, similarity gaps, subset file."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from llave_ds import metrics as M
-from llave_ds.metrics import (aggregate, candidate_scores, markdown_table, official_subsets, precision_at_1,
-                              similarity_gap_stats, subset_registry)
+from llave_ds.eval import mmeb_metrics as M
+from llave_ds.eval.mmeb_metrics import (aggregate, candidate_scores, markdown_table, official_subsets, precision_at_1,
+                                        similarity_gap_stats, subset_registry)
 
 # FIELD_NOTES §2, the benchmark paper's grouping.
 EXPECTED = {
@@ -42,7 +42,7 @@ def test_official_subsets_match_the_benchmark_table():
 
 
 def test_synthetic_subsets_follow_the_generator():
-    from llave_ds.synthetic import EVAL_SUBSETS
+    from llave_ds.toy.synthetic import EVAL_SUBSETS
 
     synth = M.synthetic_subsets()
     assert set(synth) == set(EVAL_SUBSETS)

@@ -10,12 +10,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llave_ds import tiny  # noqa: E402
-from llave_ds.model import (  # noqa: E402
-    EmbeddingModel, ModelConfig, build_embedding_model_from_config, last_token_index,
-    load_embedding_model, trainable_parameters,
-)
-from llave_ds.processing import InputFormatter  # noqa: E402
+from llave_ds.toy import tiny  # noqa: E402
+from llave_ds.model.embedding import (EmbeddingModel, ModelConfig, build_embedding_model_from_config, last_token_index, load_embedding_model, trainable_parameters)
+from llave_ds.model.formatter import InputFormatter  # noqa: E402
 from tests.multimodal import ALL_BACKBONES, Side, gradient_keeping_backend, noise_image  # noqa: E402
 
 
@@ -222,7 +219,7 @@ def test_model_config_validation_and_auto_attention(tiny_dirs, caplog):
         ModelConfig(dtype="fp8")
     with pytest.raises(ValueError, match="qwen2_vl"):
         load_embedding_model(ModelConfig(path=tiny_dirs["llava_onevision"], backbone="qwen2_vl"))
-    with caplog.at_level(logging.INFO, logger="llave_ds.model"):
+    with caplog.at_level(logging.INFO, logger="llave_ds.model.embedding"):
         model, _ = load(tiny_dirs, "qwen2_vl")
     assert "attention implementation: sdpa (requested auto)" in caplog.text  # no CUDA here
     assert model.base_hf_model.config._attn_implementation == "sdpa"
@@ -369,8 +366,8 @@ def test_qwen2_5_vl_vision_cache_replays_the_window_order_exactly(tiny_dirs):
 
 
 def test_qwen2_5_vl_gradcache_second_pass_skips_tower_with_exact_gradients(tiny_dirs):
-    from llave_ds.gradcache import gradcache_step
-    from llave_ds.objective import ObjectiveConfig
+    from llave_ds.core.gradcache import gradcache_step
+    from llave_ds.core.objective import ObjectiveConfig
     from tests.reference_loss import reference_loss
 
     model, processor = load(tiny_dirs, "qwen2_5_vl", attn_implementation="sdpa")
@@ -392,15 +389,23 @@ def test_qwen2_5_vl_gradcache_second_pass_skips_tower_with_exact_gradients(tiny_
     loss = reference_loss(torch.cat([ref(**c) for c in q]).double(), torch.cat([ref(**c) for c in t]).double(),
                           0.1, 4.0, True)
     loss.backward()
-    assert abs(float(res.output.loss.detach()) - float(loss.detach())) < 1e-6
+    # float32 loss vs the float64 reference: rounding of about an ulp of the logit scale
+    # 1/tau + alpha = 14 is legitimate and machine-dependent (see test_vision_cache.py);
+    # 8 float32 eps of that scale (1.3e-5) is still far below any real loss bug.
+    got_loss, want_loss = float(res.output.loss.detach()), float(loss.detach())
+    loss_tol = 8 * torch.finfo(torch.float32).eps * max(1.0, abs(want_loss), 1 / 0.1 + 4.0)
+    assert abs(got_loss - want_loss) <= loss_tol, (got_loss, want_loss, loss_tol)
     want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
     assert want.keys() == got.keys() and any(".visual.merger." in n for n in want)
+    # atol scaled to the tensor's magnitude (see test_vision_cache.py): the merger's bias
+    # gradient reaches 9.5, where 1e-6 is about one ulp; measured 2.6e-6 on one element.
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        atol = 1e-6 * max(1.0, float(want[name].abs().max()))
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_backbone_without_vision_cache_installer_runs_the_tower(tiny_dirs, monkeypatch):
-    import llave_ds.model as model_module
+    import llave_ds.model.embedding as model_module
 
     cached, processor = load(tiny_dirs, "qwen2_5_vl")
     monkeypatch.delitem(model_module.VISION_CACHE_INSTALLERS, "qwen2_5_vl")

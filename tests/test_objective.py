@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llave_ds.objective import ObjectiveConfig, hardness_weighted_loss, weighted_logits
+from llave_ds.core.objective import ObjectiveConfig, hardness_weighted_loss, weighted_logits
 from tests.reference_loss import reference_loss
 
 

@@ -9,8 +9,9 @@ import logging  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from llave_ds import tiny  # noqa: E402
-from llave_ds.processing import InputFormatter, ProcessingConfig, load_processor  # noqa: E402
+from llave_ds.toy import tiny  # noqa: E402
+from llave_ds.model.formatter import InputFormatter, ProcessingConfig  # noqa: E402
+from llave_ds.model.processors import load_processor  # noqa: E402
 from tests.multimodal import BACKBONES, Side, noise_image  # noqa: E402
 
 IMAGE_TOKEN = {"llava_onevision": "<image>", "qwen2_vl": "<|image_pad|>"}
@@ -138,7 +139,7 @@ def test_truncation_keeps_image_tokens_and_pooled_end_and_is_counted(processors,
     sides = [Side("<|image_1|>\n" + long_text, noise_image(40, 50)), Side(long_text), Side("short")]
     untruncated = InputFormatter(processors[backbone], backbone, max_length=4096, system_prompt="")(
         sides, "query")
-    with caplog.at_level(logging.WARNING, logger="llave_ds.processing"):
+    with caplog.at_level(logging.WARNING, logger="llave_ds.model.formatter"):
         batch = fmt(sides, "query")
         fmt(sides, "query")
     assert fmt.num_truncated == 4 and fmt.num_formatted == 6
@@ -385,7 +386,7 @@ def test_qwen2_5_vl_directory_names_the_stock_class_and_loads_stock_format(qwen2
     import json
     import shutil
 
-    from llave_ds.processing import detect_backbone
+    from llave_ds.model.backbones import detect_backbone
 
     assert detect_backbone(qwen25_dir) == "qwen2_5_vl"
     for name in ("processor_config.json", "tokenizer_config.json"):
@@ -492,7 +493,7 @@ def test_llave_format_pools_the_final_newline_under_both_paddings(tmp_path, back
     LLaVE's index (mask.sum - 1) under right padding; left padding embeds the same."""
     import torch.nn.functional as F
 
-    from llave_ds.model import ModelConfig, last_token_index, load_embedding_model
+    from llave_ds.model.embedding import ModelConfig, last_token_index, load_embedding_model
 
     model, proc = load_embedding_model(ModelConfig(path=str(tiny.build_tiny_model_dir(tmp_path / backbone, backbone)),
                                                    dtype="float32"))

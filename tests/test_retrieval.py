@@ -1,4 +1,4 @@
-"""llave_ds.retrieval: text-video Recall@K / median rank on hand-computed examples, ties, the split loader."""
+"""llave_ds.eval.retrieval_metrics: text-video Recall@K / median rank on hand-computed examples, ties, the split loader."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from llave_ds.retrieval import (RetrievalDataError, load_retrieval_split, markdown_table, rank_summary,
-                                retrieval_metrics, similarity_matrix, text_to_video_ranks, video_to_text_ranks)
+from llave_ds.eval.retrieval_metrics import (RetrievalDataError, load_retrieval_split, markdown_table, rank_summary,
+                                             retrieval_metrics, similarity_matrix, text_to_video_ranks,
+                                             video_to_text_ranks)
 
 # One caption per video (MSR-VTT style): rows are captions, columns videos, caption i -> video i.
 SIM_1 = np.array([[0.9, 0.1, 0.2],

@@ -1,4 +1,4 @@
-"""The export is also a sentence-transformers model (llave_ds/st_export.py, issue 19).
+"""The export is also a sentence-transformers model (llave_ds/export/st_files.py, issue 19).
 
 Tiny LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL models are exported in both prompt formats
 (with instructions, a one-word system prompt, a max_length that cuts long texts, a Qwen
@@ -22,11 +22,11 @@ import torch
 from PIL import Image, ImageOps
 
 from llave_ds import LlaveEmbedder, tiny
-from llave_ds import st_export
-from llave_ds.embedder import Side
-from llave_ds.export import embedding_metadata, model_card, write_model_dir
-from llave_ds.model import ModelConfig, load_embedding_model
-from llave_ds.processing import TEMPLATE_TAILS, InputFormatter, ProcessingConfig
+from llave_ds.export import st_files as st_export
+from llave_ds.model.embedder import Side
+from llave_ds.export.model_dir import embedding_metadata, model_card, write_model_dir
+from llave_ds.model.embedding import ModelConfig, load_embedding_model
+from llave_ds.model.formatter import InputFormatter, ProcessingConfig, TEMPLATE_TAILS
 from tests.multimodal import ALL_BACKBONES, noise_image
 
 pytest.importorskip("sentence_transformers", reason="sentence-transformers is in the test extra (llave-ds[st])")
@@ -37,7 +37,7 @@ FORMATS = ("qwen_chat", "llave")
 EXPORTS = [(bb, pf) for bb in ALL_BACKBONES for pf in FORMATS]
 MAX_LENGTH = 160
 # Qwen: the image-token cap travels as image-processor size bounds (Qwen2.5-VL's tiny
-# processor needs >= 9 merged tokens, see llave_ds/tiny.py).
+# processor needs >= 9 merged tokens, see llave_ds/toy/tiny.py).
 QWEN_CAP = {"qwen2_vl": 2, "qwen2_5_vl": 12}
 IMAGES = {"a": (40, 56, 1), "b": (30, 30, 2), "c": (60, 40, 3), "d": (28, 28, 4)}
 CASES = [
@@ -112,7 +112,9 @@ def run_client(args, tmp_path, name):
     proc = subprocess.run([sys.executable, str(CLIENT), *args, str(out)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    return torch.load(out, weights_only=False)
+    result = torch.load(out, weights_only=False)
+    result["stderr"] = proc.stderr
+    return result
 
 
 EXTRA = [  # rows for the pinned differences
@@ -160,6 +162,16 @@ def unpadded_ids(batch, row=0):
 
 # ------------------------------------------------------------------------ the files
 
+def test_sentence_transformers_loads_every_export_without_a_load_report(st_results, exports):
+    """transformers prints a load report when a checkpoint has keys the model does not (or
+    lacks keys it has); users read it as a broken model. The tiny LLaVA-OV's LM head is untied
+    (as every 7B's): the export leaves it out, so SentenceTransformer(dir) loads silently."""
+    assert not any(word in st_results["stderr"] for word in ("UNEXPECTED", "MISSING", "LOAD REPORT")), \
+        st_results["stderr"][-3000:]
+    meta = {name: json.loads((path / "llave_embedding.json").read_text()) for name, path in exports.items()}
+    assert {name for name, m in meta.items() if "lm_head" in m} == {n for n in exports if n.startswith("llava")}
+
+
 def test_export_writes_the_sentence_transformers_files(exports):
     out = exports["qwen2_vl-qwen_chat"]
     for name in st_export.ST_FILES:
@@ -195,7 +207,7 @@ def test_export_writes_the_sentence_transformers_files(exports):
 def test_the_template_survives_any_system_prompt(exports):
     """Quotes, backslashes, Jinja delimiters, line breaks, non-ASCII: the template's literal
     system prompt renders to exactly the formatter's head."""
-    from llave_ds.processing import load_processor
+    from llave_ds.model.processors import load_processor
 
     processor = load_processor(exports["qwen2_vl-llave"])
     nasty = 'Say "hi" \\ {{ x }} {% raw %} {# c #} \'q\' café 😀\n\tend'
@@ -370,7 +382,7 @@ def test_no_st_files_when_the_template_would_be_wrong(exports, tmp_path, monkeyp
     """A template that does not reproduce the formatter's ids is a bug: the export is still
     written, without the sentence-transformers files, and the metadata says why."""
     monkeypatch.setattr(st_export, "chat_template", lambda fmt, markup: "{{ 'wrong' }}")
-    from llave_ds.processing import load_processor
+    from llave_ds.model.processors import load_processor
 
     processor = load_processor(exports["qwen2_vl-llave"])
     meta = json.loads((exports["qwen2_vl-llave"] / "llave_embedding.json").read_text())

@@ -1,4 +1,4 @@
-"""llave_ds.synthetic: determinism, one-attribute hard negatives, MMEB-eval rows, loading."""
+"""llave_ds.toy.synthetic: determinism, one-attribute hard negatives, MMEB-eval rows, loading."""
 from __future__ import annotations
 
 import hashlib
@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from llave_ds import synthetic as syn
-from llave_ds.data import MMEBTrainDataset
-from llave_ds.synthetic import (ALL_SCENES, ATTRIBUTES, BACKGROUND, COLOURS, EVAL_SUBSETS, HARD_EVAL_SUBSETS, SHAPES,
-                                SUBSETS, SceneSpec, differing_attributes, generate_synthetic_mmeb,
-                                one_attribute_neighbours, prepare_synthetic_mmeb, render_scene)
+from llave_ds.data.mmeb_train import MMEBTrainDataset
+from llave_ds.toy import synthetic as syn
+from llave_ds.toy.synthetic import (ALL_SCENES, ATTRIBUTES, BACKGROUND, COLOURS, EVAL_SUBSETS, HARD_EVAL_SUBSETS,
+                                    SHAPES, SUBSETS, SceneSpec, differing_attributes, generate_synthetic_mmeb,
+                                    one_attribute_neighbours, prepare_synthetic_mmeb, render_scene)
 
 
 def tree_hashes(root):

@@ -1,4 +1,4 @@
-"""llave_ds.synthetic_video: determinism, one-attribute hard negatives, decodable clips whose pixels
+"""llave_ds.toy.synthetic_video: determinism, one-attribute hard negatives, decodable clips whose pixels
 match their captions, and a test split that needs the direction of motion."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import os
 import numpy as np
 import pytest
 
-from llave_ds.retrieval import load_retrieval_split, retrieval_metrics
-from llave_ds.synthetic import BACKGROUND, COLOURS
-from llave_ds.synthetic_video import (ALL_VIDEO_SPECS, OPPOSITE, VIDEO_ATTRIBUTES, VIDEO_FIELDS, Geometry, VideoSpec,
-                                      differing_attributes, generate_synthetic_videos, render_video)
-from llave_ds.video import read_video
+from llave_ds.eval.retrieval_metrics import load_retrieval_split, retrieval_metrics
+from llave_ds.media.video import read_video
+from llave_ds.toy.synthetic import BACKGROUND, COLOURS
+from llave_ds.toy.synthetic_video import (ALL_VIDEO_SPECS, OPPOSITE, VIDEO_ATTRIBUTES, VIDEO_FIELDS, Geometry,
+                                          VideoSpec, differing_attributes, generate_synthetic_videos, render_video)
 
 SMALL = dict(num_test=8, num_train_per_subset=4, num_hard_negatives=2, captions_per_video=2)
 

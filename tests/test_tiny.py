@@ -8,9 +8,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from llave_ds import tiny  # noqa: E402
-from llave_ds.model import EmbeddingModel  # noqa: E402
-from llave_ds.processing import InputFormatter, load_processor  # noqa: E402
+from llave_ds.toy import tiny  # noqa: E402
+from llave_ds.model.embedding import EmbeddingModel  # noqa: E402
+from llave_ds.model.formatter import InputFormatter  # noqa: E402
+from llave_ds.model.processors import load_processor  # noqa: E402
 from tests.multimodal import ALL_BACKBONES, Side, noise_image  # noqa: E402
 
 

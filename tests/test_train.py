@@ -63,7 +63,7 @@ def test_chunk_larger_than_per_rank_batch_is_refused_before_any_process_group(as
 
 
 def test_reentrant_checkpointing_with_zero3_is_refused(assets, tmp_path):
-    from llave_ds.engine import EngineConfigError, complete_ds_config, load_ds_config, resolve_ds_config_path
+    from llave_ds.training.engine import EngineConfigError, complete_ds_config, load_ds_config, resolve_ds_config_path
     with pytest.raises(EngineConfigError, match="reentrant"):
         complete_ds_config(load_ds_config(resolve_ds_config_path("zero3")), local_batch_size=8, world_size=2,
                            activation_checkpointing="reentrant")
@@ -80,7 +80,7 @@ def test_shipped_configs_load(assets, tmp_path):
 def test_shipped_configs_read_an_official_layout_download_without_naming_subsets(assets, tmp_path):
     """The paper's configs set no data.subsets: on a hub-layout MMEB-train download they take
     the official training subsets found and skip the evaluation directories beside them."""
-    from llave_ds.data import MMEBTrainDataset
+    from llave_ds.data.mmeb_train import MMEBTrainDataset
     source = official_train_layout(assets, tmp_path / "MMEB-train")
     for path in sorted((REPO / "configs").glob("*.yaml")):
         if path.name == "demo_cpu.yaml":
@@ -117,9 +117,9 @@ def test_single_process_path_trains_checkpoints_and_exports(assets, tmp_path):
     run_dir = tmp_path / "single"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "llave_ds.train", "--config", str(DEMO_CONFIG),
-                           *overrides_for(assets, run_dir, **{"schedule.max_steps": 3})],
-                          env=env, capture_output=True, text=True, timeout=240)
+    command = [sys.executable, "-m", "llave_ds.train", "--config", str(DEMO_CONFIG),
+               *overrides_for(assets, run_dir, **{"schedule.max_steps": 3})]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 3 and not summary["stopped_early"]
@@ -131,6 +131,12 @@ def test_single_process_path_trains_checkpoints_and_exports(assets, tmp_path):
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     assert list((run_dir / "export").glob("*.safetensors"))
+    # Relaunched with nothing left to do: the summary is JSON with the run's last logged loss.
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    line = again.stdout.strip().splitlines()[-1]
+    assert "NaN" not in line, line
+    assert json.loads(line)["steps"] == 3 and json.loads(line)["final_loss"] == records[-1]["loss"], line
 
 
 # ------------------------------------------------------------------ exact resume
@@ -198,7 +204,7 @@ def _train_qwen(rank, world, overrides):
 def test_qwen2vl_backbone_trains_on_synthetic_data_under_zero3(assets, tmp_path):
     """The second backbone through the same entry point: 2 ranks, ZeRO-3, gradient cache,
     synthetic data with hard negatives (one rank's chunks may be text-only)."""
-    from llave_ds.tiny import build_tiny_model_dir
+    from llave_ds.toy.tiny import build_tiny_model_dir
     qwen = build_tiny_model_dir(tmp_path / "qwen", "qwen2_vl", seed=1)
     run_dir = tmp_path / "qwen_run"
     over = overrides_for(assets, run_dir, **{"model.path": str(qwen), "schedule.max_steps": 2,
@@ -216,7 +222,7 @@ def _result(skipped: bool):
 
 def test_train_state_round_trips_and_counts():
     """One object saves and restores where the run is: step, data position, skip counters."""
-    from llave_ds.data import GlobalBatchSampler
+    from llave_ds.data.batching import GlobalBatchSampler
     from llave_ds.train import TrainState
 
     state = TrainState(GlobalBatchSampler(40, 8, rank=1, world_size=2, seed=3), world_size=2)
@@ -239,9 +245,9 @@ def test_train_state_round_trips_and_counts():
 
 
 def test_train_state_refuses_another_rank_count_and_another_sampler():
-    from llave_ds.checkpoint import CheckpointError
-    from llave_ds.data import GlobalBatchSampler
+    from llave_ds.data.batching import GlobalBatchSampler
     from llave_ds.train import TrainState
+    from llave_ds.training.checkpoint import CheckpointError
 
     saved = TrainState(GlobalBatchSampler(40, 8, rank=0, world_size=2, seed=3), world_size=2).state_dict()
     with pytest.raises(CheckpointError, match=r"ckpt was written by 2 ranks, this run has 4"):

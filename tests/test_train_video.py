@@ -1,5 +1,5 @@
 """Training on mixed image / video / text data end to end (issue #16): synthetic image
-subsets and synthetic video rows (`llave_ds.synthetic_video`) in one source, 2 gloo ranks,
+subsets and synthetic video rows (`llave_ds.toy.synthetic_video`) in one source, 2 gloo ranks,
 ZeRO-3, the gradient cache, through ``llave_ds.train.train``. The dataset reports video
 rows, so the formatter carries a (dummy) video in every chunk and the ranks stay in step
 whatever mix each one draws."""
@@ -23,8 +23,8 @@ def mixed_source(root: Path, *, image_subsets=("Synth_I2T", "Synth_T2I"), train_
     """(source, image_root): synthetic image subsets and the two synthetic video subsets in
     one directory; video paths rewritten relative to the shared root (``videos/...`` ->
     ``sv/videos/...``)."""
-    from llave_ds.synthetic import prepare_synthetic_mmeb
-    from llave_ds.synthetic_video import VIDEO_FIELDS, generate_synthetic_videos
+    from llave_ds.toy.synthetic import prepare_synthetic_mmeb
+    from llave_ds.toy.synthetic_video import VIDEO_FIELDS, generate_synthetic_videos
     train_dir, image_root = prepare_synthetic_mmeb(root / "data", num_train_per_subset=train_per_subset,
                                                    num_eval_per_subset=2, seed=seed)
     image_root = Path(image_root)
@@ -54,7 +54,7 @@ def _train(rank, world, overrides):
 
 
 def test_cached_steps_on_mixed_image_and_video_data_under_zero3(tmp_path):
-    from llave_ds.tiny import build_tiny_model_dir
+    from llave_ds.toy.tiny import build_tiny_model_dir
     source, image_root = mixed_source(tmp_path)
     model = build_tiny_model_dir(tmp_path / "tiny", "llava_onevision", seed=1)
     run_dir = tmp_path / "run"
@@ -71,7 +71,8 @@ def test_cached_steps_on_mixed_image_and_video_data_under_zero3(tmp_path):
     meta = json.loads((run_dir / "export" / "llave_embedding.json").read_text())
     assert meta["input_format"]["video_frames"] == 4
     # The steps run really mixed videos with images and text (same data, seed and plan).
-    from llave_ds.data import GlobalBatchSampler, MMEBTrainDataset, TrainDataConfig
+    from llave_ds.data.batching import GlobalBatchSampler
+    from llave_ds.data.mmeb_train import MMEBTrainDataset, TrainDataConfig
     ds = MMEBTrainDataset(TrainDataConfig(source=str(source), image_root=str(image_root), use_hard_negatives=True,
                                           cache_dir=str(tmp_path / "hf_cache")), video_frames=4)
     assert ds.has_videos

@@ -1,4 +1,4 @@
-"""llave_ds.video: uniform frame sampling, decoding mp4 files and frame folders, clear errors."""
+"""llave_ds.media.video: uniform frame sampling, decoding mp4 files and frame folders, clear errors."""
 from __future__ import annotations
 
 import os
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llave_ds import video as vid
-from llave_ds.video import VideoError, list_frame_files, probe_video, read_video, sample_frame_indices
+from llave_ds.media import video as vid
+from llave_ds.media.video import VideoError, list_frame_files, probe_video, read_video, sample_frame_indices
 
 NUM = 16      # frames in the test videos
 FPS = 8
@@ -197,7 +197,7 @@ def test_missing_and_empty_files(tmp_path):
     missing = tmp_path / "nope.mp4"
     with pytest.raises(VideoError) as e:
         read_video(missing, 4)
-    assert "file not found" in check_error(e, missing, vid.MISSING_VIDEO)
+    assert "video not found" in check_error(e, missing, vid.MISSING_VIDEO)
     empty = tmp_path / "empty.mp4"
     empty.write_bytes(b"")
     with pytest.raises(VideoError) as e:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llave_ds.synthetic_video import VideoSpec, render_video, write_frame_folder, write_mp4
+from llave_ds.toy.synthetic_video import VideoSpec, render_video, write_frame_folder, write_mp4
 from tests.multimodal import ALL_BACKBONES, noise_image
 
 SPEC = VideoSpec(2, "red", "square", "left")
@@ -28,7 +28,7 @@ class Side:
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    from llave_ds.tiny import build_tiny_model_dir
+    from llave_ds.toy.tiny import build_tiny_model_dir
     root = tmp_path_factory.mktemp("video_models")
     return {bb: build_tiny_model_dir(root / bb, bb, seed=1) for bb in ALL_BACKBONES}
 
@@ -44,8 +44,8 @@ def clips(tmp_path_factory):
 
 
 def load(model_dir, **overrides):
-    from llave_ds.model import ModelConfig, load_embedding_model
-    from llave_ds.processing import InputFormatter
+    from llave_ds.model.embedding import ModelConfig, load_embedding_model
+    from llave_ds.model.formatter import InputFormatter
     model, processor = load_embedding_model(ModelConfig(path=str(model_dir), dtype="float32",
                                                         attn_implementation="sdpa", **overrides))
     return model, processor, InputFormatter(processor, model.backbone, max_length=160, system_prompt="E")
@@ -64,7 +64,8 @@ def test_video_tensors_match_the_image_processor_frame_by_frame(model_dirs, back
     each frame: Qwen's image processor repeats a single image to one temporal patch, so a
     2-frame video of that image must give the very same patches and grid; LLaVA-OV's frames
     are its image processor's base view."""
-    from llave_ds.processing import VideoSettings, load_processor, video_pixel_values
+    from llave_ds.model.processors import load_processor
+    from llave_ds.model.video_processing import VideoSettings, video_pixel_values
     processor = load_processor(model_dirs[backbone])
     settings = VideoSettings.from_processor(processor, backbone)
     w, h = _reference_size(backbone)
@@ -90,7 +91,8 @@ def test_video_tensors_match_the_image_processor_frame_by_frame(model_dirs, back
 def test_resized_frames_match_pil_bicubic_closely(model_dirs, backbone):
     """With a resize (32 px synthetic frames), torch's antialiased bicubic (what the video
     processors use) and PIL's (the image processors') differ by rounding only."""
-    from llave_ds.processing import VideoSettings, load_processor, video_pixel_values
+    from llave_ds.model.processors import load_processor
+    from llave_ds.model.video_processing import VideoSettings, video_pixel_values
     processor = load_processor(model_dirs[backbone])
     settings = VideoSettings.from_processor(processor, backbone)
     frame = render_video(SPEC, size=32, num_frames=2)[0]
@@ -131,7 +133,8 @@ def test_video_token_counts_and_shapes(model_dirs, clips, backbone):
 
 
 def test_placeholders_in_both_prompt_formats(model_dirs, clips):
-    from llave_ds.processing import InputFormatter, load_processor
+    from llave_ds.model.formatter import InputFormatter
+    from llave_ds.model.processors import load_processor
     processor = load_processor(model_dirs["qwen2_vl"])
     for prompt_format in ("qwen_chat", "llave"):
         fmt = InputFormatter(processor, "qwen2_vl", max_length=200, system_prompt="E", prompt_format=prompt_format)
@@ -159,7 +162,7 @@ def _tower_calls(model):
 
 @pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_video_slot_runs_the_same_tower_calls_in_every_chunk(model_dirs, clips, backbone):
-    from llave_ds.processing import InputFormatter
+    from llave_ds.model.formatter import InputFormatter
     model, processor, _ = load(model_dirs[backbone])
     plain = InputFormatter(processor, backbone, max_length=160, system_prompt="E")
     slot = InputFormatter(processor, backbone, max_length=160, system_prompt="E", video_slot=True)
@@ -187,7 +190,7 @@ def test_video_slot_runs_the_same_tower_calls_in_every_chunk(model_dirs, clips, 
 def test_frozen_vision_cache_replays_each_tower_call_exactly(model_dirs, clips, backbone):
     """Two tower calls per chunk (images, videos): the second (autograd) pass replays each
     from its own pixel tensor, and the gradients equal those of running the tower again."""
-    from llave_ds.processing import InputFormatter
+    from llave_ds.model.formatter import InputFormatter
     torch.manual_seed(0)
     model, processor, _ = load(model_dirs[backbone])
     ref, _, _ = load(model_dirs[backbone], cache_frozen_vision=False)
@@ -216,7 +219,7 @@ def test_frozen_vision_cache_replays_each_tower_call_exactly(model_dirs, clips, 
 
 @pytest.fixture(scope="module")
 def embedders(model_dirs):
-    from llave_ds.embedder import LlaveEmbedder
+    from llave_ds.model.embedder import LlaveEmbedder
     return {bb: LlaveEmbedder.from_pretrained(model_dirs[bb], device="cpu") for bb in ALL_BACKBONES}
 
 
@@ -241,7 +244,7 @@ def test_encode_videos_mixed_batch_equals_rows_alone(embedders, clips, backbone)
 
 
 def test_bad_video_is_an_encode_error_naming_the_file(embedders, clips):
-    from llave_ds.embedder import EncodeError
+    from llave_ds.model.embedder import EncodeError
     bad = clips["root"] / "broken.mp4"
     bad.write_bytes(b"not a video at all" * 10)
     emb = embedders["qwen2_vl"]
@@ -252,7 +255,7 @@ def test_bad_video_is_an_encode_error_naming_the_file(embedders, clips):
 
 
 def _run_cli(argv):
-    from llave_ds import embedder
+    from llave_ds.model import embedder
     parser = argparse.ArgumentParser()
     embedder.add_arguments(parser)
     return embedder.run(parser.parse_args(argv))
@@ -291,8 +294,8 @@ def test_cli_encodes_video_rows_and_names_bad_ones(model_dirs, embedders, clips,
 def test_metadata_records_video_frames(model_dirs, tmp_path):
     import shutil
 
-    from llave_ds.embedder import EMBEDDING_METADATA, LlaveEmbedder
-    from llave_ds.processing import ProcessingConfig
+    from llave_ds.model.embedder import EMBEDDING_METADATA, LlaveEmbedder
+    from llave_ds.model.formatter import ProcessingConfig
     model, _, fmt = load(model_dirs["qwen2_vl"])
     meta = model.embedding_metadata(fmt)  # what `llave-ds export` writes (export.embedding_metadata)
     assert meta["input_format"]["video_frames"] == 8 and meta["input_format"]["video_max_side"] is None

@@ -1,4 +1,4 @@
-"""llave_ds.warm_start: the cache (hit, miss, what the key covers), determinism, the
+"""llave_ds.toy.warm_start: the cache (hit, miss, what the key covers), determinism, the
 caption loss going down, and the result being a model directory training can start from."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llave_ds import tiny
-from llave_ds import warm_start as ws
-from llave_ds.warm_start import METADATA_FILE, WarmStartConfig, cache_hash, get_warm_start
+from llave_ds.toy import tiny
+from llave_ds.toy import warm_start as ws
+from llave_ds.toy.warm_start import METADATA_FILE, WarmStartConfig, cache_hash, get_warm_start
 
 SMALL = dict(steps=3, batch_size=4, warmup_steps=1)
 
@@ -52,7 +52,7 @@ def test_cache_key_covers_model_config_scenes_seed_and_versions(monkeypatch):
         m.setattr(tiny, "TINY_INITIALIZER_RANGE", 0.05)
         assert cache_hash(WarmStartConfig(**SMALL)) != base
     with monkeypatch.context() as m:  # the synthetic scenes (their captions)
-        from llave_ds import synthetic
+        from llave_ds.toy import synthetic
         m.setattr(synthetic, "_PLACE_PHRASES", {**synthetic._PLACE_PHRASES, "left": "at the left"})
         assert cache_hash(WarmStartConfig(**SMALL)) != base
     with monkeypatch.context() as m:  # package versions
@@ -87,8 +87,8 @@ def test_caption_loss_decreases_and_rng_is_left_alone(tmp_path):
 
 
 def test_warm_start_is_a_model_directory_training_reads(cached):
-    from llave_ds.model import ModelConfig, load_embedding_model
-    from llave_ds.processing import detect_backbone
+    from llave_ds.model.backbones import detect_backbone
+    from llave_ds.model.embedding import ModelConfig, load_embedding_model
 
     _, first = cached
     assert detect_backbone(first.path) == "llava_onevision"
@@ -100,8 +100,8 @@ def test_warm_start_is_a_model_directory_training_reads(cached):
 
 
 def test_caption_batch_labels_only_the_caption():
-    from llave_ds.processing import InputFormatter
-    from llave_ds.synthetic import ALL_SCENES, render_scene
+    from llave_ds.model.formatter import InputFormatter
+    from llave_ds.toy.synthetic import ALL_SCENES, render_scene
 
     processor = tiny.build_tiny_processor("llava_onevision")
     fmt = InputFormatter(processor, "llava_onevision", max_length=128)

@@ -2,7 +2,6 @@
 
     llave-ds bench --shape aquila-vl-2b --pairs-per-rank 64 --chunk-sizes 8 16 32
     python -m llave_ds.bench --shape tiny --device cpu --ranks 2 --steps 2
-    python benchmarks/throughput.py --shape tiny --device cpu --ranks 2 --steps 2
 
 Builds an embedding model of a real shape with random weights, synthesises the tensors
 the processor would produce for MMEB-like pairs, wraps it in a DeepSpeed engine and times

@@ -18,7 +18,7 @@ import llave_ds.bench
 from llave_ds.bench import report, shapes
 from llave_ds.bench.predict import predict_only
 from llave_ds.bench.runner import worker
-from llave_ds.distributed import free_port
+from llave_ds.core.distributed import free_port
 
 
 def _int_range(text: str) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """The benchmark's cost model: parameter counts, FLOPs, the memory model and MFU.
 
 Pure arithmetic on a transformers config (and on the synthesised sides of
-``llave_ds.bench.inputs``, read through ``has_image`` and ``length(geo)`` only): no
+``llave_ds.bench.inputs``, described by `SideShape` and `Geometry`, defined here): no
 torch, no process group, no DeepSpeed. Every formula is written out in
 docs/PERFORMANCE.md and checked in tests/bench/test_cost.py (against a model built on
 the meta device, PyTorch's FlopCounterMode, saved-tensor hooks and hand computations).
@@ -18,12 +18,37 @@ the meta device, PyTorch's FlopCounterMode, saved-tensor hooks and hand computat
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
-
-if TYPE_CHECKING:  # annotations only: the cost model does not import the synthesis (torch)
-    from llave_ds.bench.inputs import Geometry, Side
+from dataclasses import dataclass
+from typing import Sequence
 
 GIB = 2 ** 30
+TEMPLATE_HEAD_TOKENS = 14  # <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n
+TEMPLATE_TAIL_TOKENS = 5   # <|im_end|>\n<|im_start|>assistant\n
+
+
+@dataclass
+class Geometry:
+    """What the processor makes of an image at a shape: tiles, tokens, ids (`inputs.geometry_for`)."""
+    image_hw: tuple[int, int]
+    tiles_per_image: int
+    tokens_per_image: int
+    dummy_tiles: int
+    tile_px: int
+    id_high: int         # random text ids are drawn from [0, id_high)
+    image_token_id: int
+    pad_token_id: int
+
+
+
+@dataclass
+class SideShape:
+    """The shape of one synthetic side: its text tokens and whether it has an image."""
+    text_tokens: int
+    has_image: bool
+
+    def length(self, geo: Geometry) -> int:
+        image = geo.tokens_per_image + 1 if self.has_image else 0  # "<image>"*n + "\n"
+        return TEMPLATE_HEAD_TOKENS + image + self.text_tokens + TEMPLATE_TAIL_TOKENS
 
 
 # ---------------------------------------------------------------------------------------
@@ -54,7 +79,7 @@ def param_counts(config) -> dict[str, int]:
     Keys: vision_tower, projector (MLP + image_newline), llm_embedding, llm_layers
     (decoder layers + final norm), lm_head (0 when tied), total, and
     trainable (everything but the vision tower and an untied LM head: the paper's
-    setting and llave_ds.model's default freezing).
+    setting and llave_ds.model.embedding's default freezing).
     """
     g = _dims(config)
     d, f, L, kv, q, V = g["d"], g["f"], g["L"], g["kv"], g["q"], g["V"]
@@ -113,7 +138,7 @@ def projector_forward_flops(config, tiles: int) -> float:
     return tiles * 2 * n * (g["dv"] * g["d"] + g["d"] * g["d"])
 
 
-def chunk_forward_flops(config, sides: Sequence[Side], geo: Geometry) -> dict[str, float]:
+def chunk_forward_flops(config, sides: Sequence[SideShape], geo: Geometry) -> dict[str, float]:
     """Forward FLOPs of one chunk, split by part; 'llm_pad' is the extra of padded rows."""
     n_img = sum(s.has_image for s in sides)
     d, dv = config.text_config.hidden_size, config.vision_config.hidden_size
@@ -255,7 +280,7 @@ def predict_memory(config, counts: dict, *, stage: int, world: int, param_bytes:
             "buffers": buffers, "activations": activations, "total": total}
 
 
-def predict_chunks_memory(config, counts: dict, chunks: Sequence[Sequence[Side]], geo: Geometry, *,
+def predict_chunks_memory(config, counts: dict, chunks: Sequence[Sequence[SideShape]], geo: Geometry, *,
                           together: bool = False, **settings) -> dict[str, float]:
     """``predict_memory`` of a step over these chunks (each a list of sides): the peak over
     chunks (cached: one chunk's activations alive at a time), or with ``together`` every

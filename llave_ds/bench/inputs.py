@@ -1,7 +1,7 @@
 """The benchmark's inputs: the tensors the processor would produce for MMEB-like pairs.
 
 No tokenizer or image file is needed. Each side is the Qwen chat prompt that
-``llave_ds.processing.InputFormatter`` builds: 14 template tokens in front
+``llave_ds.model.formatter.InputFormatter`` builds: 14 template tokens in front
 (``<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n`` in
 Qwen's BPE), then for a side with an image the ``<image>`` tokens and ``\\n``, then the text,
 then 5 closing tokens (``<|im_end|>\\n<|im_start|>assistant\\n``). Text tokens are random
@@ -19,33 +19,17 @@ from typing import Any, Optional
 
 import torch
 from PIL import Image
-from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-    LlavaOnevisionImageProcessorPil,
-)
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
 from llave_ds.bench import cost, shapes
-from llave_ds.processing import LlavaOnevisionImageTextProcessor
-from llave_ds.tiny import build_tiny_tokenizer
-
-TEMPLATE_HEAD_TOKENS = 14  # <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n
-TEMPLATE_TAIL_TOKENS = 5   # <|im_end|>\n<|im_start|>assistant\n
-
-
-@dataclass
-class Geometry:
-    image_hw: tuple[int, int]
-    tiles_per_image: int
-    tokens_per_image: int
-    dummy_tiles: int
-    tile_px: int
-    id_high: int         # random text ids are drawn from [0, id_high)
-    image_token_id: int
-    pad_token_id: int
+from llave_ds.bench.cost import TEMPLATE_HEAD_TOKENS, TEMPLATE_TAIL_TOKENS, Geometry, SideShape
+from llave_ds.model.processors import LlavaOnevisionImageTextProcessor
+from llave_ds.toy.tiny import build_tiny_tokenizer
 
 
 def _llava_processor(config):
     """transformers' LLaVA-OV image processor + processor for ``config``'s tiling, with the
-    byte-level tokenizer of llave_ds.tiny (only its ``<image>`` token is used here)."""
+    byte-level tokenizer of llave_ds.toy.tiny (only its ``<image>`` token is used here)."""
     size = int(config.vision_config.image_size)
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": size, "width": size}, image_grid_pinpoints=config.image_grid_pinpoints)
@@ -84,26 +68,16 @@ def geometry_for(config, image_hw: Optional[tuple[int, int]]) -> Geometry:
                     pad_token_id=int(pad) if pad is not None else 0)
 
 
-@dataclass
-class Side:
-    text_tokens: int
-    has_image: bool
-
-    def length(self, geo: Geometry) -> int:
-        image = geo.tokens_per_image + 1 if self.has_image else 0  # "<image>"*n + "\n"
-        return TEMPLATE_HEAD_TOKENS + image + self.text_tokens + TEMPLATE_TAIL_TOKENS
-
-
-def make_sides(n: int, image_fraction: float, text_range: tuple[int, int], gen: torch.Generator) -> list[Side]:
+def make_sides(n: int, image_fraction: float, text_range: tuple[int, int], gen: torch.Generator) -> list[SideShape]:
     """n sides; side i has an image iff floor((i+1)f) > floor(i f) (evenly spread)."""
     lo, hi = text_range
     lengths = torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
     frac = min(max(float(image_fraction), 0.0), 1.0)
-    return [Side(int(t), math.floor((i + 1) * frac + 1e-9) > math.floor(i * frac + 1e-9))
+    return [SideShape(int(t), math.floor((i + 1) * frac + 1e-9) > math.floor(i * frac + 1e-9))
             for i, t in enumerate(lengths)]
 
 
-def build_chunk(sides: list[Side], geo: Geometry, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def build_chunk(sides: list[SideShape], geo: Geometry, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """The keyword arguments of EmbeddingModel.forward for these sides (right padding)."""
     rows = []
     for side in sides:
@@ -138,7 +112,7 @@ def to_device(chunk: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in chunk.items()}
 
 
-def chunked(sides: list[Side], size: int) -> list[list[Side]]:
+def chunked(sides: list[SideShape], size: int) -> list[list[SideShape]]:
     return [sides[i:i + size] for i in range(0, len(sides), size)]
 
 
@@ -149,8 +123,8 @@ class Workload:
     config: Any          # LlavaOnevisionConfig
     counts: dict         # cost.param_counts (trainable includes the tower when it trains)
     geo: Geometry
-    sides_q: list[Side]
-    sides_t: list[Side]
+    sides_q: list[SideShape]
+    sides_t: list[SideShape]
 
 
 def build_workload(args, rank: int = 0) -> Workload:

@@ -25,27 +25,18 @@ import torch
 import transformers
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from llave_ds import distributed
 from llave_ds.bench import report, shapes
 from llave_ds.bench.cost import GIB, chunk_forward_flops, predict_chunks_memory, step_flops, sum_parts, utilization
 from llave_ds.bench.inputs import Workload, build_chunk, build_workload, chunked, describe, to_device
 from llave_ds.bench.timing import MemoryProbe, TimedBackend, measure_peak_tflops, plain_step
 from llave_ds.config import shipped_file
-from llave_ds.engine import (
-    DeepSpeedStepBackend,
-    attach_deepspeed_comm,
-    build_engine,
-    build_optimizer,
-    comms_reset,
-    comms_snapshot,
-    complete_ds_config,
-    count_zero3_fetches,
-    load_ds_config,
-    silence_deprecated_collective_warnings,
-)
-from llave_ds.gradcache import gradcache_step
-from llave_ds.model import ModelConfig, build_embedding_model_from_config, trainable_parameters
-from llave_ds.objective import ObjectiveConfig
+from llave_ds.core import distributed
+from llave_ds.core.gradcache import gradcache_step
+from llave_ds.core.objective import ObjectiveConfig
+from llave_ds.model.embedding import ModelConfig, build_embedding_model_from_config, trainable_parameters
+from llave_ds.training.engine import (DeepSpeedStepBackend, attach_deepspeed_comm, build_engine, build_optimizer,
+                                      comms_reset, comms_snapshot, complete_ds_config, count_zero3_fetches,
+                                      load_ds_config, silence_deprecated_collective_warnings)
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ vector, and a Qwen2 language model; ``anyres_max_9`` tiling over 384-px tiles.
 | ``llava-ov-0.5b`` | Qwen2-0.5B: d 896, 24 layers, 14 heads, 2 kv, ffn 4864, vocab 151936, tied | SigLIP so400m | llava-hf/llava-onevision-qwen2-0.5b-ov-hf |
 | ``aquila-vl-2b`` | Qwen2.5-1.5B: d 1536, 28 layers, 12 heads, 2 kv, ffn 8960, vocab 151936, tied | SigLIP so400m | BAAI/Aquila-VL-2B-llava-qwen (LLaVA-OV architecture) |
 | ``llava-ov-7b`` | Qwen2-7B: d 3584, 28 layers, 28 heads, 4 kv, ffn 18944, vocab 152064, untied | SigLIP so400m | lmms-lab/llava-onevision-qwen2-7b-ov |
-| ``tiny`` | ``llave_ds.tiny.tiny_config("llava_onevision")`` | toy | for CPU runs and CI |
+| ``tiny`` | ``llave_ds.toy.tiny.tiny_config("llava_onevision")`` | toy | for CPU runs and CI |
 
 SigLIP so400m/14-384 has 27 encoder layers (hidden 1152, MLP 4304, 16 heads). LLaVA-OV reads
 the *penultimate* layer's output, so the transformers-format checkpoints (the converter in
@@ -31,7 +31,7 @@ from typing import Optional
 
 from transformers import LlavaOnevisionConfig
 
-from llave_ds.tiny import tiny_config
+from llave_ds.toy.tiny import tiny_config
 
 # LLaVA-OV / Qwen2 token ids (the LLaVA-NeXT checkpoints and their llava-hf conversions).
 QWEN_ENDOFTEXT_ID = 151643          # also the pad token
@@ -66,8 +66,8 @@ class Shape:
 
 
 SHAPES: dict[str, Shape] = {
-    "tiny": Shape("tiny", "llave_ds.tiny toy LLaVA-OV (2+2 layers, ~150K parameters): CPU and CI",
-                  source="llave_ds.tiny.tiny_config('llava_onevision')"),
+    "tiny": Shape("tiny", "llave_ds.toy.tiny toy LLaVA-OV (2+2 layers, ~150K parameters): CPU and CI",
+                  source="llave_ds.toy.tiny.tiny_config('llava_onevision')"),
     "llava-ov-0.5b": Shape(
         "llava-ov-0.5b", "LLaVA-OneVision-Qwen2-0.5B (LLaVE-0.5B's backbone)",
         text=dict(_QWEN_COMMON, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

@@ -8,8 +8,8 @@ from typing import Optional
 
 import torch
 
-from llave_ds.gather import is_distributed
-from llave_ds.objective import hardness_weighted_loss
+from llave_ds.core.gather import is_distributed
+from llave_ds.core.objective import hardness_weighted_loss
 
 
 def sync(device: torch.device) -> None:

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from llave_ds.bench import cost, shapes
-from llave_ds.bench.inputs import Geometry, Side, build_chunk, chunked, geometry_for, make_sides
+from llave_ds.bench.cost import Geometry
+from llave_ds.bench.cost import SideShape as Side
+from llave_ds.bench.inputs import build_chunk, chunked, geometry_for, make_sides
 
 # A toy LLaVA-OV config as plain attributes (the cost model reads nothing else):
 # LLM d=4, ffn 8, 2 layers, 2 heads of 2 (q width 4), 1 kv head (kv width 2);
@@ -152,7 +154,7 @@ def test_utilization():
 def test_flop_formula_equals_flop_counter(name, kw):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from llave_ds.model import ModelConfig, build_embedding_model_from_config
+    from llave_ds.model.embedding import ModelConfig, build_embedding_model_from_config
 
     cfg = shapes.shape_config(name, **kw)
     if name != "tiny":  # a small vocabulary: the LM head never runs, so FLOPs do not depend on it

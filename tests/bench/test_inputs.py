@@ -2,30 +2,24 @@
 shapes the InputFormatter produces, and the model accepts them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Optional
 
 import pytest
 import torch
 
 from llave_ds.bench import inputs, shapes
-from llave_ds.bench.inputs import Side, build_chunk, geometry_for, image_tiles_and_tokens, make_sides
-
-
-@dataclass
-class _Side:
-    text: str
-    image: Optional[object] = None
+from llave_ds.bench.cost import SideShape as Side
+from llave_ds.bench.inputs import build_chunk, geometry_for, image_tiles_and_tokens, make_sides
+from llave_ds.media.side import Side as _Side
 
 
 @pytest.mark.parametrize("hw", [(28, 28), (56, 56), (40, 70)])
 def test_synthesised_chunks_match_the_input_formatter(hw):
     from PIL import Image
 
-    from llave_ds.model import ModelConfig, build_embedding_model_from_config
-    from llave_ds.processing import InputFormatter
-    from llave_ds.tiny import build_tiny_processor
+    from llave_ds.model.embedding import ModelConfig, build_embedding_model_from_config
+    from llave_ds.model.formatter import InputFormatter
+    from llave_ds.toy.tiny import build_tiny_processor
 
     cfg = shapes.shape_config("tiny")
     geo = geometry_for(cfg, hw)

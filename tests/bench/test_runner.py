@@ -1,6 +1,6 @@
 """llave_ds.bench.runner: the benchmark on 2 gloo ranks with the tiny shape prints a table
 and one JSON line last with every reported field (no timing assertions); the DeepSpeed
-comms counters it reads through llave_ds.engine."""
+comms counters it reads through llave_ds.training.engine."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llave_ds import engine
+from llave_ds.training import engine
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -43,7 +43,7 @@ REQUIRED_ROW_FIELDS = (
 
 def test_bench_cpu_smoke_two_ranks(tmp_path):
     json_out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--shape", "tiny", "--device", "cpu",
+    cmd = [sys.executable, "-m", "llave_ds.bench", "--shape", "tiny", "--device", "cpu",
            "--ranks", "2", "--stages", "3", "--chunk-sizes", "2", "--pairs-per-rank", "4", "--steps", "2",
            "--warmup", "1", "--query-text-tokens", "10-30", "--target-text-tokens", "5-15",
            "--json-out", str(json_out)]

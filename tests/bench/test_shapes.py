@@ -53,7 +53,7 @@ def test_param_counts_equal_a_meta_model(name, kw):
 
 
 def test_trainable_count_matches_the_embedding_models_freezing():
-    from llave_ds.model import ModelConfig, build_embedding_model_from_config, trainable_parameters
+    from llave_ds.model.embedding import ModelConfig, build_embedding_model_from_config, trainable_parameters
 
     cfg = shapes.shape_config("tiny")
     model = build_embedding_model_from_config(cfg, ModelConfig(backbone="llava_onevision", dtype="float32"))

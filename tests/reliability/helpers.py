@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from llave_ds.distributed import free_port
+from llave_ds.core.distributed import free_port
 from tests.distributed_harness import _worker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ COLLECTIVE_TIMEOUT_S = 30
 STEPS = 4             # the reference run: 4 steps of 8 pairs, checkpoints at 2 and 4
 RANK_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 _PRELOAD = ["torch", "datasets", "transformers", "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer",
-            "llave_ds.train", "llave_ds.engine", "llave_ds.model", "llave_ds.processing", "llave_ds.export",
+            "llave_ds.train", "llave_ds.training.engine", "llave_ds.model.embedding", "llave_ds.model.formatter", "llave_ds.export.model_dir",
             "tests.distributed_harness", "tests.test_gradcache", "tests.reliability.helpers"]
 _started = False
 
@@ -162,7 +162,7 @@ def max_export_diff(a: dict, b: dict) -> float:
 def clone_at_step(reference_dir: Path, dest: Path, step: int = 2, ckpt_dir: Optional[Path] = None) -> Path:
     """A run directory as the reference run left it after ``step``: that checkpoint (named by
     ``latest``) and the metrics up to it. Resuming from it must reproduce the reference."""
-    from llave_ds import checkpoint as ckpt
+    from llave_ds.training import checkpoint as ckpt
     tag = ckpt.tag_for_step(step)
     dest.mkdir(parents=True)
     root = ckpt_dir or dest / "checkpoints"
@@ -221,10 +221,11 @@ def train_rank(rank, world, overrides_list, faults: Optional[dict] = None):
     """
     import errno
 
-    from llave_ds import checkpoint as ckpt
-    from llave_ds import engine as eng
     from llave_ds import train as tr
-    from llave_ds.data import DataError, MMEBTrainDataset
+    from llave_ds.data.errors import DataError
+    from llave_ds.data.mmeb_train import MMEBTrainDataset
+    from llave_ds.training import checkpoint as ckpt
+    from llave_ds.training import engine as eng
 
     faults = faults or {}
     state = {"step": 1, "backwards": 0}
@@ -275,7 +276,7 @@ def train_rank(rank, world, overrides_list, faults: Optional[dict] = None):
     if faults.get("different_data") == rank:
         overrides_list = list(overrides_list) + ["data.max_per_subset=10"]
 
-    import llave_ds.model as model_module
+    import llave_ds.model.embedding as model_module
     real_load_model = model_module.load_embedding_model
 
     def load_embedding_model(*args, **kwargs):
@@ -316,7 +317,7 @@ def _tensors(obj, prefix=""):
 def engine_snapshot(engine) -> dict:
     """Full parameters (gathered: call on every rank), this rank's optimizer state tensors
     (fp32 master partitions, Adam moments, step counts) and the learning rate."""
-    from llave_ds.engine import gathered_state_dict
+    from llave_ds.training.engine import gathered_state_dict
     opt = engine.optimizer
     state = _tensors(opt.state_dict(), "optimizer")
     for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
@@ -344,8 +345,8 @@ def numerics_rank(rank, world, overrides_list, plan: dict):
     ``"param_grad"`` (this rank's backward surrogate is multiplied by NaN: finite loss,
     non-finite parameter gradients, caught by DeepSpeed's overflow check). Returns the
     error train() raised, and the differences between the snapshots after each step."""
-    from llave_ds import engine as eng
     from llave_ds import train as tr
+    from llave_ds.training import engine as eng
 
     state = {"step": 1, "engine": None}
     snaps = {}
@@ -395,7 +396,7 @@ def train_cli_in_process(argv: list[str], monkeypatch, capsys, world_size: Optio
     process group could exist. ``world_size`` fakes a torchrun launch of rank 0."""
     import torch.distributed as dist
 
-    from llave_ds import distributed
+    from llave_ds.core import distributed
     from llave_ds.train import main
 
     def no_process_group(*args, **kwargs):

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from llave_ds import checkpoint as ckpt
+from llave_ds.training import checkpoint as ckpt
 from tests.reliability import helpers
 
 
@@ -53,10 +53,11 @@ def _argv(assets, run_dir, *extra):
 
 def _auto_candidates(assets, run_dir, caplog):
     """What ``--resume auto`` would try, best first, and the warnings it logged."""
-    from llave_ds.train import resolve_resume
+    from llave_ds.training.run_dir import RunDir
     caplog.clear()
+    cfg = helpers._load(helpers.overrides(assets, run_dir))
     with caplog.at_level("WARNING"):
-        found = resolve_resume(helpers._load(helpers.overrides(assets, run_dir)), 2)
+        found = RunDir.from_config(cfg).resume_candidates(cfg.checkpoint.resume, 2, cfg.checkpoint.overwrite)
     return found, caplog.text
 
 
@@ -191,7 +192,7 @@ def test_unreadable_shard_without_manifest_is_named_when_deepspeed_fails(tmp_pat
     """Checkpoints from before the manifest: DeepSpeed's load error is mapped to the file."""
     import torch
 
-    from llave_ds.engine import load_checkpoint
+    from llave_ds.training.engine import load_checkpoint
     path = tmp_path / "checkpoints" / ckpt.tag_for_step(3)
     path.mkdir(parents=True)
     torch.save({"ok": torch.zeros(3)}, path / "zero_pp_rank_0_mp_rank_00_model_states.pt")
@@ -213,7 +214,7 @@ def test_latest_naming_an_incomplete_checkpoint_falls_back_to_the_newest_complet
         if complete:
             ckpt.mark_complete(d, {"step": step, "files": ckpt.build_manifest(d, ["x.pt"])})
     ckpt.set_latest(root, ckpt.tag_for_step(6))  # as if a crash hit between marker and latest
-    with caplog.at_level("WARNING", logger="llave_ds.checkpoint"):
+    with caplog.at_level("WARNING", logger="llave_ds.training.checkpoint"):
         assert ckpt.find_resume_checkpoint(root) == root / ckpt.tag_for_step(4)
     assert any("not a complete checkpoint" in r.getMessage() for r in caplog.records)
     # The half-written save is named, not skipped without a word.

@@ -158,8 +158,9 @@ def test_over_long_text_is_truncated_and_counted_across_the_worker_boundary(data
 
 
 def test_truncation_keeps_the_pooled_token(assets):
-    from llave_ds.data import Side
-    from llave_ds.processing import InputFormatter, load_processor
+    from llave_ds.media.side import Side
+    from llave_ds.model.formatter import InputFormatter
+    from llave_ds.model.processors import load_processor
     fmt = InputFormatter(load_processor(assets["model"]), "llava_onevision", max_length=64)
     out = fmt([Side(text="word " * 500), Side(text="short")], "query")
     ids, mask = out["input_ids"], out["attention_mask"]

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from llave_ds import checkpoint as ckpt
+from llave_ds.training import checkpoint as ckpt
 from tests.reliability import helpers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from llave_ds import checkpoint as ckpt
-from llave_ds.distributed import free_port
+from llave_ds.core.distributed import free_port
+from llave_ds.training import checkpoint as ckpt
 from tests.reliability import helpers
 
 pytestmark = pytest.mark.slow

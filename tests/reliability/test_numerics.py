@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llave_ds.gradcache import TorchStepBackend, gradcache_step
+from llave_ds.core.gradcache import TorchStepBackend, gradcache_step
 from tests.reference_loss import reference_loss
 from tests.reliability import helpers
 from tests.test_gradcache import LR, STEPS, Scenario, ds_config, objective_of, rank_chunks
@@ -35,9 +35,8 @@ class _NanGrad(torch.autograd.Function):
 
 
 def _toy_rank(rank, world, stages):
-    from llave_ds import engine as eng
-    from llave_ds import gradcache
-
+    from llave_ds.core import gradcache
+    from llave_ds.training import engine as eng
     real_loss = gradcache.hardness_weighted_loss
     results = {}
     for stage in stages:

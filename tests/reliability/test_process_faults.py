@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from llave_ds import checkpoint as ckpt
+from llave_ds.training import checkpoint as ckpt
 from tests.reliability import helpers
 
 pytestmark = pytest.mark.slow

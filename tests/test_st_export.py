@@ -21,7 +21,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from llave_ds import LlaveEmbedder, tiny
+from llave_ds import LlaveEmbedder
+from llave_ds.toy import tiny
 from llave_ds.export import st_files as st_export
 from llave_ds.model.embedder import Side
 from llave_ds.export.model_dir import embedding_metadata, model_card, write_model_dir

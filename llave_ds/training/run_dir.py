@@ -27,7 +27,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import yaml
 
@@ -142,37 +142,31 @@ class RunDir:
         """The checkpoint a resume would take first (`checkpoint.find_resume_checkpoint`)."""
         return ckpt.find_resume_checkpoint(self.checkpoints)
 
-    def last_metrics(self) -> Optional[dict]:
-        """The last row of metrics.jsonl (None when absent or empty; a line torn by a crash is
-        skipped)."""
+    def metrics_rows(self) -> Iterator[dict]:
+        """The rows of metrics.jsonl in order (none when absent); a line torn by a crash is skipped."""
         if not self.metrics_file.is_file():
-            return None
-        last = None
+            return
         with open(self.metrics_file, encoding="utf-8", errors="replace") as f:
             for line in f:
-                line = line.strip()
-                if not line:
-                    continue
                 try:
-                    last = json.loads(line)
+                    row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if isinstance(row, dict):
+                    yield row
+
+    def last_metrics(self) -> Optional[dict]:
+        """The last row of metrics.jsonl (None when absent or empty)."""
+        last = None
+        for last in self.metrics_rows():
+            pass
         return last
 
     def last_logged_loss(self) -> Optional[float]:
         """The loss of the last metrics row that has a finite one (None without one)."""
-        if not self.metrics_file.is_file():
-            return None
-        loss = None
-        with open(self.metrics_file, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    value = json.loads(line).get("loss")
-                except (json.JSONDecodeError, AttributeError):
-                    continue
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    loss = float(value)
-        return loss
+        losses = [row.get("loss") for row in self.metrics_rows()]
+        finite = [float(v) for v in losses if isinstance(v, (int, float)) and math.isfinite(v)]
+        return finite[-1] if finite else None
 
     # -- writing it (rank 0) --------------------------------------------------------
 

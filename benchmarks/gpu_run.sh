@@ -10,6 +10,9 @@
 #      (d) the peer: sentence-transformers' CachedMultipleNegativesRankingLoss against
 #          llave-ds's cached step on the same Qwen2-0.5B-shaped text encoder
 #          (benchmarks/peer_cached_mnrl.py; the GPU image ships sentence-transformers);
+#      (e) Qwen3-VL-2B (configs/qwen3vl_2b.yaml): the cached ZeRO-3 step at the configs'
+#          chunk size (32 = the whole 32-pair local batch of 256 pairs on 8 GPUs), 1280-token
+#          query images (1024x1280 px), to set the memory model's prediction against a measurement;
 #      (b) ZeRO-3 with the optimizations off; (c) 0.5B; then one lever off at a time;
 #   3. leaves in $OUT: gpu_run.log (everything), results.jsonl (one JSON line per run), env.txt.
 #
@@ -17,6 +20,7 @@
 # Dry run here: DRY_RUN=1 bash benchmarks/gpu_run.sh   (the same python command lines with
 #               --device cpu --shape tiny and small batches appended; no install)
 # Only some:    ONLY="2b_z3_novc peer_st_05b" bash benchmarks/gpu_run.sh
+#               (the Qwen3-VL-2B run alone: ONLY=q3_2b_z3; its dry run uses the qwen3-tiny shape)
 #
 # BUDGET_S (default 400, so the whole command fits 7 minutes with the install): no run starts
 # after this many seconds, and each run is killed (timeout) when the budget is spent, so
@@ -89,6 +93,8 @@ bench() {  # bench NAME ARGS...: one benchmark invocation, its JSON line appende
     if [ "$left" -lt 45 ]; then say "SKIP $name: ${left}s of budget left"; return 0; fi
     local args=("${COMMON[@]}" "$@" --label "$name" --json-out "$OUT/$name.json")
     [ "$DRY" = 1 ] && args+=("${DRY_OVERRIDES[@]}")
+    # a run of another architecture names its dry-run shape: DRY_SHAPE=qwen3-tiny DRY_IMAGE=64x64 bench ...
+    [ "$DRY" = 1 ] && [ -n "${DRY_SHAPE:-}" ] && args+=(--shape "$DRY_SHAPE" --image-size "${DRY_IMAGE:-64x64}")
     say "RUN $name (limit ${left}s): $PY -m llave_ds.bench ${args[*]}"
     timeout --signal=TERM --kill-after=10 "$left" "$PY" -m llave_ds.bench "${args[@]}" >>"$LOG" 2>&1
     local rc=$?
@@ -127,6 +133,10 @@ bench 2b_z3_opt  --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_
 bench 2b_z2_opt  --shape aquila-vl-2b --pairs-per-rank 64 --stages 2 --ckpt non_reentrant --chunk-sizes 16
 # (d) the peer: sentence-transformers' CachedMNRL vs llave-ds's cached step, same Qwen2-0.5B-shaped text encoder.
 peer  peer_st_05b --pairs 64 --mini-batch 16
+# (e) Qwen3-VL-2B, cached ZeRO-3 at configs/qwen3vl_2b.yaml's chunk size (32), 1280-token query images, text targets.
+DRY_SHAPE=qwen3-tiny DRY_IMAGE=64x64 \
+bench q3_2b_z3   --shape qwen3-vl-2b --pairs-per-rank 32 --stages 3 --ckpt non_reentrant --chunk-sizes 32 \
+      --image-size 1024x1280
 # (b) 2B ZeRO-3 chunk 16 with the optimizations off (before/after on the same machine).
 bench 2b_z3_base --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 \
       --uncached-steps 0 --no-fetch-units --deepspeed-linear --no-vision-cache

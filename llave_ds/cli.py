@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "eval": ("llave_ds.eval.cli", "MMEB evaluation (precision@1 per subset, category, IND/OOD, overall), or "
                                   "--task video-retrieval (text<->video Recall@K)"),
     "synth": ("llave_ds.toy.synthetic", "generate the offline synthetic MMEB-format dataset"),
+    "tiny": ("llave_ds.toy.tiny", "write a tiny offline model directory of any supported backbone (smoke tests)"),
     "synth-video": ("llave_ds.toy.synthetic_video", "generate synthetic moving-shape videos: a retrieval test split "
                                                     "and video training rows"),
     "export": ("llave_ds.export.model_dir", "consolidate a training checkpoint into a transformers model directory"),

@@ -9,11 +9,11 @@ from PIL import Image
 from llave_ds.media.side import Side  # noqa: F401  (the package's one side type, re-exported)
 
 BACKBONES = ["llava_onevision", "qwen2_vl"]
-# Qwen2.5-VL came third. ALL_BACKBONES is every backbone (test_tiny, test_model use it).
+# Qwen2.5-VL came third, Qwen3-VL fourth. ALL_BACKBONES is every backbone (test_tiny, test_model use it).
 # BACKBONES stays the first two: test_processing's parametrized tests key per-backbone
 # expectations on those two names (its Qwen2.5-VL tests are separate). test_vision_cache and
 # test_embedder also pass on ALL_BACKBONES (checked when Qwen2.5-VL was added).
-ALL_BACKBONES = BACKBONES + ["qwen2_5_vl"]
+ALL_BACKBONES = BACKBONES + ["qwen2_5_vl", "qwen3_vl"]
 
 
 def noise_image(h: int, w: int, seed: int = 0) -> Image.Image:

@@ -316,7 +316,7 @@ def test_shipped_configs_load_and_round_trip(tmp_path):
     from llave_ds.config import shipped_file
     from llave_ds.train import TrainConfig
 
-    for name in ["demo_cpu", "llave_0.5b", "llave_2b", "llave_7b", "qwen2vl_2b", "qwen2_5vl_3b"]:
+    for name in ["demo_cpu", "llave_0.5b", "llave_2b", "llave_7b", "qwen2vl_2b", "qwen2_5vl_3b", "qwen3vl_2b", "qwen3vl_8b"]:
         cfg = load_config(TrainConfig, shipped_file("train", name), ["data.source=/data/mmeb"])
         assert load_config(TrainConfig, dump_config(cfg, tmp_path / f"{name}.yaml")) == cfg, name
     with pytest.raises(ConfigError) as info:

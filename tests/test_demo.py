@@ -14,11 +14,12 @@ from llave_ds.toy.synthetic import EVAL_SUBSETS
 pytestmark = pytest.mark.slow
 
 
-def test_demo_end_to_end_reduced(tmp_path):
+@pytest.mark.parametrize("backbone", ["llava_onevision", "qwen3_vl"])
+def test_demo_end_to_end_reduced(tmp_path, backbone):
     out = tmp_path / "demo"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "llave_ds.cli", "demo", "--out", str(out), "--ranks", "2",
+        [sys.executable, "-m", "llave_ds.cli", "demo", "--out", str(out), "--ranks", "2", "--backbone", backbone,
          "--train-per-subset", "8", "--eval-per-subset", "4", "--max-steps", "3",
          "--warm-steps", "3", "--cache-dir", str(tmp_path / "warm_cache"),
          "global_batch_size=16", "gradcache.query_chunk_size=3", "gradcache.target_chunk_size=5",
@@ -37,6 +38,9 @@ def test_demo_end_to_end_reduced(tmp_path):
     assert list((out / "export").glob("*.safetensors"))
     assert (out / "export" / "llave_embedding.json").is_file()
     assert (out / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert json.loads((out / "export" / "config.json").read_text())["model_type"] == backbone
+    if backbone != "llava_onevision":  # every backbone's ST export: tests/test_st_export.py
+        return
     check_sentence_transformers(out / "export", sorted((out / "data" / "images").rglob("*.png"))[:2], tmp_path)
 
 

@@ -54,15 +54,23 @@ QUERY_INSTRUCTION = "Find an answer: "
 PROCESSING = {
     backbone: dict(max_length=128, max_image_tokens=cap, query_instruction=QUERY_INSTRUCTION,
                    target_instruction="Represent the answer: ", system_prompt="Embed.", padding_side="left",
-                   prompt_format="llave", video_frames=4, video_max_side=48)
-    for backbone, cap in (("llava_onevision", 14), ("qwen2_vl", 1))
+                   prompt_format="llave", video_frames=4, video_max_side=48,
+                   min_image_tokens=None if backbone == "llava_onevision" else 1)
+    for backbone, cap in (("llava_onevision", 14), ("qwen2_vl", 1), ("qwen3_vl", 2))
 }
-STOCK_PROCESSOR = {"llava_onevision": "LlavaOnevisionProcessor", "qwen2_vl": "Qwen2VLProcessor"}
+# Fields a backbone has no use for stay at their defaults (LLaVA-OV's anyres has no minimum).
+NOT_APPLICABLE = {"llava_onevision": {"min_image_tokens"}}
+STOCK_PROCESSOR = {"llava_onevision": "LlavaOnevisionProcessor", "qwen2_vl": "Qwen2VLProcessor",
+                   "qwen3_vl": "Qwen3VLProcessor"}
+# Qwen3-VL checkpoints ship Qwen2-VL's image processor.
+STOCK_IMAGE_PROCESSOR = {"llava_onevision": "LlavaOnevisionImageProcessor", "qwen2_vl": "Qwen2VLImageProcessor",
+                         "qwen3_vl": "Qwen2VLImageProcessor"}
 
 # backbone, ZeRO stage, LoRA rank per training run. The ZeRO-3 run goes last: while its
 # model lives, transformers builds every from_pretrained under zero.Init.
 RUNS = {
     "lora_zero1": ("qwen2_vl", 1, 4),
+    "qwen3_zero2": ("qwen3_vl", 2, 0),
     "zero3": ("llava_onevision", 3, 0),
 }
 
@@ -195,7 +203,7 @@ PLAIN_SCRIPT = textwrap.dedent("""
         chunk = torch.load(job["chunk"])
         mask = chunk["attention_mask"]
         kwargs = {k: v for k, v in chunk.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
-        if config["model_type"] == "qwen2_vl":  # M-RoPE positions, as the processor's outputs give them
+        if config["model_type"] in ("qwen2_vl", "qwen3_vl"):  # M-RoPE positions, as the processor's outputs give them
             kwargs["mm_token_type_ids"] = (chunk["input_ids"] == config["image_token_id"]).int()
         with torch.no_grad():
             hidden = model.model(input_ids=chunk["input_ids"], attention_mask=mask, use_cache=False,
@@ -265,7 +273,8 @@ def test_export_reloads_with_plain_transformers_and_matches_the_engine(trained, 
     assert emb.shape == engine_emb.shape
     assert (emb - engine_emb).abs().max().item() <= 1e-5, (emb - engine_emb).abs().max()
     assert cls_name == {"llava_onevision": "LlavaOnevisionForConditionalGeneration",
-                        "qwen2_vl": "Qwen2VLForConditionalGeneration"}[run["backbone"]]
+                        "qwen2_vl": "Qwen2VLForConditionalGeneration",
+                        "qwen3_vl": "Qwen3VLForConditionalGeneration"}[run["backbone"]]
 
     # The export is not the base model: training moved weights the probe depends on.
     exported, base = read_safetensors_dir(fp32_exports[name]), read_safetensors_dir(run["tiny"])
@@ -313,8 +322,9 @@ def test_export_from_run_dir_keeps_every_processing_field(trained, fp32_exports,
     run = trained["runs"][name]
     processing = load_config(TrainConfig, run["run_dir"] / "config.yaml").processing
     defaults = ProcessingConfig()
-    assert [f.name for f in dataclasses.fields(processing)
-            if getattr(processing, f.name) == getattr(defaults, f.name)] == []  # every field non-default
+    assert [f.name for f in dataclasses.fields(processing)  # every field that applies non-default
+            if getattr(processing, f.name) == getattr(defaults, f.name)
+            and f.name not in NOT_APPLICABLE.get(trained["runs"][name]["backbone"], ())] == []
 
     recorded = json.loads((fp32_exports[name] / "llave_embedding.json").read_text())["input_format"]
     assert {key: recorded[key] for key in ProcessingConfig.field_names()} == dataclasses.asdict(processing)
@@ -400,9 +410,12 @@ def test_auto_processor_on_the_export_is_the_stock_processor(trained, fp32_expor
             assert got["image_tokens"] == int((batch["input_ids"] == reference.image_token_id).sum())
             assert got["pixel_values"] == list(batch["pixel_values"].shape)
         else:
-            video = {"llava_onevision": "LlavaOnevisionVideoProcessor", "qwen2_vl": "Qwen2VLVideoProcessor"}[backbone]
+            # transformers derives the tiny Qwen3-VL's video processor from its (Qwen2-VL) image
+            # processor: the export of a real checkpoint carries its video_preprocessor_config.json.
+            video = {"llava_onevision": "LlavaOnevisionVideoProcessor", "qwen2_vl": "Qwen2VLVideoProcessor",
+                     "qwen3_vl": "Qwen2VLVideoProcessor"}[backbone]
             assert "error" in got and "Torchvision" in got["error"] and video in got["error"], got
-        assert got["image_processor"].startswith(stock.replace("Processor", "ImageProcessor")), got
+        assert got["image_processor"].startswith(STOCK_IMAGE_PROCESSOR[backbone]), got
         assert got["tokenizer_pad"] == "<|endoftext|>"
         assert got["image_pixel_values"] == list(batch["pixel_values"].shape)
 

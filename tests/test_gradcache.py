@@ -141,7 +141,7 @@ def reference_training(sc: Scenario, world: int):
 
 def max_param_error(got: dict, want: dict) -> float:
     assert set(got) == set(want)
-    return max(float((got[k] - want[k]).abs().max()) for k in want)
+    return max(float((got[k] - want[k]).detach().abs().max()) for k in want)
 
 
 def run_and_compare(scenarios: list[Scenario], world: int = 2):

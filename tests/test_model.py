@@ -11,7 +11,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from llave_ds.toy import tiny  # noqa: E402
-from llave_ds.model.embedding import (EmbeddingModel, ModelConfig, build_embedding_model_from_config, last_token_index, load_embedding_model, trainable_parameters)
+from llave_ds.model.backbones import QWEN_BACKBONES  # noqa: E402
+from llave_ds.model.embedding import (EmbeddingModel, ModelConfig, build_embedding_model_from_config,  # noqa: E402
+                                      last_token_index, load_embedding_model, trainable_parameters)
 from llave_ds.model.formatter import InputFormatter  # noqa: E402
 from tests.multimodal import ALL_BACKBONES, Side, gradient_keeping_backend, noise_image  # noqa: E402
 
@@ -43,16 +45,21 @@ def grads(model):
     return {n: p.grad for n, p in model.named_parameters()}
 
 
+# Qwen3-VL's DeepStack mergers project intermediate tower features into the LM like the
+# main merger: projectors, trained with it.
+QWEN_PROJECTORS = (".visual.merger.", ".visual.deepstack_merger_list.")
+
+
 def is_vision_tower(name, backbone):
     if backbone == "llava_onevision":
         return ".vision_tower." in name
-    return ".visual." in name and ".merger." not in name
+    return ".visual." in name and not any(p in name for p in QWEN_PROJECTORS)
 
 
 def is_projector(name, backbone):
     if backbone == "llava_onevision":
         return ".multi_modal_projector." in name or name.endswith("image_newline")
-    return ".visual.merger." in name
+    return any(p in name for p in QWEN_PROJECTORS)
 
 
 def is_language_model(name):
@@ -68,7 +75,7 @@ def stock_last_hidden_state(model, batch):
     """The backbone's own forward (default positions), independent of EmbeddingModel."""
     inner = model.base_hf_model.model
     kwargs = {k: v for k, v in batch.items() if k != "dummy_image"}
-    if model.backbone in ("qwen2_vl", "qwen2_5_vl"):  # the stock forward's M-RoPE needs these
+    if model.backbone in QWEN_BACKBONES:  # the stock forward's M-RoPE needs these
         kwargs["mm_token_type_ids"] = (batch["input_ids"] == inner.config.image_token_id).int()
     return inner(**kwargs, use_cache=False).last_hidden_state
 

@@ -234,7 +234,9 @@ NON_DEFAULT = {"llava_onevision": dict(max_length=200, max_image_tokens=14, quer
                                        prompt_format="llave", video_frames=4, video_max_side=20),
                "qwen2_vl": dict(max_length=200, max_image_tokens=1, query_instruction="Find: ",
                                 target_instruction="Doc: ", system_prompt="Embed.", padding_side="left",
-                                prompt_format="llave", video_frames=6, video_max_side=40)}
+                                prompt_format="llave", video_frames=6, video_max_side=40, min_image_tokens=1)}
+# Fields a backbone refuses away from their default (min_image_tokens is Qwen-only).
+NOT_FOR = {"llava_onevision": ["min_image_tokens"], "qwen2_vl": []}
 
 
 def fixed_chunk():
@@ -248,7 +250,8 @@ def test_from_config_uses_every_field(processors, backbone):
 
     cfg = ProcessingConfig(**NON_DEFAULT[backbone])
     defaults = ProcessingConfig()
-    assert [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) == getattr(defaults, f.name)] == []
+    left_default = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) == getattr(defaults, f.name)]
+    assert left_default == NOT_FOR[backbone]
     proc = processors[backbone]
     fmt = InputFormatter.from_config(proc, backbone, cfg)
     assert fmt.config == cfg
@@ -533,7 +536,8 @@ def test_prompt_format_round_trips_and_unknown_is_a_clear_error(processors):
     assert meta["prompt_format"] == "llave" and "assistant\\n\\n<|im_end|>\\n" in meta["pooled_token"]
     assert ProcessingConfig.from_metadata(meta, source="x/llave_embedding.json") == cfg
     assert ProcessingConfig.from_metadata({}, source="x").prompt_format == "qwen_chat"  # older exports
-    with pytest.raises(ValueError, match="processing.prompt_format must be one of qwen_chat, llave, got 'chatml'"):
+    with pytest.raises(ValueError, match="processing.prompt_format must be one of qwen_chat, llave, "
+                                         "qwen3_vl_embedding, got 'chatml'"):
         InputFormatter.from_config(processors["qwen2_vl"], "qwen2_vl", ProcessingConfig(prompt_format="chatml"))
     with pytest.raises(ValueError, match="prompt_format"):
         InputFormatter(processors["qwen2_vl"], "qwen2_vl", prompt_format="chatml")

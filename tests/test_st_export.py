@@ -27,7 +27,8 @@ from llave_ds.export import st_files as st_export
 from llave_ds.model.embedder import Side
 from llave_ds.export.model_dir import embedding_metadata, model_card, write_model_dir
 from llave_ds.model.embedding import ModelConfig, load_embedding_model
-from llave_ds.model.formatter import InputFormatter, ProcessingConfig, TEMPLATE_TAILS
+from llave_ds.model.formatter import InputFormatter, ProcessingConfig
+from llave_ds.model.prompt_formats import TEMPLATE_TAILS
 from tests.multimodal import ALL_BACKBONES, noise_image
 
 pytest.importorskip("sentence_transformers", reason="sentence-transformers is in the test extra (llave-ds[st])")
@@ -35,11 +36,18 @@ pytest.importorskip("sentence_transformers", reason="sentence-transformers is in
 CLIENT = Path(__file__).with_name("st_client.py")
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ("qwen_chat", "llave")
-EXPORTS = [(bb, pf) for bb in ALL_BACKBONES for pf in FORMATS]
+
+
+def formats_for(backbone):
+    """Every backbone in both general formats; Qwen3-VL also in Qwen3-VL-Embedding's own."""
+    return FORMATS + (("qwen3_vl_embedding",) if backbone == "qwen3_vl" else ())
+
+
+EXPORTS = [(bb, pf) for bb in ALL_BACKBONES for pf in formats_for(bb)]
 MAX_LENGTH = 160
 # Qwen: the image-token cap travels as image-processor size bounds (Qwen2.5-VL's tiny
 # processor needs >= 9 merged tokens, see llave_ds/toy/tiny.py).
-QWEN_CAP = {"qwen2_vl": 2, "qwen2_5_vl": 12}
+QWEN_CAP = {"qwen2_vl": 2, "qwen2_5_vl": 12, "qwen3_vl": 2}
 IMAGES = {"a": (40, 56, 1), "b": (30, 30, 2), "c": (60, 40, 3), "d": (28, 28, 4)}
 CASES = [
     ("a cat on a mat", None),                          # text only
@@ -97,7 +105,7 @@ def exports(tmp_path_factory):
         base = tiny.build_tiny_model_dir(root / f"base-{backbone}", backbone)
         model, processor = load_embedding_model(ModelConfig(path=str(base), dtype="float32"))
         model.eval()
-        for prompt_format in FORMATS:
+        for prompt_format in formats_for(backbone):
             out[export_name(backbone, prompt_format)] = write_export(
                 model, processor, backbone, processing(backbone, prompt_format),
                 root / export_name(backbone, prompt_format))
@@ -217,6 +225,12 @@ def test_the_template_survives_any_system_prompt(exports):
                              query_instruction="Find: ")
         template = st_export.chat_template(fmt.metadata(), st_export.image_markup("qwen2_vl", processor))
         assert st_export._check_template(fmt, {"chat_template": template, "sanitize_control_tokens": True}) is None
+    # Qwen3-VL-Embedding's format: the instruction is the system turn, so it must survive too.
+    processor = load_processor(exports["qwen3_vl-qwen3_vl_embedding"])
+    fmt = InputFormatter(processor, "qwen3_vl", prompt_format="qwen3_vl_embedding", query_instruction=nasty,
+                         target_instruction=nasty + "?")
+    template = st_export.chat_template(fmt.metadata(), st_export.image_markup("qwen3_vl", processor))
+    assert st_export._check_template(fmt, {"chat_template": template, "sanitize_control_tokens": True}) is None
 
 
 # ------------------------------------------------------------------ same tokens, same vectors
@@ -246,7 +260,10 @@ def test_token_ids_and_image_tensors_equal_the_formatter(st_results, embedders, 
 def test_sentence_transformers_encode_equals_llave_embedder(st_results, embedders, images, name):
     st = st_results["exports"][name]
     embedder = embedders[name]
-    assert st["prompts"] == {"query": "Find: ", "document": "Doc: "}
+    # Qwen3-VL-Embedding's prompts are its system turns: stripped, ending in punctuation.
+    want = {"query": "Find:", "document": "Doc:"} if name.endswith("qwen3_vl_embedding") else \
+        {"query": "Find: ", "document": "Doc: "}
+    assert st["prompts"] == want
     pairs = {"query": llave_encode(embedder, images, "query"), "document": llave_encode(embedder, images, "target"),
              "plain": llave_encode(embedder, images, "query", instruction="")}
     for key, want in pairs.items():

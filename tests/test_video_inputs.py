@@ -55,7 +55,7 @@ def load(model_dir, **overrides):
 
 def _reference_size(backbone):
     # frame sizes the backbone's processors keep as they are (no resize): exact comparisons
-    return {"llava_onevision": (28, 28), "qwen2_vl": (56, 28), "qwen2_5_vl": (112, 84)}[backbone]
+    return {"llava_onevision": (28, 28), "qwen2_vl": (56, 28), "qwen2_5_vl": (112, 84), "qwen3_vl": (64, 32)}[backbone]
 
 
 @pytest.mark.parametrize("backbone", ALL_BACKBONES)
@@ -84,7 +84,13 @@ def test_video_tensors_match_the_image_processor_frame_by_frame(model_dirs, back
         torch.testing.assert_close(out["pixel_values_videos"], ref["pixel_values"], atol=1e-5, rtol=0)
         # an odd frame count is padded by repeating the last frame (patchify)
         odd = video_pixel_values([frame, frame, frame], settings)
-        assert odd["video_grid_thw"].tolist() == [[2] + ref["image_grid_thw"][0, 1:].tolist()]
+        spatial = ref["image_grid_thw"][0, 1:].tolist()
+        if backbone == "qwen3_vl":  # its size bounds count every frame: 3 frames of 32x64 shrink
+            from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+            th, tw = smart_resize(3, h, w, temporal_factor=2, factor=32, min_pixels=settings.min_pixels,
+                                  max_pixels=settings.max_pixels)
+            spatial = [th // 16, tw // 16]
+        assert odd["video_grid_thw"].tolist() == [[2] + spatial]
 
 
 @pytest.mark.parametrize("backbone", ALL_BACKBONES)
@@ -117,13 +123,26 @@ def test_video_token_counts_and_shapes(model_dirs, clips, backbone):
     else:
         t, h, w = batch["video_grid_thw"][0].tolist()
         assert t == 4  # 8 frames / temporal patch 2
-        assert batch["pixel_values_videos"].shape == (t * h * w, 3 * 2 * 14 * 14)
+        patch = processor.image_processor.patch_size  # 14; Qwen3-VL 16
+        assert batch["pixel_values_videos"].shape == (t * h * w, 3 * 2 * patch * patch)
         expected = t * h * w // 4
-        # the video sits where the placeholder was, between vision start / end
         row = batch["input_ids"][0].tolist()
-        start = row.index(fmt.vision_start_id)
-        assert row[start + 1:start + 1 + expected] == [fmt.video_token_id] * expected
-        assert row[start + 1 + expected] == fmt.vision_end_id
+        if backbone == "qwen3_vl":
+            # Per temporal patch: "<t seconds>" (the mean time of its two frames; a frame list has
+            # no fps: 24, as transformers), then its tokens between vision start / end.
+            block = [fmt.vision_start_id] + [fmt.video_token_id] * (h * w // 4) + [fmt.vision_end_id]
+            layout = []
+            for k in range(t):
+                seconds = (2 * k + 2 * k + 1) / 2 / 24
+                layout += processor.tokenizer(f"<{seconds:.1f} seconds>", add_special_tokens=False)["input_ids"] + block
+            prefix = processor.tokenizer("clip: ", add_special_tokens=False)["input_ids"]
+            start = next(i for i in range(len(row)) if row[i:i + len(prefix)] == prefix) + len(prefix)
+            assert row[start:start + len(layout)] == layout
+        else:
+            # the video sits where the placeholder was, between vision start / end
+            start = row.index(fmt.vision_start_id)
+            assert row[start + 1:start + 1 + expected] == [fmt.video_token_id] * expected
+            assert row[start + 1 + expected] == fmt.vision_end_id
     if backbone == "qwen2_5_vl":
         assert batch["second_per_grid_ts"].tolist() == [pytest.approx(2 / 24)]  # fps unknown: 24
     assert n_video_tokens == expected
@@ -309,3 +328,28 @@ def test_metadata_records_video_frames(model_dirs, tmp_path):
     assert (emb.formatter.video_frames, emb.formatter.video_max_side) == (4, 24)
     with pytest.raises(ValueError, match="video_frames"):
         ProcessingConfig(video_frames=0).validate()
+
+
+def test_the_export_keeps_the_base_models_video_processor_settings(model_dirs, tmp_path):
+    """A checkpoint's video_preprocessor_config.json (how its own video processor resizes,
+    normalises, samples) survives the export, so AutoProcessor on the export builds the same
+    video processor and llave-ds reads the same VideoSettings back."""
+    import shutil
+
+    from llave_ds.export.model_dir import embedding_metadata, model_card, write_model_dir
+    from llave_ds.model.processors import load_processor
+    from llave_ds.model.video_processing import VideoSettings
+
+    base = tmp_path / "base"
+    shutil.copytree(model_dirs["qwen3_vl"], base)
+    video_config = {"video_processor_type": "Qwen3VLVideoProcessor", "patch_size": 16, "temporal_patch_size": 2,
+                    "merge_size": 2, "size": {"shortest_edge": 2048, "longest_edge": 8192}, "fps": 2,
+                    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    (base / "video_preprocessor_config.json").write_text(json.dumps(video_config))
+    model, processor, fmt = load(base)
+    meta = embedding_metadata(model, fmt, export_dtype="float32", model_class=type(model.base_hf_model).__name__)
+    out = write_model_dir(model.base_hf_model, None, processor, tmp_path / "export", meta, model_card(None, meta))
+    assert json.loads((out / "video_preprocessor_config.json").read_text()) == video_config
+    settings = VideoSettings.from_processor(load_processor(out), "qwen3_vl")
+    assert settings == VideoSettings.from_processor(processor, "qwen3_vl")
+    assert (settings.min_pixels, settings.max_pixels) == (2048, 8192)

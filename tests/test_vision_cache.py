@@ -148,7 +148,6 @@ def test_off_when_the_tower_trains(model_dirs):
 def test_dropout_after_the_tower_draws_the_same_masks(model_dirs):
     """Skipping the tower in pass 2 must leave the RNG where running it would have: with
     dropout in the tower and the LLM, the cached and uncached gradients still agree."""
-    from llave_ds.toy.tiny import tiny_config  # noqa: F401 - the dirs come from it
     model, formatter = load(model_dirs["llava_onevision"])
     inner = model.base_hf_model.model
     for m in model.modules():

@@ -2,6 +2,7 @@
 
     llave-ds bench --shape aquila-vl-2b --pairs-per-rank 64 --chunk-sizes 8 16 32
     python -m llave_ds.bench --shape tiny --device cpu --ranks 2 --steps 2
+    llave-ds bench --predict-only --shape qwen3-vl-2b --ranks 8 --pairs-per-rank 32 --image-size 1024x1280
 
 Builds an embedding model of a real shape with random weights, synthesises the tensors
 the processor would produce for MMEB-like pairs, wraps it in a DeepSpeed engine and times
@@ -20,6 +21,7 @@ One concept per module (tests mirror them in tests/bench/):
 
 * ``shapes``  the real architecture shapes as transformers configs;
 * ``cost``    the cost model: parameter counts, FLOPs, memory, MFU (pure arithmetic);
+* ``cost_qwen3vl`` its Qwen3-VL terms (flattened patches, DeepStack mergers, the Qwen3 LM);
 * ``inputs``  synthetic inputs: image geometry, sides, chunks, a rank's workload;
 * ``timing``  synchronised phase marks, the uncached step, matmul peak, memory probe;
 * ``runner``  one rank's run: build model + engine per configuration, time the steps;

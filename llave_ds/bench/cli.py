@@ -37,7 +37,7 @@ def _image_size(text: str) -> tuple[int, int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--shape", default="tiny", choices=shapes.shape_names(),
-                   help="architecture shape (llave_ds.bench.shapes); tiny for CPU")
+                   help="architecture shape (llave_ds.bench.shapes); tiny / qwen3-tiny for CPU")
     g.add_argument("--llm-layers", type=int, default=None, help="override the LLM's layer count")
     g.add_argument("--vision-layers", type=int, default=None, help="override the vision tower's layer count")
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
@@ -49,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inputs (per rank)")
     g.add_argument("--pairs-per-rank", type=int, default=8, help="local batch (pairs) per rank")
     g.add_argument("--image-size", type=_image_size, default=None,
-                   help="HxW of every image (default: one tile, e.g. 384x384 -> 1485 tokens)")
+                   help="HxW of every image before the processor (default: LLaVA-OV one tile, e.g. 384x384 -> "
+                        "1485 tokens; Qwen3-VL 384x384 -> 144 tokens, resized into the shape's 4..1280 tokens)")
     g.add_argument("--query-image-fraction", type=float, default=1.0)
     g.add_argument("--target-image-fraction", type=float, default=0.0)
     g.add_argument("--query-text-tokens", type=_int_range, default=(40, 120), help="LO-HI")

@@ -15,11 +15,18 @@ the meta device, PyTorch's FlopCounterMode, saved-tensor hooks and hand computat
 * ``activation_bytes_per_token``, ``predict_memory``, ``predict_chunks_memory``: the
   per-rank peak memory of a step;
 * ``utilization``: MFU / HFU from FLOPs, step time and the device peak.
+
+Two architectures: LLaVA-OneVision (SigLIP tiles, written out here) and Qwen3-VL (flattened
+patches, DeepStack mergers, the Qwen3 LM: ``llave_ds.bench.cost_qwen3vl``, which the
+functions here dispatch to when ``config.model_type == "qwen3_vl"``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
+
+from llave_ds.bench import cost_qwen3vl as q3
+from llave_ds.bench.cost_qwen3vl import is_qwen3vl
 
 GIB = 2 ** 30
 TEMPLATE_HEAD_TOKENS = 14  # <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n
@@ -28,7 +35,14 @@ TEMPLATE_TAIL_TOKENS = 5   # <|im_end|>\n<|im_start|>assistant\n
 
 @dataclass
 class Geometry:
-    """What the processor makes of an image at a shape: tiles, tokens, ids (`inputs.geometry_for`)."""
+    """What the processor makes of an image at a shape: tiles, tokens, ids (`inputs.geometry_for`).
+
+    Qwen3-VL (``patches_per_image`` > 0): an image is one sequence of 16-px patches, so
+    ``tiles_per_image`` = ``dummy_tiles`` = 1 (one tower sequence per image), ``image_hw`` is
+    the size after the processor's resize, the dummy image has ``dummy_patches`` patches, and
+    an image side carries ``<|vision_start|>`` + tokens + ``<|vision_end|>`` + "\n"
+    (``image_extra_tokens`` = 3; LLaVA-OV: the "\n" after the ``<image>`` tokens, 1).
+    """
     image_hw: tuple[int, int]
     tiles_per_image: int
     tokens_per_image: int
@@ -37,6 +51,23 @@ class Geometry:
     id_high: int         # random text ids are drawn from [0, id_high)
     image_token_id: int
     pad_token_id: int
+    image_extra_tokens: int = 1
+    patches_per_image: int = 0       # Qwen3-VL only, from here on
+    dummy_patches: int = 0
+    grid_thw: tuple[int, int, int] = (0, 0, 0)
+    dummy_grid_thw: tuple[int, int, int] = (0, 0, 0)
+    patch_dim: int = 0               # C x T x P x P values per patch
+    vision_start_id: int = -1
+    vision_end_id: int = -1
+
+    @property
+    def flattened(self) -> bool:
+        """Qwen-style inputs: flattened patches + image_grid_thw (no tiles)."""
+        return self.patches_per_image > 0
+
+    def chunk_patches(self, n_images: int) -> int:
+        """Patches the tower runs for a chunk with ``n_images`` images (or the dummy)."""
+        return n_images * self.patches_per_image if n_images else self.dummy_patches
 
 
 
@@ -47,7 +78,8 @@ class SideShape:
     has_image: bool
 
     def length(self, geo: Geometry) -> int:
-        image = geo.tokens_per_image + 1 if self.has_image else 0  # "<image>"*n + "\n"
+        # LLaVA-OV "<image>"*n + "\n"; Qwen "<|vision_start|>" + "<|image_pad|>"*n + "<|vision_end|>" + "\n"
+        image = geo.tokens_per_image + geo.image_extra_tokens if self.has_image else 0
         return TEMPLATE_HEAD_TOKENS + image + self.text_tokens + TEMPLATE_TAIL_TOKENS
 
 
@@ -79,8 +111,10 @@ def param_counts(config) -> dict[str, int]:
     Keys: vision_tower, projector (MLP + image_newline), llm_embedding, llm_layers
     (decoder layers + final norm), lm_head (0 when tied), total, and
     trainable (everything but the vision tower and an untied LM head: the paper's
-    setting and llave_ds.model.embedding's default freezing).
+    setting and llave_ds.model.embedding's default freezing). Qwen3-VL: `cost_qwen3vl.param_counts`.
     """
+    if is_qwen3vl(config):
+        return q3.param_counts(config)
     g = _dims(config)
     d, f, L, kv, q, V = g["d"], g["f"], g["L"], g["kv"], g["q"], g["V"]
     dv, fv, Lv, S, P, C = g["dv"], g["fv"], g["Lv"], g["S"], g["P"], g["C"]
@@ -108,9 +142,10 @@ def llm_forward_flops(config, seq_len: int, causal: bool = True) -> dict[str, fl
     linear    = 2 * s * L * (d*q + 2*d*kv + q*d + 3*d*f)      (q/k/v/o projections, SwiGLU MLP)
     attention = 2 * 2 * s^2 * q * L * (1/2 if causal)          (Q K^T and A V; q = heads * head_dim)
 
-    The LM head is never run by the embedding model, so it is not counted.
+    The LM head is never run by the embedding model, so it is not counted. The same for the
+    Qwen3 LM of Qwen3-VL (its q/k RMSNorms are not matrix products).
     """
-    g = _dims(config)
+    g = q3.dims(config) if is_qwen3vl(config) else _dims(config)
     d, f, L, kv, q = g["d"], g["f"], g["L"], g["kv"], g["q"]
     s = float(seq_len)
     linear = 2.0 * s * L * (d * q + 2 * d * kv + q * d + 3 * d * f)
@@ -139,7 +174,14 @@ def projector_forward_flops(config, tiles: int) -> float:
 
 
 def chunk_forward_flops(config, sides: Sequence[SideShape], geo: Geometry) -> dict[str, float]:
-    """Forward FLOPs of one chunk, split by part; 'llm_pad' is the extra of padded rows."""
+    """Forward FLOPs of one chunk, split by part; 'llm_pad' is the extra of padded rows.
+
+    Qwen3-VL: 'vision' is the tower on every image (full attention per image), 'proj2' every
+    merger on every image ('proj1' is 0: the mergers' LayerNorms train, so every merger linear
+    needs its input gradient), 'vision_dummy' / 'proj2_dummy' the blank image of a text-only chunk.
+    """
+    if is_qwen3vl(config):
+        return _qwen3vl_chunk_forward_flops(config, sides, geo)
     n_img = sum(s.has_image for s in sides)
     d, dv = config.text_config.hidden_size, config.vision_config.hidden_size
     n = patches_per_tile(config)
@@ -154,6 +196,22 @@ def chunk_forward_flops(config, sides: Sequence[SideShape], geo: Geometry) -> di
         "llm": llm, "llm_pad": llm_padded - llm,
         "vision_dummy": vision_forward_flops(config, dummy_tiles),
         "proj_dummy": dummy_tiles * 2.0 * n * (dv * d + d * d),
+        "tokens": float(sum(s.length(geo) for s in sides)), "padded_tokens": float(len(sides) * width),
+    }
+
+
+def _qwen3vl_chunk_forward_flops(config, sides: Sequence[SideShape], geo: Geometry) -> dict[str, float]:
+    n_img = sum(s.has_image for s in sides)
+    width = max(s.length(geo) for s in sides)
+    llm = sum(llm_forward_flops(config, s.length(geo))["total"] for s in sides)
+    llm_padded = len(sides) * llm_forward_flops(config, width)["total"]
+    dummy = 0 if n_img else geo.dummy_patches
+    return {
+        "vision": n_img * q3.vision_forward_flops(config, geo.patches_per_image),
+        "proj1": 0.0, "proj2": n_img * q3.merger_forward_flops(config, geo.patches_per_image),
+        "llm": llm, "llm_pad": llm_padded - llm,
+        "vision_dummy": q3.vision_forward_flops(config, dummy) if dummy else 0.0,
+        "proj_dummy": 0.0, "proj2_dummy": q3.merger_forward_flops(config, dummy),
         "tokens": float(sum(s.length(geo) for s in sides)), "padded_tokens": float(len(sides) * width),
     }
 
@@ -178,13 +236,16 @@ def step_flops(fwd: dict[str, float], cached: bool, checkpointing: bool, vision_
                everything] + [checkpointing: one more LLM forward]
                - [frozen-vision cache: pass 2 reuses pass 1's tower output, so the tower
                (real and dummy images) runs once, not twice]
+    A dummy image's projector runs forward and backward with a zero gradient: 2.5x for
+    LLaVA-OV's ('proj_dummy': linear_1 without, linear_2 with an input gradient), 3x for
+    Qwen3-VL's mergers ('proj2_dummy', absent for LLaVA-OV).
     """
     v, p1, p2, llm, pad = fwd["vision"], fwd["proj1"], fwd["proj2"], fwd["llm"], fwd["llm_pad"]
-    vd, pd = fwd["vision_dummy"], fwd["proj_dummy"]
+    vd, pd, p2d = fwd["vision_dummy"], fwd["proj_dummy"], fwd.get("proj2_dummy", 0.0)
     vision_factor = 3.0 if vision_trained else 1.0
     model = vision_factor * v + 2 * p1 + 3 * p2 + 3 * llm
-    forward_all = v + p1 + p2 + llm + pad + vd + pd
-    hardware = (vision_factor * (v + vd) + 2 * p1 + 3 * p2 + 2.5 * pd + 3 * (llm + pad))
+    forward_all = v + p1 + p2 + llm + pad + vd + pd + p2d
+    hardware = (vision_factor * (v + vd) + 2 * p1 + 3 * p2 + 2.5 * pd + 3 * p2d + 3 * (llm + pad))
     extra_cache = forward_all if cached else 0.0
     if cached and vision_cached and not vision_trained:
         extra_cache -= v + vd
@@ -192,7 +253,7 @@ def step_flops(fwd: dict[str, float], cached: bool, checkpointing: bool, vision_
     hardware += extra_cache + extra_ckpt
     return {"model": model, "hardware": hardware, "cache_extra_forward": extra_cache,
             "checkpoint_recompute": extra_ckpt, "padding_waste": 3 * pad + (pad if cached else 0) +
-            (pad if checkpointing else 0), "dummy": vd + pd}
+            (pad if checkpointing else 0), "dummy": vd + pd + p2d}
 
 
 def utilization(flops: float, step_s: float, peak_tflops: float) -> float:
@@ -219,8 +280,11 @@ def activation_bytes_per_token(config, checkpointing: bool, seq_len: int, act_by
     plus 6*d + 4*head_dim + 12 once (final norm, rotary cos/sin, ids). With non-reentrant
     checkpointing per layer only the layer input (2*d) stays, and one layer is recomputed
     at a time during backward ("transient"). ``act_bytes`` = 4 scales everything (fp32
-    runs keep no separate upcast copies, so that is an upper bound).
+    runs keep no separate upcast copies, so that is an upper bound). Qwen3-VL's Qwen3 LM:
+    `cost_qwen3vl.llm_activation_bytes_per_token`.
     """
+    if is_qwen3vl(config):
+        return q3.llm_activation_bytes_per_token(config, checkpointing, seq_len, act_bytes)
     g = _dims(config)
     d, f, h, L = g["d"], g["f"], g["h"], g["L"]
     head_dim = g["q"] // h
@@ -237,7 +301,8 @@ def activation_bytes_per_token(config, checkpointing: bool, seq_len: int, act_by
 def predict_memory(config, counts: dict, *, stage: int, world: int, param_bytes: int,
                    reduction: str, checkpointing: bool, ds_config: dict,
                    chunk_rows: int, chunk_width: int, chunk_tiles: int,
-                   persistent_params: int = 0) -> dict[str, float]:
+                   persistent_params: int = 0, chunk_patches: int = 0, held_patches: int = 0,
+                   chunk_has_images: bool = True) -> dict[str, float]:
     """Per-rank peak device memory (bytes) of one cached step; docs/PERFORMANCE.md.
 
     states      params b*P (/W under ZeRO-3, persistent ones whole), grads b*T (/W under
@@ -251,6 +316,13 @@ def predict_memory(config, counts: dict, *, stage: int, world: int, param_bytes:
     activations one chunk of rows x width (padded) tokens: tokens * kept bytes/token
                 (activation_bytes_per_token) + one layer recomputed (checkpointing)
                 + the projector's saved inputs (tiles * n * (dv + 2d) * b)
+
+    Qwen3-VL (``chunk_patches``: the patches of the chunk's tower call; ``held_patches``:
+    those of every other chunk whose features the frozen-vision cache keeps meanwhile):
+    activations the Qwen3 LM's tokens * (kept + transient) + the mergers' saved tensors and
+                their inputs, the tower features (`cost_qwen3vl`) + the image-token mask (1 byte
+                per token, chunks with images)
+    vision_cache the other chunks' cached features, (1 + taps) * dv * b per patch
     """
     P, T = counts["total"], counts["trainable"]
     b = param_bytes
@@ -271,26 +343,39 @@ def predict_memory(config, counts: dict, *, stage: int, world: int, param_bytes:
                    float(zo.get("stage3_max_live_parameters", 1e9)))
         buffers += b * min(float(P - persistent_params), live)
     act = activation_bytes_per_token(config, checkpointing, chunk_width, act_bytes=b)
-    n = patches_per_tile(config)
-    d, dv = config.text_config.hidden_size, config.vision_config.hidden_size
     tokens = chunk_rows * chunk_width
-    activations = tokens * (act["kept"] + act["transient"]) + chunk_tiles * n * (dv + 2 * d) * b
-    total = params + grads + optim + coalesced + buffers + activations
+    vision_cache = 0.0
+    if is_qwen3vl(config):
+        activations = (tokens * (act["kept"] + act["transient"]) + (tokens if chunk_has_images else 0)
+                       + q3.merger_activation_bytes(config, chunk_patches, act_bytes=b)
+                       + q3.feature_bytes(config, chunk_patches, act_bytes=b))
+        vision_cache = q3.feature_bytes(config, held_patches, act_bytes=b)
+    else:
+        n = patches_per_tile(config)
+        d, dv = config.text_config.hidden_size, config.vision_config.hidden_size
+        activations = tokens * (act["kept"] + act["transient"]) + chunk_tiles * n * (dv + 2 * d) * b
+    total = params + grads + optim + coalesced + buffers + activations + vision_cache
     return {"params": params, "grads": grads, "optimizer": optim, "coalesced_grads": coalesced,
-            "buffers": buffers, "activations": activations, "total": total}
+            "buffers": buffers, "activations": activations, "vision_cache": vision_cache, "total": total}
 
 
 def predict_chunks_memory(config, counts: dict, chunks: Sequence[Sequence[SideShape]], geo: Geometry, *,
-                          together: bool = False, **settings) -> dict[str, float]:
+                          together: bool = False, vision_cached: bool = True, **settings) -> dict[str, float]:
     """``predict_memory`` of a step over these chunks (each a list of sides): the peak over
     chunks (cached: one chunk's activations alive at a time), or with ``together`` every
     chunk's activations alive at once (uncached: both roles' are kept until the backward).
-    ``settings`` are ``predict_memory``'s keywords other than the chunk's own sizes."""
+    ``settings`` are ``predict_memory``'s keywords other than the chunk's own sizes.
+    ``vision_cached`` (Qwen3-VL; cached step): the frozen-vision cache holds every chunk's
+    tower features for the whole step (LLaVA-OV's, 3.4 MB per 384-px image, are not counted)."""
+    patches = [geo.chunk_patches(sum(s.has_image for s in c)) for c in chunks]
     preds = []
-    for c in chunks:
-        tiles = sum(s.has_image for s in c) * geo.tiles_per_image or geo.dummy_tiles
+    for c, n_patches in zip(chunks, patches):
+        n_img = sum(s.has_image for s in c)
+        tiles = n_img * geo.tiles_per_image or geo.dummy_tiles
+        held = sum(patches) - n_patches if (vision_cached and not together) else 0
         preds.append(predict_memory(config, counts, chunk_rows=len(c), chunk_width=max(s.length(geo) for s in c),
-                                    chunk_tiles=tiles, **settings))
+                                    chunk_tiles=tiles, chunk_patches=n_patches, held_patches=held,
+                                    chunk_has_images=n_img > 0, **settings))
     if not together:
         return max(preds, key=lambda p: p["total"])
     out = dict(preds[0])

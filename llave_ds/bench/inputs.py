@@ -10,6 +10,14 @@ shape come from transformers' own LLaVA-OV processor classes (``geometry_for``);
 values are random. A chunk without any image carries the blank dummy image, exactly as the
 formatter does (tests/bench/test_inputs.py checks the synthesis against the formatter on
 the tiny model).
+
+Qwen3-VL shapes: an image side is ``<|vision_start|>`` + ``<|image_pad|>`` x n +
+``<|vision_end|>`` + ``\n`` before the text; the image is resized by transformers' Qwen2-VL
+image processor (what Qwen3-VL checkpoints ship; ``smart_resize`` to multiples of 32 px within
+the shape's pixel bounds), giving (H/16)(W/16) flattened patches of 3*2*16*16 values and
+(H/32)(W/32) tokens; ``pixel_values`` [patches of all images, 1536] and ``image_grid_thw``
+[images, 3]. A text-only chunk carries the formatter's blank 32x32 image resized to the lower
+bound (1 token for ``qwen3-tiny``, 4 for the real shapes' ``min_image_tokens`` 4).
 """
 from __future__ import annotations
 
@@ -50,7 +58,48 @@ def image_tiles_and_tokens(config, height: int, width: int, processor=None) -> t
     return int(out["pixel_values"].shape[1]), int(tokens)
 
 
-def geometry_for(config, image_hw: Optional[tuple[int, int]]) -> Geometry:
+def qwen3vl_image_processor(shape_name: str):
+    """transformers' Qwen2-VL image processor (the one Qwen3-VL checkpoints ship) with the
+    shape's pixel bounds, 16-px patches, temporal patch 2, merge 2 and Qwen3-VL's 0.5 mean/std."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    lo, hi = shapes.resolve_shape(shape_name).image_pixels
+    return Qwen2VLImageProcessorPil(min_pixels=lo, max_pixels=hi, patch_size=16, temporal_patch_size=2,
+                                    merge_size=2, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+
+def qwen3vl_image_grid(processor, height: int, width: int) -> tuple[int, int, int]:
+    """(t, h, w) patch grid of an image of height x width px after the processor's resize."""
+    out = processor([Image.new("RGB", (width, height))], return_tensors="pt")
+    return tuple(int(x) for x in out["image_grid_thw"][0])
+
+
+def _qwen3vl_geometry(config, shape_name: str, image_hw: Optional[tuple[int, int]]) -> Geometry:
+    processor = qwen3vl_image_processor(shape_name)
+    hw = tuple(image_hw) if image_hw else (384, 384)
+    grid = qwen3vl_image_grid(processor, hw[0], hw[1])
+    side = processor.patch_size * processor.merge_size  # InputFormatter's blank dummy image
+    dummy = qwen3vl_image_grid(processor, side, side)
+    patch, merge = processor.patch_size, processor.merge_size
+    specials = [int(config.image_token_id), int(config.video_token_id), int(config.vision_start_token_id),
+                int(config.vision_end_token_id)]
+    pad = config.text_config.pad_token_id
+    # Qwen: every id from <|endoftext|> (the pad token) up is a special token
+    id_high = min([int(config.text_config.vocab_size)] + specials + ([int(pad)] if pad is not None else []))
+    n = grid[0] * grid[1] * grid[2]
+    return Geometry(image_hw=(grid[1] * patch, grid[2] * patch), tiles_per_image=1, tokens_per_image=n // merge ** 2,
+                    dummy_tiles=1, tile_px=0, id_high=id_high, image_token_id=int(config.image_token_id),
+                    pad_token_id=int(pad) if pad is not None else 0, image_extra_tokens=3, patches_per_image=n,
+                    dummy_patches=dummy[0] * dummy[1] * dummy[2], grid_thw=grid, dummy_grid_thw=dummy,
+                    patch_dim=3 * processor.temporal_patch_size * patch * patch,
+                    vision_start_id=int(config.vision_start_token_id), vision_end_id=int(config.vision_end_token_id))
+
+
+def geometry_for(config, image_hw: Optional[tuple[int, int]], shape_name: str = "") -> Geometry:
+    """The image geometry of ``config`` for images of ``image_hw`` (H, W) px; None: one tile
+    (LLaVA-OV) or 384x384 (Qwen3-VL, resized into the bounds of ``shape_name``)."""
+    if cost.is_qwen3vl(config):
+        return _qwen3vl_geometry(config, shape_name or "qwen3-tiny", image_hw)
     tile = int(config.vision_config.image_size)
     hw = tuple(image_hw) if image_hw else (tile, tile)
     processor = _llava_processor(config)
@@ -86,7 +135,11 @@ def build_chunk(sides: list[SideShape], geo: Geometry, gen: torch.Generator) -> 
         tail = torch.randint(0, geo.id_high, (TEMPLATE_TAIL_TOKENS,), generator=gen)
         parts = [head]
         if side.has_image:
+            if geo.flattened:
+                parts.append(torch.tensor([geo.vision_start_id]))
             parts.append(torch.full((geo.tokens_per_image,), geo.image_token_id, dtype=torch.long))
+            if geo.flattened:
+                parts.append(torch.tensor([geo.vision_end_id]))
             parts.append(torch.randint(0, geo.id_high, (1,), generator=gen))  # the "\n"
         parts += [text, tail]
         rows.append(torch.cat(parts))
@@ -97,6 +150,9 @@ def build_chunk(sides: list[SideShape], geo: Geometry, gen: torch.Generator) -> 
         input_ids[i, :len(row)] = row
         attention_mask[i, :len(row)] = 1
     n_images = sum(s.has_image for s in sides)
+    mask = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if geo.flattened:
+        return {**mask, **_qwen3vl_pixels(n_images, geo, gen), "dummy_image": torch.tensor(n_images == 0)}
     px = geo.tile_px
     if n_images:
         pixel_values = torch.randn(n_images, geo.tiles_per_image, 3, px, px, generator=gen)
@@ -106,6 +162,15 @@ def build_chunk(sides: list[SideShape], geo: Geometry, gen: torch.Generator) -> 
         image_sizes = torch.tensor([[px, px]], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
             "image_sizes": image_sizes, "dummy_image": torch.tensor(n_images == 0)}
+
+
+def _qwen3vl_pixels(n_images: int, geo: Geometry, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Flattened patches and their grids: random pixels per image, or the blank dummy image."""
+    if n_images:
+        return {"pixel_values": torch.randn(n_images * geo.patches_per_image, geo.patch_dim, generator=gen),
+                "image_grid_thw": torch.tensor([list(geo.grid_thw)] * n_images, dtype=torch.long)}
+    return {"pixel_values": torch.zeros(geo.dummy_patches, geo.patch_dim),
+            "image_grid_thw": torch.tensor([list(geo.dummy_grid_thw)], dtype=torch.long)}
 
 
 def to_device(chunk: dict, device: torch.device) -> dict:
@@ -120,7 +185,7 @@ def chunked(sides: list[SideShape], size: int) -> list[list[SideShape]]:
 class Workload:
     """What one rank benchmarks: the model's config and parameter counts, the image
     geometry and the local batch (query and target sides)."""
-    config: Any          # LlavaOnevisionConfig
+    config: Any          # LlavaOnevisionConfig or Qwen3VLConfig
     counts: dict         # cost.param_counts (trainable includes the tower when it trains)
     geo: Geometry
     sides_q: list[SideShape]
@@ -133,7 +198,7 @@ def build_workload(args, rank: int = 0) -> Workload:
     counts = cost.param_counts(config)
     if args.train_vision_tower:
         counts = dict(counts, trainable=counts["trainable"] + counts["vision_tower"])
-    geo = geometry_for(config, args.image_size)
+    geo = geometry_for(config, args.image_size, args.shape)
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
     sides_q = make_sides(args.pairs_per_rank, args.query_image_fraction, args.query_text_tokens, gen)
     sides_t = make_sides(args.pairs_per_rank, args.target_image_fraction, args.target_text_tokens, gen)
@@ -142,8 +207,12 @@ def build_workload(args, rank: int = 0) -> Workload:
 
 def describe(args, geo: Geometry) -> dict:
     """The ``inputs`` entry of the benchmark's JSON."""
-    return {"image_hw": list(geo.image_hw), "tiles_per_image": geo.tiles_per_image,
-            "tokens_per_image": geo.tokens_per_image, "dummy_tiles": geo.dummy_tiles,
+    out = {"image_hw": list(geo.image_hw), "tiles_per_image": geo.tiles_per_image,
+           "tokens_per_image": geo.tokens_per_image, "dummy_tiles": geo.dummy_tiles}
+    if geo.flattened:
+        out.update(patches_per_image=geo.patches_per_image, dummy_patches=geo.dummy_patches,
+                   grid_thw=list(geo.grid_thw))
+    return {**out,
             "query_image_fraction": args.query_image_fraction,
             "target_image_fraction": args.target_image_fraction,
             "query_text_tokens": list(args.query_text_tokens),

@@ -2,8 +2,9 @@
 and no device."""
 from __future__ import annotations
 
+from llave_ds.bench import shapes
 from llave_ds.bench.cost import GIB, chunk_forward_flops, predict_chunks_memory, step_flops, sum_parts
-from llave_ds.bench.inputs import build_workload, chunked
+from llave_ds.bench.inputs import build_workload, chunked, describe
 from llave_ds.bench.runner import ds_config_for
 
 
@@ -28,13 +29,14 @@ def predict_only(args) -> dict:
                              vision_trained=args.train_vision_tower)
             settings = dict(stage=stage, world=world, param_bytes=pbytes, reduction=args.reduction,
                             checkpointing=checkpointing, ds_config=ds_cfg)
+            vision_cached = not (args.no_vision_cache or args.train_vision_tower)
             mem_u = predict_chunks_memory(hf_config, counts, [sides_q, sides_t], geo, together=True, **settings)
             for chunk in args.chunk_sizes:
                 lists = chunked(sides_q, chunk) + chunked(sides_t, chunk)
                 fwd = sum_parts([chunk_forward_flops(hf_config, c, geo) for c in lists])
                 fl = step_flops(fwd, cached=True, checkpointing=checkpointing,
                                 vision_trained=args.train_vision_tower, vision_cached=not args.no_vision_cache)
-                m = predict_chunks_memory(hf_config, counts, lists, geo, **settings)
+                m = predict_chunks_memory(hf_config, counts, lists, geo, vision_cached=vision_cached, **settings)
                 rows.append({
                     "stage": stage, "ckpt": ckpt, "chunk": chunk,
                     "model_tflop_per_step_per_rank": fl["model"] / 1e12,
@@ -52,8 +54,6 @@ def predict_only(args) -> dict:
             "world_size": world, "dtype": dtype_name, "pairs_per_rank": args.pairs_per_rank,
             "llm_layers": hf_config.text_config.num_hidden_layers,
             "vision_layers": hf_config.vision_config.num_hidden_layers,
-            "inputs": {"image_hw": list(geo.image_hw), "tiles_per_image": geo.tiles_per_image,
-                       "tokens_per_image": geo.tokens_per_image,
-                       "query_text_tokens": list(args.query_text_tokens),
-                       "target_text_tokens": list(args.target_text_tokens)},
-            "rows": rows}
+            "deepstack_taps": list(getattr(hf_config.vision_config, "deepstack_visual_indexes", []) or []),
+            "deepstack_taps_dropped": shapes.dropped_deepstack_taps(args.shape, args.llm_layers, args.vision_layers),
+            "inputs": describe(args, geo), "rows": rows}

@@ -48,6 +48,21 @@ def _fmt(x, spec=".3f", none="-"):
     return none if x is None else format(x, spec)
 
 
+def _image_units(inputs: dict) -> str:
+    """'2 tiles' (LLaVA-OV) or '5120 patches' (Qwen3-VL: one sequence of 16-px patches per image)."""
+    if inputs.get("patches_per_image"):
+        return f"{inputs['patches_per_image']} patches"
+    return f"{inputs['tiles_per_image']} tiles"
+
+
+def _taps(result: dict) -> str:
+    if not result.get("deepstack_taps") and not result.get("deepstack_taps_dropped"):
+        return ""
+    dropped = result.get("deepstack_taps_dropped") or []
+    return (f"; DeepStack taps {result.get('deepstack_taps')}"
+            + (f" ({dropped} dropped by the layer counts)" if dropped else ""))
+
+
 def format_table(result: dict) -> str:
     lines = []
     r = result
@@ -55,8 +70,9 @@ def format_table(result: dict) -> str:
                  f"{r['params']['trainable'] / 1e6:.1f} M trained; {r['llm_layers']} LLM + "
                  f"{r['vision_layers']} vision layers) on {r['device_name']} x{r['world_size']}, "
                  f"{r['dtype']}, {r['pairs_per_rank']} pairs/rank, image {r['inputs']['image_hw'][0]}x"
-                 f"{r['inputs']['image_hw'][1]} = {r['inputs']['tiles_per_image']} tiles / "
-                 f"{r['inputs']['tokens_per_image']} tokens; peak {r['peak_tflops']:.4g} TFLOP/s ({r['peak_source']})")
+                 f"{r['inputs']['image_hw'][1]} = {_image_units(r['inputs'])} / "
+                 f"{r['inputs']['tokens_per_image']} tokens{_taps(r)}; "
+                 f"peak {r['peak_tflops']:.4g} TFLOP/s ({r['peak_source']})")
     head = (f"{'zero':>4} {'ckpt':>5} {'chunk':>5} {'step s':>8} {'samp/s':>8} {'tok/s/rank':>10} "
             f"{'MFU':>6} {'HFU':>6} {'enc':>6} {'loss':>6} {'re+bwd':>6} {'red':>6} {'opt':>6} {'rest':>6} "
             f"{'bk %':>5} {'mem GiB':>8} {'pred':>6} {'c/u':>5} {'c/u fl':>6}")
@@ -132,14 +148,16 @@ def evaluate_targets(result: dict) -> dict:
 def format_prediction(result: dict) -> str:
     r = result
     lines = [f"prediction: {r['shape']} ({r['params']['total'] / 1e9:.3f} B params, {r['params']['trainable'] / 1e9:.3f} B "
-             f"trained), W={r['world_size']}, {r['dtype']}, {r['pairs_per_rank']} pairs/rank, "
-             f"{r['inputs']['tokens_per_image']} tokens/image",
+             f"trained), W={r['world_size']}, {r['dtype']}, {r['pairs_per_rank']} pairs/rank, image "
+             f"{r['inputs']['image_hw'][0]}x{r['inputs']['image_hw'][1]} = {_image_units(r['inputs'])} / "
+             f"{r['inputs']['tokens_per_image']} tokens{_taps(r)}",
              f"{'zero':>4} {'ckpt':>5} {'chunk':>5} {'model TF':>9} {'hw TF':>8} {'unc hw TF':>9} {'c/u fl':>6} "
-             f"{'MFU max':>7} {'mem GiB':>8} {'unc GiB':>8}  memory split GiB (params/grads/optim/coal/buf/act)"]
+             f"{'MFU max':>7} {'mem GiB':>8} {'unc GiB':>8}  memory split GiB "
+             f"(params/grads/optim/coal/buf/act/vision cache)"]
     for row in r["rows"]:
         m = row["predicted_memory"]
-        split = "/".join(f"{m[k] / GIB:.1f}" for k in ("params", "grads", "optimizer", "coalesced_grads",
-                                                          "buffers", "activations"))
+        split = "/".join(f"{m.get(k, 0.0) / GIB:.1f}" for k in ("params", "grads", "optimizer", "coalesced_grads",
+                                                                   "buffers", "activations", "vision_cache"))
         lines.append(f"{row['stage']:>4} {'on' if row['ckpt'] != 'off' else 'off':>5} {row['chunk']:>5} "
                      f"{row['model_tflop_per_step_per_rank']:>9.1f} {row['hardware_tflop_per_step_per_rank']:>8.1f} "
                      f"{row['uncached_hardware_tflop_per_step_per_rank']:>9.1f} {row['cached_over_uncached_flops']:>6.3f} "

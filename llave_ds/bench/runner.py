@@ -94,7 +94,7 @@ def ds_config_for(args, stage: int, local_batch: int, world: int, ckpt: str, bf1
 
 
 def build_model(hf_config, args, dtype_name: str, ckpt: str, ds_cfg: dict, device: torch.device):
-    mcfg = ModelConfig(backbone="llava_onevision", dtype=dtype_name, attn_implementation=args.attn,
+    mcfg = ModelConfig(backbone=hf_config.model_type, dtype=dtype_name, attn_implementation=args.attn,
                        freeze_vision_tower=not args.train_vision_tower, gradient_checkpointing=ckpt,
                        cache_frozen_vision=not args.no_vision_cache)
     stage3 = int(ds_cfg.get("zero_optimization", {}).get("stage", 0)) == 3
@@ -148,9 +148,9 @@ class _Engine:
 
 def _predicted(s: RunSettings, e: _Engine, chunks, together: bool = False) -> dict:
     return predict_chunks_memory(
-        s.work.config, s.work.counts, chunks, s.work.geo, together=together, stage=e.stage, world=s.world,
-        param_bytes=s.param_bytes, reduction=s.args.reduction, checkpointing=e.checkpointing,
-        ds_config=e.ds_config, persistent_params=e.persistent)
+        s.work.config, s.work.counts, chunks, s.work.geo, together=together, vision_cached=e.vision_cached,
+        stage=e.stage, world=s.world, param_bytes=s.param_bytes, reduction=s.args.reduction,
+        checkpointing=e.checkpointing, ds_config=e.ds_config, persistent_params=e.persistent)
 
 
 def _over_capacity(s: RunSettings, e: _Engine, pred: dict) -> Optional[str]:
@@ -428,6 +428,8 @@ def worker(args) -> dict:
         "shape_source": shapes.resolve_shape(args.shape).source,
         "llm_layers": work.config.text_config.num_hidden_layers,
         "vision_layers": work.config.vision_config.num_hidden_layers,
+        "deepstack_taps": list(getattr(work.config.vision_config, "deepstack_visual_indexes", []) or []),
+        "deepstack_taps_dropped": shapes.dropped_deepstack_taps(args.shape, args.llm_layers, args.vision_layers),
         "params": work.counts, "device": device.type, "device_name": device_name,
         "world_size": env.world_size, "dtype": dtype_name, "attn": args.attn,
         "pairs_per_rank": args.pairs_per_rank, "global_batch": args.pairs_per_rank * env.world_size,

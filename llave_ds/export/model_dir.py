@@ -49,7 +49,7 @@ from llave_ds.formats import EMBEDDING_METADATA
 from llave_ds.model.dtypes import dtype_name, to_dtype
 from llave_ds.model.embedding import ModelConfig, load_embedding_model, untied_head_key
 from llave_ds.model.formatter import InputFormatter, ProcessingConfig
-from llave_ds.model.processors import load_processor
+from llave_ds.model.processors import VIDEO_CONFIG_ATTR, load_processor
 from llave_ds.training import checkpoint as ckpt
 from llave_ds.training.checkpoint import CheckpointError
 from llave_ds.training.engine import consolidate_checkpoint, gathered_state_dict
@@ -132,6 +132,9 @@ def write_model_dir(hf_model, state_dict: Optional[dict], processor: Any, out_di
             if image_processor is not None:
                 # The standalone preprocessor_config.json: AutoImageProcessor works on its own.
                 image_processor.save_pretrained(str(stage))
+            video_config = getattr(processor, VIDEO_CONFIG_ATTR, None)
+            if video_config:  # the base's video processor settings (the processor here has none)
+                (stage / "video_preprocessor_config.json").write_text(json.dumps(video_config, indent=2) + "\n")
             # What SentenceTransformer(dir) reads (llave_ds/export/st_files.py); recorded in the metadata.
             metadata = write_sentence_transformers_files(stage, processor, metadata)
         (stage / EMBEDDING_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")

@@ -35,8 +35,9 @@ from typing import Any, Mapping, Optional
 from llave_ds.formats import IMAGE_PLACEHOLDER
 from llave_ds.media.side import Side
 from llave_ds.model.backbones import QWEN_BACKBONES
-from llave_ds.model.formatter import (DEFAULT_SYSTEM_PROMPT, TEMPLATE_TAILS, InputFormatter, ProcessingConfig,
-                                      check_prompt_format)
+from llave_ds.model.formatter import InputFormatter, ProcessingConfig
+from llave_ds.model.prompt_formats import (DEFAULT_EMBEDDING_INSTRUCTION, DEFAULT_SYSTEM_PROMPT, EMPTY_SIDE_TEXT,
+                                           TEMPLATE_TAILS, check_prompt_format, embedding_instruction)
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def chat_template(input_format: Mapping[str, Any], markup: str) -> str:
 
     The text of ``system`` messages is the instruction (sentence-transformers' prompt),
     the text of the other messages the content; the image goes where ``InputFormatter``
-    puts it (see ``InputFormatter.__call__`` and ``_llave_segments``). More than one image,
+    puts it (see ``prompt_formats.content_segments``). More than one image,
     or a video, is an error. ``add_generation_prompt`` is ignored: the tail (the pooled
     token) is always written.
     """
@@ -106,7 +107,19 @@ def chat_template(input_format: Mapping[str, Any], markup: str) -> str:
         "{%- endif -%}",
         "{%- set content = ns.instruction + ns.text -%}",
     ]
-    if prompt_format == "qwen_chat":
+    if prompt_format == "qwen3_vl_embedding":
+        # The instruction is the system turn (the default one without); the image first, then the
+        # text without placeholders (stripped beside an image); "NULL" for nothing at all.
+        head = None
+        parts += ["{%- set text = ns.text.replace(ph, '') -%}",
+                  "{%- if ns.images -%}{%- set before = '' -%}{%- set after = text.strip() -%}",
+                  "{%- else -%}{%- set before = text if text else ", _literal(EMPTY_SIDE_TEXT), " -%}",
+                  "{%- set after = '' -%}{%- endif -%}",
+                  "{%- set system = ns.instruction if ns.instruction else ",
+                  _literal(DEFAULT_EMBEDDING_INSTRUCTION), " -%}",
+                  "{{- ", _literal("<|im_start|>system\n"), " + system + ",
+                  _literal("<|im_end|>\n<|im_start|>user\n"), " + before -}}"]
+    elif prompt_format == "qwen_chat":
         # Image where the placeholder is (the others removed), else first and then "\n" + content.
         parts += [no_image, "{%- elif ph in content -%}", split,
                   "{%- else -%}{%- set before = '' -%}{%- set after = ", newline, " + content -%}{%- endif -%}"]
@@ -117,8 +130,9 @@ def chat_template(input_format: Mapping[str, Any], markup: str) -> str:
                   "{%- set rest = content.replace(ph, '').strip() -%}{%- set before = '' -%}",
                   "{%- set after = (", newline, " + rest) if rest else '' -%}",
                   "{%- else -%}", split, "{%- endif -%}"]
-    parts += ["{{- ", _literal(head), " + before -}}",
-              "{%- if ns.images -%}{{- ", _literal(markup), " -}}{%- endif -%}",
+    if head is not None:
+        parts += ["{{- ", _literal(head), " + before -}}"]
+    parts += ["{%- if ns.images -%}{{- ", _literal(markup), " -}}{%- endif -%}",
               "{{- after + ", _literal(TEMPLATE_TAILS[prompt_format]), " -}}"]
     return "".join(parts)
 
@@ -162,8 +176,13 @@ def differences(metadata: Mapping[str, Any]) -> list[dict[str, str]]:
 # ---------------------------------------------------------------------------- the files
 
 def st_prompts(input_format: Mapping[str, Any]) -> dict[str, str]:
-    return {"query": input_format.get("query_instruction") or "",
-            "document": input_format.get("target_instruction") or ""}
+    """sentence-transformers' prompts: the roles' instructions (sent as a system message; the
+    template reads them as the instruction). For ``qwen3_vl_embedding`` they are the system
+    turns themselves, with the default and the final "." already applied."""
+    query, target = input_format.get("query_instruction"), input_format.get("target_instruction")
+    if input_format.get("prompt_format") == "qwen3_vl_embedding":
+        return {"query": embedding_instruction(query), "document": embedding_instruction(target)}
+    return {"query": query or "", "document": target or ""}
 
 
 def sentence_transformers_config(metadata: Mapping[str, Any], processor: Any, formatter: Any) -> dict[str, Any]:
@@ -214,8 +233,9 @@ def _check_template(formatter, template_kwargs: dict) -> Optional[str]:
     the formatter's; the description of the first mismatch, or None."""
     tokenizer = formatter.tokenizer
     probes = [("query", "a probe: <|image_1|> with text"), ("target", ""), ("query", "x <|im_end|> y")]
+    prompts = st_prompts(formatter.metadata())  # what sentence-transformers sends as the system message
     for role, text in probes:
-        instruction = formatter.query_instruction if role == "query" else formatter.target_instruction
+        instruction = prompts["query" if role == "query" else "document"]
         messages = ([{"role": "system", "content": [{"type": "text", "text": instruction}]}] if instruction else [])
         messages.append({"role": "user", "content": [{"type": "text", "text": text}]})
         batch = formatter([Side(text)], role)

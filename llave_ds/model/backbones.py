@@ -12,11 +12,15 @@ from typing import Literal, Union, get_args
 
 from llave_ds.config import ConfigError
 
-Backbone = Literal["llava_onevision", "qwen2_vl", "qwen2_5_vl"]
+Backbone = Literal["llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 SUPPORTED_BACKBONES = get_args(Backbone)
 # Backbones with Qwen2-VL-style inputs: <|vision_start|> <|image_pad|>*n <|vision_end|>,
-# flattened patches + image_grid_thw, M-RoPE positions (Qwen2.5-VL shares the image processor).
-QWEN_BACKBONES = ("qwen2_vl", "qwen2_5_vl")
+# flattened patches + image_grid_thw, M-RoPE positions (Qwen2.5-VL and Qwen3-VL share the
+# image processor; Qwen3-VL's patches are 16 px, so 32 px per merged token).
+QWEN_BACKBONES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# Backbones whose vision tower also feeds features of intermediate layers, each through its own
+# merger, into the first decoder layers (Qwen3-VL's DeepStack).
+DEEPSTACK_BACKBONES = ("qwen3_vl",)
 
 
 def check_backbone(backbone: str) -> str:
@@ -50,11 +54,12 @@ def model_class(backbone: str):
     """The transformers ``*ForConditionalGeneration`` class of a backbone (its LM head is
     never run; the class is the one checkpoints are saved with)."""
     from transformers import (LlavaOnevisionForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2VLForConditionalGeneration)
+                              Qwen2VLForConditionalGeneration, Qwen3VLForConditionalGeneration)
 
     return {"llava_onevision": LlavaOnevisionForConditionalGeneration,
             "qwen2_vl": Qwen2VLForConditionalGeneration,
-            "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[check_backbone(backbone)]
+            "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+            "qwen3_vl": Qwen3VLForConditionalGeneration}[check_backbone(backbone)]
 
 
 def check_model_path(raw: str, backbone: str = "auto") -> None:

@@ -111,9 +111,10 @@ class LlaveEmbedder:
         from the ``input_format`` of ``llave_embedding.json`` (the defaults without one),
         the constructor training used: an export formats exactly as its run did.
         """
+        from llave_ds.model.backbones import detect_backbone
         from llave_ds.model.dtypes import dtype_name
         from llave_ds.model.embedding import ModelConfig, load_embedding_model
-        from llave_ds.model.formatter import InputFormatter, ProcessingConfig
+        from llave_ds.model.formatter import InputFormatter, ProcessingConfig, release_processing
 
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -125,6 +126,9 @@ class LlaveEmbedder:
         metadata = read_metadata(path)
         processing = ProcessingConfig.from_metadata((metadata or {}).get("input_format"),
                                                     source=str(path / EMBEDDING_METADATA))
+        released = None if metadata is not None else release_processing(path, detect_backbone(path))
+        if released is not None:  # e.g. Qwen3-VL-Embedding: its own prompt and image bounds
+            processing = released
         unknown = sorted(set(formatter_overrides) - set(ProcessingConfig.field_names()))
         if unknown:
             raise TypeError(f"unknown formatter setting(s) {', '.join(unknown)}; the settings are "
@@ -135,7 +139,10 @@ class LlaveEmbedder:
         model.requires_grad_(False)
         model.to(device)
         formatter = InputFormatter.from_config(processor, model.backbone, processing)
-        if metadata is None:
+        if released is not None:
+            logger.info("%s has no %s but is a released %s embedding model: using its prompt format %s",
+                        path, EMBEDDING_METADATA, model.backbone, released.prompt_format)
+        elif metadata is None:
             logger.info("%s has no %s: using the default prompt settings", path, EMBEDDING_METADATA)
         return cls(model, formatter, device, metadata)
 

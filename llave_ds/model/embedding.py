@@ -107,14 +107,26 @@ def vision_modules(hf_model: nn.Module, backbone: str) -> tuple[list[nn.Module],
     """(vision tower modules, projector modules + loose projector params) of a backbone.
 
     Qwen2-VL and Qwen2.5-VL keep their projector (the patch merger) inside ``visual``;
-    LLaVA-OV's projector is the MLP plus the ``image_newline`` vector that separates rows of
-    tiles.
+    Qwen3-VL has one more merger per DeepStack layer (``deepstack_merger_list``), projectors
+    too; LLaVA-OV's projector is the MLP plus the ``image_newline`` vector that separates rows
+    of tiles.
     """
     inner = hf_model.model
     if backbone == "llava_onevision":
         return [inner.vision_tower], [inner.multi_modal_projector, inner.image_newline]
-    tower = [m for name, m in inner.visual.named_children() if name != "merger"]
-    return tower, [inner.visual.merger]
+    mergers = ("merger", "deepstack_merger_list")
+    tower = [m for name, m in inner.visual.named_children() if name not in mergers]
+    return tower, [getattr(inner.visual, name) for name in mergers if hasattr(inner.visual, name)]
+
+
+def zero_from_vision(output) -> torch.Tensor:
+    """``0 * (sum of every feature the tower call produced)``: adding it keeps every vision
+    module of a dummy call (the merger, and Qwen3-VL's DeepStack mergers) in the autograd graph
+    with a zero gradient, so every rank reduces the same parameters under ZeRO."""
+    parts = []
+    for feature in (output.pooler_output, *(getattr(output, "deepstack_features", None) or ())):
+        parts.extend(feature if isinstance(feature, (list, tuple)) else [feature])
+    return 0 * sum(p.sum() for p in parts)
 
 
 def _parameters_of(parts) -> list[nn.Parameter]:
@@ -227,12 +239,19 @@ class EmbeddingModel(nn.Module):
         the repeated blocks (decoder layers, vision encoder blocks) among transformers' own
         ``_no_split_modules``. Classes that occur once (vision embeddings) are left out:
         as a leaf, SigLIP's patch embedding, the first module of a trainable tower, got an
-        empty gradient under ZeRO-3 (measured: "0 != 18816 Cannot reduce scatter")."""
+        empty gradient under ZeRO-3 (measured: "0 != 18816 Cannot reduce scatter"). So are
+        blocks that hold LoRA adapters: as leaves their adapters got an empty gradient under
+        ZeRO-3 too ("0 != 256 Cannot reduce scatter", every backbone); the blocks without
+        adapters (the frozen vision tower's) stay fetch units (docs/DECISIONS.md)."""
         counts: dict[str, int] = {}
+        with_adapters: set[str] = set()
         for m in self.modules():
-            counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+            name = type(m).__name__
+            counts[name] = counts.get(name, 0) + 1
+            if any("lora_" in n for n, _ in m.named_parameters()):
+                with_adapters.add(name)
         declared = set(getattr(self.base_hf_model, "_no_split_modules", None) or ())
-        return sorted(name for name in declared if counts.get(name, 0) > 1)
+        return sorted(name for name in declared if counts.get(name, 0) > 1 and name not in with_adapters)
 
     @property
     def base_hf_model(self) -> nn.Module:
@@ -334,9 +353,8 @@ class EmbeddingModel(nn.Module):
             if fired:  # only the forward's own embedding lookup
                 return embeds
             fired.append(True)
-            features = inner.get_image_features(**vision, return_dict=True).pooler_output
-            total = sum(f.sum() for f in features)
-            return embeds + (0 * total).to(embeds.dtype)
+            output = inner.get_image_features(**vision, return_dict=True)
+            return embeds + zero_from_vision(output).to(embeds.dtype)
 
         handle = inner.get_input_embeddings().register_forward_hook(add_vision)
         try:
@@ -373,9 +391,7 @@ class EmbeddingModel(nn.Module):
                 with keyed:
                     output = get_features(**kwargs, return_dict=True)
                 if dummy:
-                    pooled = output.pooler_output
-                    total = sum(f.sum() for f in pooled) if isinstance(pooled, (list, tuple)) else pooled.sum()
-                    zero = 0 * total if zero is None else zero + 0 * total
+                    zero = zero_from_vision(output) if zero is None else zero + zero_from_vision(output)
                 else:
                     features[kind] = output
             return embeds if zero is None else embeds + zero.to(embeds.dtype)

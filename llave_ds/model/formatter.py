@@ -10,7 +10,8 @@
   ``InputFormatter.from_config(processor, backbone, processing_config)`` is the one way
   training, ``llave-ds export`` and ``LlaveEmbedder`` build it, so all three format alike.
 
-The processors it drives are `llave_ds.model.processors`; video tensors are
+The prompt layouts are `llave_ds.model.prompt_formats`; the processors it drives are
+`llave_ds.model.processors`; video tensors are
 `llave_ds.model.video_processing`; which frames a video contributes is
 `llave_ds.media.video.sample_clip`.
 
@@ -33,35 +34,45 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Optional, Sequence, get_args
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import torch
 
 from llave_ds.config import check_choices, config_from_dict
-from llave_ds.formats import IMAGE_PLACEHOLDER, PLACEHOLDERS, ROLES, VIDEO_PLACEHOLDER
+from llave_ds.formats import IMAGE_PLACEHOLDER, ROLES, VIDEO_PLACEHOLDER
 from llave_ds.media.video import DEFAULT_VIDEO_FRAMES, sample_clip
 from llave_ds.model.backbones import QWEN_BACKBONES, check_backbone
+from llave_ds.model.prompt_formats import (DEFAULT_SYSTEM_PROMPT, PROMPT_FORMAT, PROMPT_FORMATS,
+                                           QWEN3_VL_EMBEDDING_SETTINGS, TEMPLATE_TAILS, PromptFormat,
+                                           check_prompt_format, content_segments, embedding_instruction)
 from llave_ds.model.video_processing import VideoSettings, video_pixel_values
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-PROMPT_FORMAT = "qwen_chat"  # the default prompt format
-# qwen_chat: the Qwen chat prompt up to the generation prompt, image where the placeholder is.
-# llave: LLaVE's training/eval prompt (DeepLearnXMU/LLaVE llava/train/train.py): the image
-# moved to the front of the user turn, then an assistant turn "\n" closed by <|im_end|>\n.
-# docs/MODELS.md "Prompt formats" spells out both token by token.
-PromptFormat = Literal["qwen_chat", "llave"]
-PROMPT_FORMATS = get_args(PromptFormat)
-# What follows the user content; the last token of it is the pooled one.
-TEMPLATE_TAILS = {"qwen_chat": "<|im_end|>\n<|im_start|>assistant\n",
-                  "llave": "<|im_end|>\n<|im_start|>assistant\n\n<|im_end|>\n"}
 
+def release_processing(path: Any, backbone: str) -> Optional["ProcessingConfig"]:
+    """The processing settings of a released embedding checkpoint that llave-ds did not export
+    (no llave_embedding.json), when its layout says which model it is; else None.
 
-def check_prompt_format(prompt_format: str, field: str = "prompt_format") -> str:
-    if prompt_format not in PROMPT_FORMATS:
-        raise ValueError(f"{field} must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
-    return prompt_format
+    Qwen3-VL-Embedding (and models fine-tuned from it with sentence-transformers): a Qwen3-VL
+    checkpoint whose sentence-transformers files pool the last token. A plain Qwen3-VL
+    (Instruct) directory has no such files and gets the defaults. docs/MODELS.md says what
+    of the released layout could be checked offline."""
+    import json
+    from pathlib import Path
+
+    root = Path(path)
+    if backbone != "qwen3_vl" or not (root / "modules.json").is_file():
+        return None
+    try:
+        modules = json.loads((root / "modules.json").read_text())
+        pooling = next(m for m in modules if "Pooling" in str(m.get("type", "")))
+        mode = json.loads((root / pooling.get("path", "") / "config.json").read_text()).get("pooling_mode")
+    except (OSError, ValueError, StopIteration, AttributeError, TypeError):
+        return None
+    if mode != "lasttoken":
+        return None
+    return ProcessingConfig(**QWEN3_VL_EMBEDDING_SETTINGS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -78,6 +89,9 @@ class ProcessingConfig:
     """
     max_length: int = 1024
     max_image_tokens: Optional[int] = None
+    # Qwen backbones: images smaller than this many tokens are upscaled to it (None: the
+    # processor's own minimum). Qwen3-VL-Embedding encodes with 4..1800 tokens per image.
+    min_image_tokens: Optional[int] = None
     query_instruction: Optional[str] = None
     target_instruction: Optional[str] = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
@@ -94,6 +108,11 @@ class ProcessingConfig:
             raise ValueError(f"processing.max_length must be >= 8, got {self.max_length}")
         if self.max_image_tokens is not None and self.max_image_tokens < 1:
             raise ValueError(f"processing.max_image_tokens must be >= 1 or null, got {self.max_image_tokens}")
+        if self.min_image_tokens is not None and self.min_image_tokens < 1:
+            raise ValueError(f"processing.min_image_tokens must be >= 1 or null, got {self.min_image_tokens}")
+        if None not in (self.min_image_tokens, self.max_image_tokens) and self.min_image_tokens > self.max_image_tokens:
+            raise ValueError(f"processing.min_image_tokens={self.min_image_tokens} is above "
+                             f"max_image_tokens={self.max_image_tokens}")
         if self.video_frames < 1:
             raise ValueError(f"processing.video_frames must be >= 1, got {self.video_frames}")
         if self.video_max_side is not None and self.video_max_side < 1:
@@ -179,6 +198,8 @@ class InputFormatter:
         max_length: longest sequence in tokens, image tokens and chat markers included.
             Longer sides get their text content cut from the end (counted in
             ``num_truncated``); image tokens and the closing template never are.
+        min_image_tokens: Qwen only: the processor's min pixels become
+            ``min_image_tokens * (patch_size * merge_size)**2`` (smaller images are upscaled).
         max_image_tokens: cap on image tokens per image. Qwen2-VL: sets the image
             processor's max pixels to ``max_image_tokens * (patch_size * merge_size)**2``.
             LLaVA-OV: images whose anyres tiling would exceed the cap are downscaled
@@ -207,7 +228,8 @@ class InputFormatter:
     """
 
     def __init__(self, processor, backbone: str, max_length: int = 1024,
-                 max_image_tokens: Optional[int] = None, query_instruction: Optional[str] = None,
+                 max_image_tokens: Optional[int] = None, min_image_tokens: Optional[int] = None,
+                 query_instruction: Optional[str] = None,
                  target_instruction: Optional[str] = None,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, padding_side: str = "right",
                  prompt_format: str = PROMPT_FORMAT, video_frames: int = DEFAULT_VIDEO_FRAMES,
@@ -221,6 +243,10 @@ class InputFormatter:
             raise ValueError(f"max_image_tokens must be >= 1 or None, got {max_image_tokens}")
         self.max_length = int(max_length)
         self.max_image_tokens = max_image_tokens
+        if min_image_tokens is not None and (min_image_tokens < 1 or check_backbone(backbone) not in QWEN_BACKBONES):
+            raise ValueError(f"min_image_tokens={min_image_tokens}: must be >= 1, and applies to the Qwen "
+                             f"backbones ({', '.join(QWEN_BACKBONES)}), not {backbone}")
+        self.min_image_tokens = min_image_tokens
         self.query_instruction = query_instruction
         self.target_instruction = target_instruction
         self.system_prompt = system_prompt
@@ -252,10 +278,9 @@ class InputFormatter:
         self.image_kwargs = self._image_processor_kwargs()
         self.video_settings = VideoSettings.from_processor(processor, self.backbone)
 
-        self.head_ids = self._encode_template(
-            f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n")
+        self._heads: dict[str, list[int]] = {}
         self.tail_ids = self._encode_template(TEMPLATE_TAILS[self.prompt_format])
-        min_len = len(self.head_ids) + len(self.tail_ids) + 1
+        min_len = max(len(self.head_for(role)) for role in ROLES) + len(self.tail_ids) + 1
         if self.max_length < min_len:
             raise ValueError(f"max_length={self.max_length} leaves no room: the chat template "
                              f"alone takes {min_len - 1} tokens")
@@ -276,6 +301,25 @@ class InputFormatter:
         return cls(processor, backbone, video_slot=video_slot, **dataclasses.asdict(config))
 
     @property
+    def head_ids(self) -> list[int]:
+        """The chat template up to the user content, for queries (``head_for``)."""
+        return self.head_for("query")
+
+    def system_text(self, role: str) -> str:
+        """The system turn of ``role``'s sides: ``system_prompt``, or with the
+        ``qwen3_vl_embedding`` format the role's instruction (`embedding_instruction`)."""
+        if self.prompt_format == "qwen3_vl_embedding":
+            return embedding_instruction(self.query_instruction if role == "query" else self.target_instruction)
+        return self.system_prompt
+
+    def head_for(self, role: str) -> list[int]:
+        """The token ids of the chat template up to the user content (cached per system text)."""
+        system = self.system_text(role)
+        if system not in self._heads:
+            self._heads[system] = self._encode_template(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
+        return self._heads[system]
+
+    @property
     def config(self) -> ProcessingConfig:
         """The ``ProcessingConfig`` this formatter formats with."""
         return ProcessingConfig(**{name: getattr(self, name) for name in ProcessingConfig.field_names()})
@@ -288,6 +332,9 @@ class InputFormatter:
         if len(sides) == 0:
             raise ValueError("cannot format an empty chunk")
         instruction = self.query_instruction if role == "query" else self.target_instruction
+        if self.prompt_format == "qwen3_vl_embedding":
+            instruction = None  # it is the system turn (head_for)
+        head = self.head_for(role)
         kinds = [self._media_kind(side) for side in sides]
 
         images = [self._fit_image(s.image) for s, k in zip(sides, kinds) if k == "image"]
@@ -298,24 +345,14 @@ class InputFormatter:
             vision = self._dummy_vision()
         videos = [self.prepare_video(s.video) for s, k in zip(sides, kinds) if k == "video"]
         if videos:
-            video_vision, video_token_counts = self._process_videos(videos)
-            video_token_counts = iter(video_token_counts)
+            video_vision, video_layouts = self._process_videos(videos)
+            video_layouts = iter(video_layouts)
         elif self.video_slot:
             video_vision = self._dummy_video_vision()
 
         # Text around the (single) image or video of each side: before / after the placeholder.
-        segments: list[tuple[str, str]] = []
-        for side, kind in zip(sides, kinds):
-            content = (instruction or "") + (side.text or "")
-            if self.prompt_format == "llave":
-                segments.append(self._llave_segments(content, kind))
-            elif kind is None:
-                segments.append((_strip_placeholders(content), ""))
-            elif PLACEHOLDERS[kind] in content:
-                before, after = content.split(PLACEHOLDERS[kind], 1)
-                segments.append((_strip_placeholders(before), _strip_placeholders(after)))
-            else:
-                segments.append(("", "\n" + _strip_placeholders(content)))  # media first, LLaVA style
+        segments = [content_segments(self.prompt_format, (instruction or "") + (side.text or ""), kind)
+                    for side, kind in zip(sides, kinds)]
         flat = [piece for pair in segments for piece in pair]
         # split_special_tokens: user text spelling "<image>" or "<|im_end|>" stays plain text.
         # verbose=False: over-long text is expected here, _fit_row truncates it.
@@ -328,10 +365,10 @@ class InputFormatter:
             if kind == "image":
                 media_ids = self._image_ids(next(image_token_counts))
             elif kind == "video":
-                media_ids = self._video_ids(next(video_token_counts))
+                media_ids = next(video_layouts)
             else:
                 media_ids = []
-            rows.append(self._fit_row(before, media_ids, after))
+            rows.append(self._fit_row(before, media_ids, after, head))
         self.num_formatted += len(sides)
 
         out = self._pad(rows)
@@ -363,6 +400,7 @@ class InputFormatter:
             "target_instruction": self.target_instruction,
             "max_length": self.max_length,
             "max_image_tokens": self.max_image_tokens,
+            "min_image_tokens": self.min_image_tokens,
             "padding_side": self.padding_side,
         }
 
@@ -377,34 +415,6 @@ class InputFormatter:
             raise ValueError("a side has both an image and a video; give one of them")
         return "image" if has_image else "video" if has_video else None
 
-    @staticmethod
-    def _llave_segments(content: str, kind: Optional[str]) -> tuple[str, str]:
-        """(before, after) the image (or video: the same rules with ``<|video_1|>``) for the
-        llave format: LLaVE's ``preprocess_multimodal``
-        (DeepLearnXMU/LLaVE llava/train/train.py and llava/eval/model_embed.py).
-
-        * one placeholder, not at the very start: it is removed, the rest is ``strip()``-ed
-          and the image goes first: ``<image>\\n{rest}`` (``<image>`` alone if rest is empty);
-        * placeholder at the very start: the text stays as it is (``<image> Represent ...``);
-        * an image but no placeholder: LLaVE would drop the image; here it is placed as in
-          the first case;
-        * two or more placeholders (LLaVE keeps them all in place): the image takes the
-          first one, the others are removed;
-        * no image: placeholders are removed.
-
-        Placeholders of the other kind (``<|video_1|>`` on an image side and vice versa) are
-        removed everywhere.
-        """
-        if kind is None:
-            return _strip_placeholders(content), ""
-        placeholder = PLACEHOLDERS[kind]
-        count = content.count(placeholder)
-        if count == 0 or (count == 1 and not content.startswith(placeholder)):
-            rest = _strip_placeholders(content).strip()
-            return "", ("\n" + rest if rest else "")
-        before, after = content.split(placeholder, 1)
-        return _strip_placeholders(before), _strip_placeholders(after)
-
     def _encode_template(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -418,9 +428,11 @@ class InputFormatter:
             return [self.vision_start_id] + [self.video_token_id] * n_tokens + [self.vision_end_id]
         return [self.video_token_id] * n_tokens
 
-    def _fit_row(self, before: list[int], image_ids: list[int], after: list[int]) -> list[int]:
+    def _fit_row(self, before: list[int], image_ids: list[int], after: list[int],
+                 head: Optional[list[int]] = None) -> list[int]:
         """head + before + image (or video) + after + tail, cutting text from the end of the content."""
-        fixed = len(self.head_ids) + len(self.tail_ids) + len(image_ids)
+        head = self.head_ids if head is None else head
+        fixed = len(head) + len(self.tail_ids) + len(image_ids)
         budget = self.max_length - fixed
         if budget < 0:
             raise ValueError(f"an image or video takes {len(image_ids)} tokens, which with the chat "
@@ -437,7 +449,7 @@ class InputFormatter:
                                "(image tokens and the pooled end of the template are kept); "
                                "further truncations are only counted (InputFormatter.num_truncated)",
                                original_length, self.max_length)
-        return self.head_ids + list(before) + image_ids + list(after) + self.tail_ids
+        return head + list(before) + image_ids + list(after) + self.tail_ids
 
     def _pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         width = max(len(r) for r in rows)
@@ -452,13 +464,17 @@ class InputFormatter:
     # -- images --------------------------------------------------------------------------
 
     def _image_processor_kwargs(self) -> dict:
-        if self.backbone not in QWEN_BACKBONES or self.max_image_tokens is None:
+        """Qwen: the processor's pixel bounds from max_image_tokens / min_image_tokens
+        (``tokens * (patch_size * merge_size)**2``), the processor's own where one is None."""
+        if self.backbone not in QWEN_BACKBONES or (self.max_image_tokens is None and self.min_image_tokens is None):
             return {}
         ip = self.image_processor
         pixels_per_token = (ip.patch_size * ip.merge_size) ** 2
-        max_pixels = self.max_image_tokens * pixels_per_token
-        min_pixels = min(int(ip.size["shortest_edge"]), max_pixels)
-        return {"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}}
+        max_pixels = (self.max_image_tokens * pixels_per_token if self.max_image_tokens is not None
+                      else int(ip.size["longest_edge"]))
+        min_pixels = (self.min_image_tokens * pixels_per_token if self.min_image_tokens is not None
+                      else int(ip.size["shortest_edge"]))
+        return {"size": {"shortest_edge": min(min_pixels, max_pixels), "longest_edge": max_pixels}}
 
     def _process_images(self, images: list) -> dict[str, torch.Tensor]:
         out = self.image_processor(images, return_tensors="pt", **self.image_kwargs)
@@ -515,26 +531,42 @@ class InputFormatter:
     # -- videos --------------------------------------------------------------------------
 
     def prepare_video(self, video: Any):
-        """A side's ``.video`` -> ``(frames, sampled fps or None)``, by the one clip rule
-        (``llave_ds.media.video.sample_clip``; a bad path raises its ``VideoError``)."""
-        clip = sample_clip(video, self.video_frames, self.video_max_side)
-        return clip.frames, clip.sampled_fps
+        """A side's ``.video`` -> the clip this formatter encodes (a ``Video``), by the one clip
+        rule (``llave_ds.media.video.sample_clip``; a bad path raises its ``VideoError``)."""
+        return sample_clip(video, self.video_frames, self.video_max_side)
 
-    def _process_videos(self, videos: list) -> tuple[dict[str, torch.Tensor], list[int]]:
-        """(tensors, video tokens per video) of prepared videos (``prepare_video``)."""
-        parts = [video_pixel_values(frames, self.video_settings) for frames, _ in videos]
+    def _process_videos(self, clips: list) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+        """(tensors, the token ids of each video) of prepared clips (``prepare_video``)."""
+        parts = [video_pixel_values(clip.frames, self.video_settings) for clip in clips]
         out = {"pixel_values_videos": torch.cat([p["pixel_values_videos"] for p in parts])}
-        if self.backbone in QWEN_BACKBONES:
-            grid = torch.cat([p["video_grid_thw"] for p in parts])
-            out["video_grid_thw"] = grid
-            counts = [int(thw.prod()) // self.video_settings.merge_size ** 2 for thw in grid]
-            if self.backbone == "qwen2_5_vl":
-                tp = self.video_settings.temporal_patch_size
-                out["second_per_grid_ts"] = torch.tensor([tp / (fps or 24) for _, fps in videos],
-                                                         dtype=torch.float32)
-        else:
-            counts = [self._llava_video_tokens(p["pixel_values_videos"].shape[1]) for p in parts]
-        return out, counts
+        if self.backbone not in QWEN_BACKBONES:
+            return out, [self._video_ids(self._llava_video_tokens(p["pixel_values_videos"].shape[1])) for p in parts]
+        grid = torch.cat([p["video_grid_thw"] for p in parts])
+        out["video_grid_thw"] = grid
+        merge = self.video_settings.merge_size
+        if self.backbone == "qwen3_vl":
+            return out, [self._qwen3_video_ids(thw, clip) for thw, clip in zip(grid, clips)]
+        if self.backbone == "qwen2_5_vl":
+            tp = self.video_settings.temporal_patch_size
+            out["second_per_grid_ts"] = torch.tensor([tp / (clip.sampled_fps or 24) for clip in clips],
+                                                     dtype=torch.float32)
+        return out, [self._video_ids(int(thw.prod()) // merge ** 2) for thw in grid]
+
+    def _qwen3_video_ids(self, thw: torch.Tensor, clip) -> list[int]:
+        """Qwen3-VL's video layout: per temporal patch, the text ``<{t:.1f} seconds>`` (the mean
+        time of its frames: the processor's ``_calculate_timestamps`` of the clip's frame indices
+        and fps, 24 when unknown, as transformers) and then ``<|vision_start|>``, its tokens and
+        ``<|vision_end|>``. No second start/end pair around the whole video: that is the layout
+        Qwen3-VL was trained with (transformers 4.57); transformers 5.2x's processor leaves the
+        chat template's pair around it (docs/VIDEO.md)."""
+        per_patch = int(thw[1] * thw[2]) // self.video_settings.merge_size ** 2
+        times = self.processor._calculate_timestamps(list(clip.indices), clip.info.fps or 24,
+                                                     self.video_settings.temporal_patch_size)
+        ids: list[int] = []
+        for t in range(int(thw[0])):
+            ids += self._encode_template(f"<{times[t]:.1f} seconds>")
+            ids += [self.vision_start_id] + [self.video_token_id] * per_patch + [self.vision_end_id]
+        return ids
 
     def _llava_video_tokens(self, num_frames: int) -> int:
         """LlavaOnevisionProcessor.replace_video_token: frames x pooled patches + 1 newline
@@ -556,12 +588,5 @@ class InputFormatter:
                 frames = [Image.new("RGB", (side, side))] * settings.temporal_patch_size
             else:
                 frames = [Image.new("RGB", (int(settings.width), int(settings.height)))]
-            self._dummy_video, _ = self._process_videos([(frames, None)])
+            self._dummy_video, _ = self._process_videos([sample_clip(frames, len(frames))])
         return {k: v.clone() for k, v in self._dummy_video.items()}
-
-
-def _strip_placeholders(text: str) -> str:
-    for placeholder in PLACEHOLDERS.values():
-        text = text.replace(placeholder, "")
-    return text
-

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from transformers import LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
+from transformers import LlavaOnevisionProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
 
 from llave_ds.model.backbones import check_backbone, detect_backbone
 
@@ -94,10 +94,23 @@ class Qwen2_5_VLImageTextProcessor(_SavedAsStockProcessor, Qwen2_5_VLProcessor):
                          chat_template=chat_template, **kwargs)
 
 
+class Qwen3VLImageTextProcessor(_SavedAsStockProcessor, Qwen3VLProcessor):
+    """``Qwen3VLProcessor`` without the video processor (so without torchvision); its image
+    processor is Qwen2-VL's (16-px patches in Qwen3-VL checkpoints). Saved directories name
+    ``Qwen3VLProcessor``."""
+
+    stock_class = Qwen3VLProcessor
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                         chat_template=chat_template, **kwargs)
+
+
 PROCESSOR_CLASSES = {
     "llava_onevision": LlavaOnevisionImageTextProcessor,
     "qwen2_vl": Qwen2VLImageTextProcessor,
     "qwen2_5_vl": Qwen2_5_VLImageTextProcessor,
+    "qwen3_vl": Qwen3VLImageTextProcessor,
 }
 
 

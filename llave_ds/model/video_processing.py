@@ -29,6 +29,11 @@ _VIDEO_CLASS_DEFAULTS = {
     "qwen": dict(size={"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}, resample=3,
                  image_mean=_OPENAI_CLIP_MEAN, image_std=_OPENAI_CLIP_STD, patch_size=14,
                  temporal_patch_size=2, merge_size=2),
+    # Qwen3VLVideoProcessor: 16-px patches, IMAGENET_STANDARD mean/std (0.5), and its size
+    # bounds count the pixels of all frames together (its own smart_resize).
+    "qwen3": dict(size={"shortest_edge": 128 * 32 * 32, "longest_edge": 32 * 32 * 768}, resample=3,
+                  image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), patch_size=16, temporal_patch_size=2,
+                  merge_size=2, max_video_tokens=768),
 }
 
 
@@ -69,7 +74,7 @@ class VideoSettings:
     def from_processor(cls, processor, backbone: str) -> "VideoSettings":
         ip = processor.image_processor
         config = getattr(processor, VIDEO_CONFIG_ATTR, None)
-        family = "qwen" if backbone in QWEN_BACKBONES else "llava_onevision"
+        family = "qwen3" if backbone == "qwen3_vl" else "qwen" if backbone in QWEN_BACKBONES else "llava_onevision"
         if config is None:  # derived from the image processor, as transformers does
             source = {key: getattr(ip, key) for key in ("size", "resample", "image_mean", "image_std",
                                                          "rescale_factor", "do_resize", "do_rescale",
@@ -102,9 +107,20 @@ class VideoSettings:
             return height, width
         if self.backbone not in QWEN_BACKBONES:
             return int(self.height), int(self.width)
+        factor = self.patch_size * self.merge_size
+        if self.backbone == "qwen3_vl":  # Qwen3VLVideoProcessor.resize: bounds over all frames
+            from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as qwen3_smart_resize
+
+            max_pixels = self.max_pixels
+            if self.cap_pixels_per_frame:
+                per_frame = max(min(self.max_video_tokens * factor * factor, self.max_pixels // num_frames),
+                                int(self.min_pixels * 1.05))
+                max_pixels = per_frame * num_frames
+            return tuple(qwen3_smart_resize(num_frames=num_frames, height=height, width=width, factor=factor,
+                                            temporal_factor=self.temporal_patch_size, min_pixels=self.min_pixels,
+                                            max_pixels=max_pixels))
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-        factor = self.patch_size * self.merge_size
         max_pixels = self.max_pixels
         if self.cap_pixels_per_frame:
             total_pixels = int(self.max_video_tokens * factor * factor * 0.9)

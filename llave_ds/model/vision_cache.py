@@ -13,7 +13,8 @@ chunk's ``pixel_values`` tensor as the key; then
 * no autograd (pass 1): run the tower and keep what the backbone reads of its output
   (LLaVA-OV: the selected hidden states; Qwen2-VL: the patch features before the trained
   merger; Qwen2.5-VL: the same, still in window order, plus the index that undoes the
-  window order after the merger), plus the RNG state after the tower;
+  window order after the merger; Qwen3-VL: the patch features before the merger and the
+  inputs of each trained DeepStack merger), plus the RNG state after the tower;
 * autograd on, an entry for this very tensor (same object, not modified in place since):
   return the kept output without running the tower, and set the RNG state to what it was
   after the tower in pass 1, so dropout anywhere after it draws the same masks;
@@ -55,14 +56,19 @@ class FrozenVisionCache:
     """Installs itself on a backbone's vision tower; see the module docstring."""
 
     def __init__(self, tower: nn.Module, keep: Callable[..., Any], replay: Callable[[Any], Any],
-                 keep_inputs: bool = False):
+                 keep_inputs: bool = False, record: Optional[Callable[[], Any]] = None,
+                 handles: tuple = ()):
         """``keep(output) -> features`` picks what to store from the tower's output (with
         ``keep_inputs``: ``keep(output, *args, **kwargs)``, also given the tower's call
         arguments); ``replay(features) -> output`` rebuilds what the backbone reads (may run
-        trained modules such as Qwen2-VL's merger)."""
+        trained modules such as Qwen2-VL's merger). ``record()``: a context manager around a
+        tower run whose features are stored (Qwen3-VL records its DeepStack mergers' inputs
+        there); ``handles``: hooks the installer registered, removed by `remove`."""
         self.tower = tower
         self._keep, self._replay = keep, replay
         self._keep_inputs = keep_inputs
+        self._record = record
+        self._handles = handles
         self._original = tower.forward
         self._entries: dict[int, _Entry] = {}
         self._key: Optional[torch.Tensor] = None
@@ -73,6 +79,8 @@ class FrozenVisionCache:
     def remove(self) -> None:
         """Put the tower's own forward back."""
         self.tower.__dict__.pop("forward", None)
+        for handle in self._handles:
+            handle.remove()
         self._entries.clear()
 
     @contextlib.contextmanager
@@ -106,8 +114,10 @@ class FrozenVisionCache:
                     torch.cuda.set_rng_state(entry.cuda_rng, key.device)
                 return self._replay(entry.features)
         self.runs += 1
-        output = self._original(*args, **kwargs)
-        if key is not None and not torch.is_grad_enabled():
+        storing = key is not None and not torch.is_grad_enabled()
+        with self._record() if storing and self._record is not None else contextlib.nullcontext():
+            output = self._original(*args, **kwargs)
+        if storing:
             key_id = id(key)
             self._entries[key_id] = _Entry(
                 tensor=weakref.ref(key, lambda _ref, k=key_id: self._forget(k)), version=key._version,
@@ -187,5 +197,48 @@ def install_qwen2_5_vl(inner: nn.Module) -> FrozenVisionCache:
     return FrozenVisionCache(visual, keep, replay, keep_inputs=True)
 
 
+def install_qwen3_vl(inner: nn.Module) -> FrozenVisionCache:
+    """Qwen3-VL: like Qwen2-VL (the frozen part is ``visual`` before its mergers), and DeepStack:
+    the hidden states after the tapped blocks go through their own trained mergers into the
+    first decoder layers. The output holds only the merged features, so pass 1 records each
+    DeepStack merger's input (a forward pre-hook, active only while a stored run is recorded)
+    and pass 2 runs all the mergers again on what was kept."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+    visual = inner.visual
+    mergers = list(visual.deepstack_merger_list)
+    recorded: dict[int, torch.Tensor] = {}
+    recording: list[bool] = []
+
+    def hook_for(k: int):
+        def hook(module, args):
+            if recording:
+                recorded[k] = args[0]
+        return hook
+
+    handles = tuple(m.register_forward_pre_hook(hook_for(k)) for k, m in enumerate(mergers))
+
+    @contextlib.contextmanager
+    def record():
+        recorded.clear()
+        recording.append(True)
+        try:
+            yield
+        finally:
+            recording.clear()
+
+    def keep(output):
+        taps = [recorded.pop(k) for k in range(len(mergers))]
+        return output.last_hidden_state, taps
+
+    def replay(features):
+        hidden, taps = features
+        return BaseModelOutputWithDeepstackFeatures(
+            last_hidden_state=hidden, pooler_output=visual.merger(hidden),
+            deepstack_features=[merger(tap) for merger, tap in zip(mergers, taps)])
+
+    return FrozenVisionCache(visual, keep, replay, record=record, handles=handles)
+
+
 INSTALLERS = {"llava_onevision": install_llava_onevision, "qwen2_vl": install_qwen2_vl,
-              "qwen2_5_vl": install_qwen2_5_vl}
+              "qwen2_5_vl": install_qwen2_5_vl, "qwen3_vl": install_qwen3_vl}

@@ -1,7 +1,7 @@
 """``llave-ds demo [--out DIR]``: the whole job offline, on CPU, in a few minutes.
 
 1. generate the synthetic MMEB-format task (train + eval splits, images on disk);
-2. the starting model: a tiny LLaVA-OneVision warm-started by a short generative
+2. the starting model: a tiny LLaVA-OneVision (``--backbone`` for another) warm-started by a short generative
    pre-training on the task's captions (llave_ds.toy.warm_start: image -> caption, LLaVA-style;
    trained once, then reused from its cache), or with ``--no-warm-start`` the random one;
 3. evaluate P@1 of that model on the synthetic eval split;
@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from llave_ds.model.backbones import SUPPORTED_BACKBONES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
@@ -31,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     parser.add_argument("--max-steps", type=int, default=None, help="stop training after N steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backbone", default="llava_onevision", choices=SUPPORTED_BACKBONES,
+                        help="the tiny model's architecture (default llava_onevision)")
     parser.add_argument("--no-warm-start", dest="warm_start", action="store_false",
                         help="start from the random tiny model instead of the warm-started one")
     parser.add_argument("--warm-steps", type=int, default=None,
@@ -71,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
     if args.warm_start:
         from llave_ds.toy.warm_start import WarmStartConfig, get_warm_start
 
-        ws_cfg = WarmStartConfig(seed=args.seed, **({} if args.warm_steps is None else {"steps": args.warm_steps}))
-        print(f"[demo] 2/5 tiny LLaVA-OneVision, warm-started ({ws_cfg.steps} caption steps)", flush=True)
+        ws_cfg = WarmStartConfig(backbone=args.backbone, seed=args.seed,
+                                 **({} if args.warm_steps is None else {"steps": args.warm_steps}))
+        print(f"[demo] 2/5 tiny {args.backbone}, warm-started ({ws_cfg.steps} caption steps)", flush=True)
         warm = get_warm_start(ws_cfg, args.cache_dir, log=lambda m: print(f"[demo]     {m}", flush=True))
         # A copy beside the data (under 1 MB), where configs/demo_cpu.yaml's model.path points.
         model_dir = out / "tiny_model"
@@ -82,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
         start = {"model": "warm_start", "path": str(warm.path), "model_dir": str(model_dir),
                  "cached": warm.cached, "seconds": round(warm.seconds, 1), "key_hash": warm.key_hash}
     else:
-        print(f"[demo] 2/5 tiny LLaVA-OneVision model (random weights) -> {out / 'tiny_model'}", flush=True)
-        model_dir = build_tiny_model_dir(out / "tiny_model", "llava_onevision", seed=args.seed)
+        print(f"[demo] 2/5 tiny {args.backbone} model (random weights) -> {out / 'tiny_model'}", flush=True)
+        model_dir = build_tiny_model_dir(out / "tiny_model", args.backbone, seed=args.seed)
         start = {"model": "random", "path": str(model_dir)}
 
     run_dir = out / "run"

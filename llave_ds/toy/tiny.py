@@ -1,11 +1,11 @@
-"""Tiny, randomly initialised LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL checkpoints built offline.
+"""Tiny, randomly initialised LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints built offline.
 
 ``build_tiny_model_dir`` writes an ordinary transformers model directory (config.json,
 model.safetensors, tokenizer files, processor + preprocessor config, chat template) whose
 model loads with plain ``from_pretrained`` and whose processor loads with
-``llave_ds.model.formatter.load_processor``. Nothing is downloaded: the tokenizer is a byte-level
-``Qwen2Tokenizer`` (one token per byte, no merges) plus the special tokens the three
-backbones use, and the architectures are the real ones at toy sizes (~150-200K parameters,
+``llave_ds.model.processors.load_processor``. Nothing is downloaded: the tokenizer is a byte-level
+``Qwen2Tokenizer`` (one token per byte, no merges) plus the special tokens the
+backbones use, and the architectures are the real ones at toy sizes (~150-280K parameters,
 images of 28-112 pixels) so a forward of 8 pairs takes a few hundredths of a second on CPU.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from llave_ds.model.backbones import SUPPORTED_BACKBONES, check_backbone
 from llave_ds.model.processors import (LlavaOnevisionImageTextProcessor, Qwen2_5_VLImageTextProcessor,
-                                       Qwen2VLImageTextProcessor)
+                                       Qwen2VLImageTextProcessor, Qwen3VLImageTextProcessor)
 
 # One shared token layout for all backbones: ids 0-255 are the bytes, then these.
 SPECIAL_TOKENS = (
@@ -115,14 +115,22 @@ TINY_QWEN_MAX_PIXELS = 56 * 56
 TINY_QWEN25_WINDOW_SIZE = 56
 TINY_QWEN25_MIN_PIXELS = 84 * 84
 TINY_QWEN25_MAX_PIXELS = 112 * 112
+# Qwen3-VL: 16-px patches merged 2x2, so 32 px per image token; images resized to 32..64 px per
+# side -> 1..4 tokens. Three vision blocks with DeepStack taps after blocks 0 and 1 (the real
+# 2B taps 5, 11, 17 of 24), each through its own merger into decoder layers 0 and 1. The
+# learned position grid is 8x8 (the real one 48x48), resampled to each image's patch grid.
+# Real checkpoints normalise with mean = std = 0.5; so does the tiny one.
+TINY_QWEN3_MIN_PIXELS = 32 * 32
+TINY_QWEN3_MAX_PIXELS = 64 * 64
+TINY_QWEN3_DEEPSTACK = [0, 1]
 
 
 def tiny_config(backbone: str):
     """The transformers config of the tiny model for ``backbone``.
 
-    The LLaVA-OV one has an untied LM head (like LLaVA-OV-7B), the Qwen2-VL and Qwen2.5-VL
-    ones a tied head (like Qwen2-VL-2B and Qwen2.5-VL-3B), so both code paths of the embedding
-    model get exercised.
+    The LLaVA-OV one has an untied LM head (like LLaVA-OV-7B), the Qwen2-VL, Qwen2.5-VL and
+    Qwen3-VL ones a tied head (like Qwen2-VL-2B, Qwen2.5-VL-3B and Qwen3-VL-2B), so both code
+    paths of the embedding model get exercised.
     """
     check_backbone(backbone)
     if backbone == "llava_onevision":
@@ -149,6 +157,23 @@ def tiny_config(backbone: str):
         vision_start_token_id=special_token_id("<|vision_start|>"),
         vision_end_token_id=special_token_id("<|vision_end|>"),
     )
+    if backbone == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+
+        # Qwen3's attention has its own head_dim (q/k RMS-normed per head); interleaved M-RoPE
+        # splits head_dim/2 = 8 frequencies over (time, height, width) as [4, 2, 2].
+        # Three decoder layers: DeepStack adds its features to the outputs of layers 0 and 1, and
+        # only a later layer carries them to the pooled (last, text) token.
+        text.update(num_hidden_layers=3, head_dim=16,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                                     "mrope_interleaved": True})
+        return Qwen3VLConfig(
+            vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                               temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=text["hidden_size"],
+                               num_position_embeddings=64, deepstack_visual_indexes=TINY_QWEN3_DEEPSTACK,
+                               initializer_range=TINY_INITIALIZER_RANGE),
+            text_config=text, tie_word_embeddings=True, **qwen_tokens,
+        )
     if backbone == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig
 
@@ -188,6 +213,12 @@ def build_tiny_processor(backbone: str):
             vision_aspect_ratio="anyres_max_9", chat_template=QWEN_CHAT_TEMPLATE)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    if backbone == "qwen3_vl":  # Qwen3-VL checkpoints ship Qwen2-VL's image processor too
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=TINY_QWEN3_MIN_PIXELS, max_pixels=TINY_QWEN3_MAX_PIXELS, patch_size=16, temporal_patch_size=2,
+            merge_size=2, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+        return Qwen3VLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                         chat_template=QWEN_CHAT_TEMPLATE)
     if backbone == "qwen2_5_vl":  # Qwen2.5-VL checkpoints ship Qwen2-VL's image processor
         min_pixels, max_pixels = TINY_QWEN25_MIN_PIXELS, TINY_QWEN25_MAX_PIXELS
         processor_cls = Qwen2_5_VLImageTextProcessor
@@ -205,13 +236,10 @@ def build_tiny_model(backbone: str, seed: int = 0):
 
     Uses a forked RNG so the caller's global torch random state is left untouched.
     """
-    from transformers import (LlavaOnevisionForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2VLForConditionalGeneration)
+    from llave_ds.model.backbones import model_class
 
     config = tiny_config(backbone)
-    model_cls = {"llava_onevision": LlavaOnevisionForConditionalGeneration,
-                 "qwen2_vl": Qwen2VLForConditionalGeneration,
-                 "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[backbone]
+    model_cls = model_class(backbone)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
@@ -223,7 +251,7 @@ def build_tiny_model_dir(out_dir: Union[str, Path], backbone: str, seed: int = 0
 
     ``backbone`` is one of ``SUPPORTED_BACKBONES``. The model loads with
     ``AutoModelForImageTextToText.from_pretrained(out_dir)``; the processor with
-    ``llave_ds.model.formatter.load_processor(out_dir)`` (the stock processors also want a video
+    ``llave_ds.model.processors.load_processor(out_dir)`` (the stock processors also want a video
     processor, which needs torchvision).
     """
     if backbone not in SUPPORTED_BACKBONES:
@@ -239,3 +267,33 @@ def build_tiny_model_dir(out_dir: Union[str, Path], backbone: str, seed: int = 0
     processor.image_processor.save_pretrained(out)
     (out / "llave_ds_tiny.json").write_text(json.dumps({"backbone": backbone, "seed": seed}) + "\n")
     return out
+
+
+# ------------------------------------------------------------------------------ CLI
+
+def add_arguments(parser) -> None:
+    """``llave-ds tiny --backbone NAME --out DIR``."""
+    parser.add_argument("--backbone", required=True, choices=SUPPORTED_BACKBONES,
+                        help="which architecture (the real one at toy sizes, random weights)")
+    parser.add_argument("--out", required=True, help="the model directory to write")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    parser.add_argument("--force", action="store_true", help="replace an existing directory")
+
+
+def run(args) -> int:
+    """Write a tiny offline model directory (weights, config, tokenizer, processor): what the
+    tests train, and what a config can be smoke-tested with before a real checkpoint is
+    downloaded (``model.path=DIR``)."""
+    import shutil
+    import sys
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        if not args.force:
+            print(f"llave-ds tiny: {out} exists and is not empty; pass --force to replace it", file=sys.stderr)
+            return 2
+        shutil.rmtree(out)
+    path = build_tiny_model_dir(out, args.backbone, seed=args.seed)
+    params = sum(p.numel() for p in build_tiny_model(args.backbone, args.seed).parameters())
+    print(json.dumps({"model": str(path), "backbone": args.backbone, "seed": args.seed, "parameters": params}))
+    return 0

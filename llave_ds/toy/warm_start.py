@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from llave_ds.formats import IMAGE_PLACEHOLDER
+from llave_ds.model.backbones import QWEN_BACKBONES
 
 WARM_START_VERSION = 1  # bump when the procedure changes in a way the hashed fields do not show
 METADATA_FILE = "llave_ds_warm_start.json"
@@ -180,6 +181,8 @@ def caption_batch(formatter, scenes: Sequence[Any], images: Sequence[Any], promp
         label_ids[i, :len(lab)] = torch.tensor(lab)
     out = {k: v for k, v in prompt_inputs.items() if k not in ("input_ids", "attention_mask", "dummy_image")}
     out.update(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids)
+    if formatter.backbone in QWEN_BACKBONES:  # the stock forward's M-RoPE positions need them
+        out["mm_token_type_ids"] = (input_ids == formatter.image_token_id).to(torch.int32)
     return out
 
 

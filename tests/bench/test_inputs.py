@@ -1,5 +1,5 @@
 """llave_ds.bench.inputs: the synthesised inputs have exactly the token counts and tensor
-shapes the InputFormatter produces, and the model accepts them."""
+shapes the InputFormatter produces (LLaVA-OV and Qwen3-VL), and the model accepts them."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from llave_ds.bench import inputs, shapes
+from llave_ds.bench.cost import TEMPLATE_HEAD_TOKENS, TEMPLATE_TAIL_TOKENS
 from llave_ds.bench.cost import SideShape as Side
 from llave_ds.bench.inputs import build_chunk, geometry_for, image_tiles_and_tokens, make_sides
 from llave_ds.media.side import Side as _Side
@@ -82,3 +83,78 @@ def test_workload_is_per_rank_and_counts_a_trained_tower():
     trained = inputs.build_workload(SimpleNamespace(**dict(vars(args), train_vision_tower=True)), 0)
     assert trained.counts["trainable"] == w0.counts["trainable"] + w0.counts["vision_tower"]
     assert inputs.describe(args, w0.geo)["template_tokens"] == 19
+
+
+# ---------------------------------------------------------------------------- Qwen3-VL
+
+@pytest.mark.parametrize("hw", [(32, 32), (64, 64), (40, 70), (200, 90)])
+def test_synthesised_qwen3vl_chunks_match_the_input_formatter(hw):
+    from PIL import Image
+
+    from llave_ds.model.embedding import ModelConfig, build_embedding_model_from_config
+    from llave_ds.model.formatter import InputFormatter
+    from llave_ds.toy.tiny import build_tiny_processor
+
+    cfg = shapes.shape_config("qwen3-tiny")
+    geo = geometry_for(cfg, hw, "qwen3-tiny")
+    fmt = InputFormatter(build_tiny_processor("qwen3_vl"), "qwen3_vl", max_length=512)
+    image = Image.new("RGB", (hw[1], hw[0]), (120, 30, 200))
+    # the image before the text, as the bench lays it out: "describe" has no placeholder
+    real = fmt([_Side("describe", image), _Side("what is it?", image)], "query")
+    gen = torch.Generator().manual_seed(1)
+    sides = [Side(7, True), Side(3, True)]
+    synth = build_chunk(sides, geo, gen)
+    assert set(synth) == set(real) == {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "dummy_image"}
+    assert synth["pixel_values"].shape == real["pixel_values"].shape
+    assert synth["image_grid_thw"].tolist() == real["image_grid_thw"].tolist()
+    assert tuple(geo.image_hw) == tuple(16 * x for x in real["image_grid_thw"][0].tolist()[1:])
+    for ids in (real["input_ids"], synth["input_ids"]):
+        assert (ids == geo.image_token_id).sum(1).tolist() == [geo.tokens_per_image] * 2
+        assert (ids == geo.vision_start_id).sum(1).tolist() == (ids == geo.vision_end_id).sum(1).tolist() == [1, 1]
+    # the same layout around the image: start, the tokens, end, then "\n" before the text (the
+    # tiny tokenizer is byte-level, so only the layout is compared, not the template's length)
+    # closing "<|im_end|>\n<|im_start|>assistant\n": 13 byte-level tokens here, 5 in Qwen's BPE
+    for ids, mask, text_len, closing in ((real["input_ids"][0], real["attention_mask"][0], len("describe"), 13),
+                                         (synth["input_ids"][0], synth["attention_mask"][0], sides[0].text_tokens,
+                                          TEMPLATE_TAIL_TOKENS)):
+        row = ids[mask.bool()].tolist()
+        start = row.index(geo.vision_start_id)
+        end = start + 1 + geo.tokens_per_image
+        assert row[start + 1:end] == [geo.image_token_id] * geo.tokens_per_image and row[end] == geo.vision_end_id
+        assert len(row) - end - 1 - 1 - text_len == closing   # after "\n" and the text
+    assert real["input_ids"][0][real["input_ids"][0].tolist().index(geo.vision_end_id) + 1] == ord("\n")
+    assert synth["input_ids"][0].tolist().index(geo.vision_start_id) == TEMPLATE_HEAD_TOKENS
+    assert synth["attention_mask"].sum(1).tolist() == [s.length(geo) for s in sides]
+    assert not bool(synth["dummy_image"])
+    # text-only chunk: the formatter's blank dummy image, same tensor shapes, no vision tokens
+    real_t = fmt([_Side("a caption")], "target")
+    synth_t = build_chunk([Side(5, False)], geo, gen)
+    assert synth_t["pixel_values"].shape == real_t["pixel_values"].shape == (geo.dummy_patches, 1536)
+    assert synth_t["image_grid_thw"].tolist() == real_t["image_grid_thw"].tolist() == [list(geo.dummy_grid_thw)]
+    assert bool(synth_t["dummy_image"]) and bool(real_t["dummy_image"])
+    assert int((synth_t["input_ids"] >= geo.id_high).sum()) == 0
+    # and the model accepts them (it raises on a token / feature mismatch)
+    model = build_embedding_model_from_config(cfg, ModelConfig(backbone="qwen3_vl", dtype="float32"))
+    with torch.no_grad():
+        assert model(**synth).shape == (2, cfg.text_config.hidden_size)
+        assert model(**synth_t).shape == (1, cfg.text_config.hidden_size)
+
+
+def test_real_qwen3vl_image_geometry():
+    cfg = shapes.shape_config("qwen3-vl-2b")
+    # resized to multiples of 32 px within 4..1280 tokens (configs/qwen3vl_*.yaml)
+    geo = geometry_for(cfg, (1024, 1280), "qwen3-vl-2b")   # exactly the 1280-token cap
+    assert (geo.image_hw, geo.patches_per_image, geo.tokens_per_image, geo.grid_thw) == ((1024, 1280), 5120, 1280,
+                                                                                          (1, 64, 80))
+    big = geometry_for(cfg, (1152, 1152), "qwen3-vl-2b")   # 36 x 36 = 1296 tokens: over the cap, scaled down
+    assert (big.image_hw, big.tokens_per_image) == ((1120, 1120), 1225)
+    small = geometry_for(cfg, (20, 20), "qwen3-vl-2b")     # under 4 tokens: scaled up
+    assert (small.image_hw, small.tokens_per_image) == ((64, 64), 4)
+    # the dummy: a blank 32x32 image scaled up to the 4-token minimum (16 patches)
+    assert (geo.dummy_patches, geo.dummy_grid_thw, geo.patch_dim) == (16, (1, 4, 4), 3 * 2 * 16 * 16)
+    assert geo.id_high == shapes.QWEN_ENDOFTEXT_ID and geo.image_token_id == shapes.QWEN3VL_IMAGE_TOKEN_ID
+    # 14 template + <|vision_start|> + 1280 + <|vision_end|> + "\n" + 80 text + 5 closing
+    assert Side(80, True).length(geo) == 14 + 1 + 1280 + 1 + 1 + 80 + 5
+    assert Side(80, False).length(geo) == 14 + 80 + 5
+    tiny = geometry_for(shapes.shape_config("qwen3-tiny"), None, "qwen3-tiny")   # 384 px into the tiny's 64 px cap
+    assert (tiny.image_hw, tiny.tokens_per_image, tiny.dummy_patches) == ((64, 64), 4, 4)

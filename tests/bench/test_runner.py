@@ -79,3 +79,28 @@ def test_bench_cpu_smoke_two_ranks(tmp_path):
     assert row["zero3_fetches_per_chunk_pass"] == pytest.approx(sum(fetches.values()) / 12)
     assert "zero3 chunk=2:" in proc.stdout and "module fetches per step" in proc.stdout
     print(f"bench smoke run: {wall:.1f} s")
+
+
+def test_bench_cpu_smoke_qwen3vl_one_rank(tmp_path):
+    """The tiny Qwen3-VL, ZeRO-2 and ZeRO-3 on one gloo rank: DeepStack taps reported, the
+    Qwen3-VL blocks as ZeRO-3 fetch units, the vision cache on, every row field present."""
+    json_out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "llave_ds.bench", "--shape", "qwen3-tiny", "--device", "cpu",
+           "--stages", "2", "3", "--chunk-sizes", "2", "--pairs-per-rank", "4", "--steps", "1", "--warmup", "1",
+           "--query-text-tokens", "10-30", "--target-text-tokens", "5-15", "--image-size", "64x64",
+           "--peak-tflops", "0.05", "--json-out", str(json_out)]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(json_out.read_text())
+    assert "64x64 = 16 patches / 4 tokens; DeepStack taps [0, 1]" in proc.stdout
+    assert result["shape"] == "qwen3-tiny" and result["deepstack_taps"] == [0, 1]
+    assert result["inputs"]["patches_per_image"] == 16 and result["inputs"]["dummy_patches"] == 4
+    z2, z3 = result["rows"]
+    for row in (z2, z3):
+        for key in REQUIRED_ROW_FIELDS:
+            assert key in row, key
+        assert row["forward_split_tflop"]["proj2_dummy"] > 0   # the target chunks' dummy image
+    assert z3["optimizations"] == {"fetch_units": ["Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"],
+                                   "vision_cache": True, "memory_efficient_linear": False}
+    assert z3["predicted_memory"]["vision_cache"] > 0

@@ -42,7 +42,7 @@ CASES = {
                                          "gradcache.target_chunk_size=6 is larger than the per-rank batch 4"),
     "unknown_backbone": (lambda t: ["model.backbone=bert"], None,
                          "Invalid value for 'model.backbone' (from override 'model.backbone=bert'): expected one of "
-                         "'auto', 'llava_onevision', 'qwen2_vl', 'qwen2_5_vl', got 'bert'"),
+                         "'auto', 'llava_onevision', 'qwen2_vl', 'qwen2_5_vl', 'qwen3_vl', got 'bert'"),
     "unsupported_model_directory": (lambda t: [f"model.path={_bert_dir(t)}"], None,
                                     "model_type 'bert' is not a supported backbone"),
     "missing_model_directory": (lambda t: [f"model.path={t / 'nowhere'}"], None, "no such directory"),

@@ -155,7 +155,8 @@ SHAPES.update({
         source="Qwen/Qwen3-VL-2B-Instruct config.json (not readable offline). Checked in public third-party "
                "text: LM d 2048, 28 layers, 16/8 heads, head_dim 128, vocab 151936, rope 5e6; vision d 1024, "
                "24 blocks, 16 heads, patch 16, MLP 4x1024, 2304 positions, merger 4096->2048, 3 DeepStack "
-               "mergers. Not checked: ffn 6144, taps [5, 11, 17], tied embeddings (Qwen3-1.7B's values)."),
+               "mergers; ffn 6144, taps [5, 11, 17], tied embeddings: the Qwen3-VL-Embedding-2B config.json "
+               "printed in xorbitsai/inference#4592."),
     "qwen3-vl-8b": Shape(
         "qwen3-vl-8b", "Qwen3-VL-8B (configs/qwen3vl_8b.yaml: Qwen3-VL-Embedding-8B / Qwen3-VL-8B-Instruct)",
         text=dict(_QWEN3_TEXT, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,

@@ -7,6 +7,7 @@
 #      (384x384 images = 1485 image tokens + 40-120 text tokens per query; 10-60-token
 #      text targets), bf16, gradient cache on, chunk 16, 64 pairs, most important first:
 #      (a) ZeRO-3 vs ZeRO-2 with the step optimizations on, with the uncached step;
+#      (f) 2B ZeRO-3 with the padding mask passed again (--padding-mask always; issue 25 lever 1);
 #      (d) the peer: sentence-transformers' CachedMultipleNegativesRankingLoss against
 #          llave-ds's cached step on the same Qwen2-0.5B-shaped text encoder
 #          (benchmarks/peer_cached_mnrl.py; the GPU image ships sentence-transformers);
@@ -127,10 +128,14 @@ peer() {  # peer NAME ARGS...: benchmarks/peer_cached_mnrl.py, its JSON line app
 
 # Most important first: the budget may end the list early. Every run is its own process
 # (ZeRO-3 used to patch F.linear process-wide). "opt" = the defaults: ZeRO-3 fetch units,
-# memory_efficient_linear false, frozen-vision cache; "base" = all three off (the old step).
+# memory_efficient_linear false, frozen-vision cache, no redundant padding mask; "base" = all
+# four off (the old step).
 # (a) 2B, chunk 16, optimizations on: ZeRO-3 vs ZeRO-2, each with the uncached step.
 bench 2b_z3_opt  --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16
 bench 2b_z2_opt  --shape aquila-vl-2b --pairs-per-rank 64 --stages 2 --ckpt non_reentrant --chunk-sizes 16
+# (f) issue 25's first lever off: the padding mask passed to the LM again (2b_z3_opt drops it, right padding).
+bench 2b_z3_mask --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 \
+      --uncached-steps 0 --padding-mask always
 # (d) the peer: sentence-transformers' CachedMNRL vs llave-ds's cached step, same Qwen2-0.5B-shaped text encoder.
 peer  peer_st_05b --pairs 64 --mini-batch 16
 # (e) Qwen3-VL-2B, cached ZeRO-3 at configs/qwen3vl_2b.yaml's chunk size (32), 1280-token query images, text targets.
@@ -139,7 +144,7 @@ bench q3_2b_z3   --shape qwen3-vl-2b --pairs-per-rank 32 --stages 3 --ckpt non_r
       --image-size 1024x1280
 # (b) 2B ZeRO-3 chunk 16 with the optimizations off (before/after on the same machine).
 bench 2b_z3_base --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 \
-      --uncached-steps 0 --no-fetch-units --deepspeed-linear --no-vision-cache
+      --uncached-steps 0 --no-fetch-units --deepspeed-linear --no-vision-cache --padding-mask always
 # (c) 0.5B ZeRO-3, optimizations on.
 bench 05b_z3_opt --shape llava-ov-0.5b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 32
 # one lever at a time, 2B ZeRO-3 chunk 16: without the vision cache; without fetch units.

@@ -423,3 +423,63 @@ def test_backbone_without_vision_cache_installer_runs_the_tower(tiny_dirs, monke
         batch = fmt(sides, "query")
         with torch.no_grad():
             torch.testing.assert_close(uncached(**batch), cached(**batch), atol=0, rtol=0)
+
+
+# ------------------------------------------------------- the padding mask (padding_mask="auto")
+
+def _mask_seen_by_language_model(model, batch):
+    """Run a forward; return the attention_mask the language model received, after checking
+    that its first attention layer got a mask exactly when the model did (transformers drops
+    a redundant one itself, and builds a block mask from positions it reads as packed)."""
+    seen, in_layer = [], []
+    lm = model.base_hf_model.model.language_model
+    attention = next(m for name, m in lm.named_modules() if name.endswith("self_attn"))
+    handles = [lm.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True),
+               attention.register_forward_pre_hook(lambda m, a, kw: in_layer.append(kw.get("attention_mask")),
+                                                   with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert (in_layer[0] is None) == (seen[0] is None)
+    return seen[0]
+
+
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
+def test_dropping_the_redundant_padding_mask_changes_no_embedding_or_gradient(tiny_dirs, backbone):
+    """Right padding + causal attention: no real token sees the padding, so the language model
+    runs without the mask ("auto") and every embedding and gradient equals the masked run's
+    (fp32), for image rows, text rows with the dummy image, and M-RoPE positions."""
+    model, processor = load(tiny_dirs, backbone)
+    fmt = InputFormatter(processor, backbone, max_length=256)
+    for sides in (image_sides(), text_sides()):
+        batch = fmt(sides, "query")
+        assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # rows really are padded
+        results = {}
+        for mode in ("always", "auto"):
+            model.model_config.padding_mask = mode
+            seen = _mask_seen_by_language_model(model, batch)
+            assert (seen is None) == (mode == "auto")
+            backward_on(model, batch)
+            with torch.no_grad():
+                emb = model(**batch)
+            results[mode] = emb, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        (emb_masked, g_masked), (emb_free, g_free) = results["always"], results["auto"]
+        torch.testing.assert_close(emb_free, emb_masked, atol=1e-6, rtol=0)
+        assert g_free.keys() == g_masked.keys() and g_free
+        for name in g_masked:
+            scale = max(g_masked[name].abs().max().item(), 1e-12)
+            assert (g_free[name] - g_masked[name]).abs().max().item() <= 1e-5 * scale, name
+
+
+@pytest.mark.parametrize("backbone", ["llava_onevision", "qwen3_vl"])
+def test_left_padding_keeps_the_mask(tiny_dirs, backbone):
+    model, processor = load(tiny_dirs, backbone)
+    batch = InputFormatter(processor, backbone, padding_side="left")(image_sides(), "query")
+    seen = _mask_seen_by_language_model(model, batch)
+    assert seen is not None and torch.equal(seen, batch["attention_mask"])
+    # and one row of equal lengths (no padding at all) needs none
+    full = InputFormatter(processor, backbone)([Side("same"), Side("same")], "query")
+    assert _mask_seen_by_language_model(model, full) is None

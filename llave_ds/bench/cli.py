@@ -85,6 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ZeRO-3: hook every submodule (no leaf decoder/vision blocks; the pre-#13 behaviour)")
     g.add_argument("--deepspeed-linear", action="store_true",
                    help="ZeRO-3: memory_efficient_linear true (DeepSpeed's default; llave-ds sets false)")
+    g.add_argument("--padding-mask", choices=("auto", "always"), default="auto",
+                   help="model.padding_mask: auto drops the redundant mask of right-padded chunks (all of the "
+                        "bench's); always passes it (the behaviour before)")
     g.add_argument("--no-vision-cache", action="store_true",
                    help="run the frozen tower again in pass 2 instead of reusing pass 1's features")
     g.add_argument("--count-comms", action="store_true",

@@ -266,7 +266,8 @@ def utilization(flops: float, step_s: float, peak_tflops: float) -> float:
 # Memory model
 # ---------------------------------------------------------------------------------------
 
-def activation_bytes_per_token(config, checkpointing: bool, seq_len: int, act_bytes: int = 2) -> dict[str, float]:
+def activation_bytes_per_token(config, checkpointing: bool, seq_len: int, act_bytes: int = 2,
+                               padding_mask: bool = True) -> dict[str, float]:
     """Bytes autograd keeps per token of one chunk in the language model (pass 2).
 
     Measured with saved-tensor hooks on the real widths (tests/bench/test_cost.py; exact at
@@ -277,19 +278,24 @@ def activation_bytes_per_token(config, checkpointing: bool, seq_len: int, act_by
     (two RMSNorms with their fp32 upcasts 2*(4d + 2d + 2d + 4), q and the head-repeated k, v
     and the attention output 4*2d, the SwiGLU MLP 4*2f, the fp32 log-sum-exp 4h, and the
     additive padding mask, materialised per layer: 2*s per token at s = padded length),
-    plus 6*d + 4*head_dim + 12 once (final norm, rotary cos/sin, ids). With non-reentrant
+    plus 6*d + 4*head_dim + 12 once (final norm, rotary cos/sin, ids). Without the padding
+    mask (``padding_mask=False``: right padding under ``model.padding_mask: auto``) SDPA takes
+    its causal path with GQA: no mask and k, v not repeated over the heads, so a layer keeps
+    2*s + 4*(q - kv) bytes less (q, kv: the query and key/value widths; exact). With non-reentrant
     checkpointing per layer only the layer input (2*d) stays, and one layer is recomputed
     at a time during backward ("transient"). ``act_bytes`` = 4 scales everything (fp32
     runs keep no separate upcast copies, so that is an upper bound). Qwen3-VL's Qwen3 LM:
     `cost_qwen3vl.llm_activation_bytes_per_token`.
     """
     if is_qwen3vl(config):
-        return q3.llm_activation_bytes_per_token(config, checkpointing, seq_len, act_bytes)
+        return q3.llm_activation_bytes_per_token(config, checkpointing, seq_len, act_bytes, padding_mask)
     g = _dims(config)
     d, f, h, L = g["d"], g["f"], g["h"], g["L"]
     head_dim = g["q"] // h
     scale = act_bytes / 2.0
     layer = (24 * d + 8 * f + 4 * h + 8 + 2 * seq_len) * scale
+    if not padding_mask:
+        layer -= (2 * seq_len + 4 * (g["q"] - g["kv"])) * scale
     once = (6 * d + 4 * head_dim + 12) * scale
     if checkpointing:
         kept, transient = L * 2 * d * scale + once, layer
@@ -302,7 +308,7 @@ def predict_memory(config, counts: dict, *, stage: int, world: int, param_bytes:
                    reduction: str, checkpointing: bool, ds_config: dict,
                    chunk_rows: int, chunk_width: int, chunk_tiles: int,
                    persistent_params: int = 0, chunk_patches: int = 0, held_patches: int = 0,
-                   chunk_has_images: bool = True) -> dict[str, float]:
+                   chunk_has_images: bool = True, padding_mask: bool = True) -> dict[str, float]:
     """Per-rank peak device memory (bytes) of one cached step; docs/PERFORMANCE.md.
 
     states      params b*P (/W under ZeRO-3, persistent ones whole), grads b*T (/W under
@@ -314,7 +320,8 @@ def predict_memory(config, counts: dict, *, stage: int, world: int, param_bytes:
                 forward-only and forward+backward passes keep ZeRO-3 releasing parameters
                 after every use: measured on CPU, docs/PERFORMANCE.md.)
     activations one chunk of rows x width (padded) tokens: tokens * kept bytes/token
-                (activation_bytes_per_token) + one layer recomputed (checkpointing)
+                (activation_bytes_per_token; ``padding_mask``: whether the LM gets one)
+                + one layer recomputed (checkpointing)
                 + the projector's saved inputs (tiles * n * (dv + 2d) * b)
 
     Qwen3-VL (``chunk_patches``: the patches of the chunk's tower call; ``held_patches``:
@@ -342,7 +349,7 @@ def predict_memory(config, counts: dict, *, stage: int, world: int, param_bytes:
         live = min(largest + float(zo.get("stage3_prefetch_bucket_size", 5e7)),
                    float(zo.get("stage3_max_live_parameters", 1e9)))
         buffers += b * min(float(P - persistent_params), live)
-    act = activation_bytes_per_token(config, checkpointing, chunk_width, act_bytes=b)
+    act = activation_bytes_per_token(config, checkpointing, chunk_width, act_bytes=b, padding_mask=padding_mask)
     tokens = chunk_rows * chunk_width
     vision_cache = 0.0
     if is_qwen3vl(config):

@@ -105,7 +105,8 @@ def merger_forward_flops(config, patches: int) -> float:
 # Activation memory
 # ---------------------------------------------------------------------------------------
 
-def llm_activation_bytes_per_token(config, checkpointing: bool, seq_len: int, act_bytes: int = 2) -> dict[str, float]:
+def llm_activation_bytes_per_token(config, checkpointing: bool, seq_len: int, act_bytes: int = 2,
+                                   padding_mask: bool = True) -> dict[str, float]:
     """Bytes autograd keeps per token in the Qwen3 LM (pass 2); measured with saved-tensor
     hooks (tests/bench/test_cost.py; exact at bf16 for the tiny Qwen3-VL and the 2B widths,
     for GQA with more than one kv head). One decoder layer under SDPA with a padding mask:
@@ -124,6 +125,8 @@ def llm_activation_bytes_per_token(config, checkpointing: bool, seq_len: int, ac
     d, q, kv, h, kvh, f, L = g["d"], g["q"], g["kv"], g["h"], g["kvh"], g["f"], g["L"]
     scale = act_bytes / 2.0
     layer = (16 * d + 14 * q + 6 * kv + 8 * h + 4 * kvh + 8 * f + 8 + 2 * seq_len) * scale
+    if not padding_mask:  # SDPA's causal GQA path: no mask, k and v not repeated (exact, as for Qwen2)
+        layer -= (2 * seq_len + 4 * (q - kv)) * scale
     once = (6 * d + 4 * g["head_dim"] + 12) * scale
     if checkpointing:
         kept, transient = L * 2 * d * scale + once, layer

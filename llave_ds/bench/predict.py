@@ -5,7 +5,7 @@ from __future__ import annotations
 from llave_ds.bench import shapes
 from llave_ds.bench.cost import GIB, chunk_forward_flops, predict_chunks_memory, step_flops, sum_parts
 from llave_ds.bench.inputs import build_workload, chunked, describe
-from llave_ds.bench.runner import ds_config_for
+from llave_ds.bench.runner import ds_config_for, padding_mask_kept
 
 
 def predict_only(args) -> dict:
@@ -28,7 +28,7 @@ def predict_only(args) -> dict:
             unc = step_flops(fwd_u, cached=False, checkpointing=checkpointing,
                              vision_trained=args.train_vision_tower)
             settings = dict(stage=stage, world=world, param_bytes=pbytes, reduction=args.reduction,
-                            checkpointing=checkpointing, ds_config=ds_cfg)
+                            checkpointing=checkpointing, ds_config=ds_cfg, padding_mask=padding_mask_kept(args))
             vision_cached = not (args.no_vision_cache or args.train_vision_tower)
             mem_u = predict_chunks_memory(hf_config, counts, [sides_q, sides_t], geo, together=True, **settings)
             for chunk in args.chunk_sizes:

@@ -96,7 +96,7 @@ def ds_config_for(args, stage: int, local_batch: int, world: int, ckpt: str, bf1
 def build_model(hf_config, args, dtype_name: str, ckpt: str, ds_cfg: dict, device: torch.device):
     mcfg = ModelConfig(backbone=hf_config.model_type, dtype=dtype_name, attn_implementation=args.attn,
                        freeze_vision_tower=not args.train_vision_tower, gradient_checkpointing=ckpt,
-                       cache_frozen_vision=not args.no_vision_cache)
+                       cache_frozen_vision=not args.no_vision_cache, padding_mask=args.padding_mask)
     stage3 = int(ds_cfg.get("zero_optimization", {}).get("stage", 0)) == 3
     if device.type == "cuda" and not stage3:
         # Initialise on the GPU (seconds instead of a minute of CPU init for 2B+ shapes).
@@ -110,6 +110,12 @@ def build_model(hf_config, args, dtype_name: str, ckpt: str, ds_cfg: dict, devic
             logger.warning("building on %s failed (%r); building on the CPU", device, exc)
             free(device)
     return build_embedding_model_from_config(hf_config, mcfg, deepspeed_config=ds_cfg)
+
+
+def padding_mask_kept(args) -> bool:
+    """Whether the language model gets a padding mask: the bench's chunks are right-padded, so
+    only ``--padding-mask always`` keeps it (``ModelConfig.padding_mask``)."""
+    return getattr(args, "padding_mask", "auto") == "always"
 
 
 def _persistent_numel(module) -> int:
@@ -150,7 +156,8 @@ def _predicted(s: RunSettings, e: _Engine, chunks, together: bool = False) -> di
     return predict_chunks_memory(
         s.work.config, s.work.counts, chunks, s.work.geo, together=together, vision_cached=e.vision_cached,
         stage=e.stage, world=s.world, param_bytes=s.param_bytes, reduction=s.args.reduction,
-        checkpointing=e.checkpointing, ds_config=e.ds_config, persistent_params=e.persistent)
+        checkpointing=e.checkpointing, ds_config=e.ds_config, persistent_params=e.persistent,
+        padding_mask=padding_mask_kept(s.args))
 
 
 def _over_capacity(s: RunSettings, e: _Engine, pred: dict) -> Optional[str]:
@@ -316,6 +323,7 @@ def run_engine(s: RunSettings, stage: int, ckpt: str,
     build_s = time.perf_counter() - t_build
     fetch_units = model.zero3_fetch_units() if stage == 3 and not args.no_fetch_units else []
     optimizations = {"fetch_units": fetch_units, "vision_cache": model.vision_cache is not None,
+                     "padding_mask_dropped": not padding_mask_kept(args),
                      "memory_efficient_linear": bool(ds_cfg["zero_optimization"].get("memory_efficient_linear", True))
                      if stage == 3 else None}
     backend = DeepSpeedStepBackend(engine, reduction=args.reduction)

@@ -35,6 +35,7 @@ from llave_ds.model.vision_cache import FrozenVisionCache
 logger = logging.getLogger(__name__)
 
 GradientCheckpointing = Literal["off", "non_reentrant", "reentrant"]
+PaddingMask = Literal["auto", "always"]
 GRADIENT_CHECKPOINTING = get_args(GradientCheckpointing)
 AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 ATTN_IMPLEMENTATIONS = get_args(AttnImplementation)
@@ -46,8 +47,8 @@ class ModelConfig:
     """How to build the embedding model. Flat, simple types (maps 1:1 to a YAML section).
 
     path: local checkpoint directory or hub id (same ``from_pretrained`` code path).
-    backbone: "auto" (from config.json ``model_type``), "llava_onevision", "qwen2_vl" or
-        "qwen2_5_vl".
+    backbone: "auto" (from config.json ``model_type``), "llava_onevision", "qwen2_vl",
+        "qwen2_5_vl" or "qwen3_vl".
     dtype: "bfloat16" (paper), "float32" or "float16".
     attn_implementation: "auto" = flash_attention_2 when flash_attn imports and CUDA is
         available, else sdpa; or an explicit "sdpa" / "eager" / "flash_attention_2".
@@ -60,6 +61,12 @@ class ModelConfig:
     cache_frozen_vision: with the tower frozen, the gradient cache's second pass reuses the
         tower features of its first pass instead of running the tower again
         (llave_ds/model/vision_cache.py; exact). Ignored when the tower trains.
+    padding_mask: "auto" = the language model gets no padding mask when every row's real
+        tokens come first (right padding): causal attention already keeps them from the
+        padding after them, positions come from the mask and pooling reads the last real
+        token, so embeddings and gradients are unchanged (tested), and attention takes its
+        causal fast path (SDPA: no materialised mask, GQA without repeated k/v; flash-attn:
+        no unpadding). "always" = pass the mask (left-padded chunks always get it).
     """
 
     path: str = ""
@@ -74,6 +81,7 @@ class ModelConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     gradient_checkpointing: GradientCheckpointing = "off"
     cache_frozen_vision: bool = True
+    padding_mask: PaddingMask = "auto"
 
     def __post_init__(self):  # checked at construction: models are often configured in Python
         check_choices(self, "model.")
@@ -289,13 +297,17 @@ class EmbeddingModel(nn.Module):
         whose formatter has ``video_slot`` on (the ZeRO-3 rule; docs/VIDEO.md)."""
         inner = self.base_hf_model.model
         is_dummy = bool(dummy_image) if dummy_image is not None else False
+        lm_mask = self.language_model_mask(attention_mask)
         has_video = pixel_values_videos is not None
         video_is_dummy = bool(dummy_video) if dummy_video is not None else False
         if self.backbone == "llava_onevision":
             vision = {"pixel_values": pixel_values, "image_sizes": image_sizes}
             video = {"pixel_values_videos": pixel_values_videos}
-            # Positions count attended tokens only, so left and right padding embed alike.
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            # Positions count attended tokens only, so left and right padding embed alike. Without
+            # a mask they run on through the padding (the same for real tokens): transformers reads
+            # repeated positions as packed sequences and would build a block mask after all.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if lm_mask is not None else \
+                torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         else:
             vision = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
             video = {"pixel_values_videos": pixel_values_videos, "video_grid_thw": video_grid_thw}
@@ -318,24 +330,35 @@ class EmbeddingModel(nn.Module):
             if pixel_values is not None:
                 calls.append(("image", inner.get_image_features, vision, is_dummy))
             calls.append(("video", inner.get_video_features, video, video_is_dummy))
-            out = self._forward_vision_from_hook(inner, input_ids, attention_mask, position_ids, calls)
+            out = self._forward_vision_from_hook(inner, input_ids, lm_mask, position_ids, calls)
         elif pixel_values is None:
             self._warn_if_vision_skipped()
-            out = inner(input_ids=input_ids, attention_mask=attention_mask,
-                        position_ids=position_ids, use_cache=False)
+            out = inner(input_ids=input_ids, attention_mask=lm_mask, position_ids=position_ids, use_cache=False)
         else:
             keyed = self.vision_cache.keyed(pixel_values) if self.vision_cache else contextlib.nullcontext()
             with keyed:
                 if is_dummy:
-                    out = self._forward_with_dummy_image(inner, input_ids, attention_mask, position_ids, vision)
+                    out = self._forward_with_dummy_image(inner, input_ids, lm_mask, position_ids, vision)
                 else:
-                    out = inner(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=position_ids, use_cache=False, **vision)
+                    out = inner(input_ids=input_ids, attention_mask=lm_mask, position_ids=position_ids,
+                                use_cache=False, **vision)
 
         hidden = out.last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         pooled = hidden[rows, last_token_index(attention_mask).to(hidden.device)]
         return F.normalize(pooled.float(), dim=-1)
+
+    def language_model_mask(self, attention_mask: torch.Tensor) -> Optional[torch.Tensor]:
+        """The padding mask the language model gets: None under ``padding_mask="auto"`` when
+        each row is its real tokens followed by padding (``ModelConfig.padding_mask`` says why
+        that is exact), else ``attention_mask``. Positions and pooling always use the mask."""
+        if self.model_config is not None and self.model_config.padding_mask == "always":
+            return attention_mask
+        # Right padding: 1...1 0...0 in every row, i.e. the mask never rises along a row.
+        # (One host sync per forward; ranks need not agree: no module or collective depends on it.)
+        if bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+            return None
+        return attention_mask
 
     def _forward_with_dummy_image(self, inner, input_ids, attention_mask, position_ids, vision):
         """Run the vision tower on the blank image without any image token in the text.

@@ -183,8 +183,11 @@ def test_flop_formula_equals_flop_counter(name, kw):
 
 # ---------------------------------------------------------------------------- memory model
 
+@pytest.mark.parametrize("padding_mask", [True, False])
 @pytest.mark.parametrize("name", ["tiny", "0.5b"])
-def test_activation_formula_equals_saved_tensor_bytes(name):
+def test_activation_formula_equals_saved_tensor_bytes(name, padding_mask):
+    """With the padding mask (``model.padding_mask: always``), and without it (right padding
+    under ``auto``: the model passes no mask and positions that run on through the padding)."""
     from transformers import Qwen2Model
 
     text = shapes.shape_config(name, llm_layers=1).text_config
@@ -206,12 +209,15 @@ def test_activation_formula_equals_saved_tensor_bytes(name):
         ids = torch.randint(0, 250, (B, s))
         mask = torch.ones(B, s, dtype=torch.long)
         mask[1, 30:] = 0  # padding: the additive mask is materialised
+        if padding_mask:
+            inputs = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        else:
+            inputs = dict(attention_mask=None, position_ids=torch.arange(s).expand(B, s))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                  use_cache=False)
+            model(input_ids=ids, use_cache=False, **inputs)
         saved[layers] = sum(storages.values()) / (B * s)
     one = shapes.shape_config(name, llm_layers=1)
-    act = cost.activation_bytes_per_token(one, checkpointing=False, seq_len=s)
+    act = cost.activation_bytes_per_token(one, checkpointing=False, seq_len=s, padding_mask=padding_mask)
     assert saved[2] - saved[1] == act["per_layer"]
     assert saved[1] == act["kept"]
 

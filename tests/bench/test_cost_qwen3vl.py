@@ -167,8 +167,9 @@ def _saved_bytes(run, exclude=frozenset()) -> tuple[float, dict]:
     return sum(storages.values()), storages
 
 
+@pytest.mark.parametrize("padding_mask", [True, False])
 @pytest.mark.parametrize("name", ["qwen3-tiny", "qwen3-vl-2b"])
-def test_llm_activation_formula_equals_saved_tensor_bytes(name):
+def test_llm_activation_formula_equals_saved_tensor_bytes(name, padding_mask):
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
 
     text = shapes.shape_config(name, llm_layers=1, vision_layers=1).text_config
@@ -182,16 +183,18 @@ def test_llm_activation_formula_equals_saved_tensor_bytes(name):
         ids = torch.randint(0, 250, (B, s))
         mask = torch.ones(B, s, dtype=torch.long)
         mask[1, 30:] = 0  # padding: the additive mask is materialised
-        total, _ = _saved_bytes(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False,
-                                              position_ids=(mask.cumsum(-1) - 1).clamp(min=0)), params)
+        inputs = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)) if padding_mask else \
+            dict(attention_mask=None, position_ids=torch.arange(s).expand(B, s))
+        total, _ = _saved_bytes(lambda: model(input_ids=ids, use_cache=False, **inputs), params)
         saved[layers] = total / (B * s)
     one = shapes.shape_config(name, llm_layers=1, vision_layers=1)
-    act = cost.activation_bytes_per_token(one, checkpointing=False, seq_len=s)
+    act = cost.activation_bytes_per_token(one, checkpointing=False, seq_len=s, padding_mask=padding_mask)
     assert saved[2] - saved[1] == act["per_layer"]
     assert saved[1] == act["kept"]
 
 
-def test_a_pass_2_chunk_saves_what_the_memory_model_counts():
+@pytest.mark.parametrize("padding_mask", ["auto", "always"])
+def test_a_pass_2_chunk_saves_what_the_memory_model_counts(padding_mask):
     """The tiny Qwen3-VL in bf16, tower frozen, vision cache on: pass 1 (no grad) fills the
     cache, pass 2's saved tensors are the LM's (kept bytes per padded token), the image-token
     mask (1 byte per token), the mergers' (`merger_activation_bytes`; CPU keeps LayerNorm
@@ -203,7 +206,8 @@ def test_a_pass_2_chunk_saves_what_the_memory_model_counts():
     cfg = shapes.shape_config("qwen3-tiny")
     geo = geometry_for(cfg, (64, 96), "qwen3-tiny")
     model = build_embedding_model_from_config(cfg, ModelConfig(backbone="qwen3_vl", dtype="bfloat16",
-                                                               attn_implementation="sdpa")).train()
+                                                               attn_implementation="sdpa",
+                                                               padding_mask=padding_mask)).train()
     assert model.vision_cache is not None
     params = frozenset(p.untyped_storage().data_ptr() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
@@ -221,7 +225,9 @@ def test_a_pass_2_chunk_saves_what_the_memory_model_counts():
     patches = len(sides) * geo.patches_per_image
     features = sum(storages[k] for k in cached)
     assert features == cost_qwen3vl.feature_bytes(cfg, patches)
-    act = cost.activation_bytes_per_token(cfg, checkpointing=False, seq_len=width)
+    # the bench's chunks are right-padded: "auto" drops the mask
+    act = cost.activation_bytes_per_token(cfg, checkpointing=False, seq_len=width,
+                                          padding_mask=padding_mask == "always")
     d = cfg.text_config.hidden_size
     expected = (rows * width * (act["kept"] + 1) + cost_qwen3vl.merger_activation_bytes(cfg, patches, stats_bytes=2)
                 + features + rows * (4 * d + 24))

@@ -73,7 +73,8 @@ def test_bench_cpu_smoke_two_ranks(tmp_path):
     # ZeRO-3 with the defaults: blocks fetched whole, tower reused in pass 2, plain F.linear;
     # every hooked module fetch counted (2 chunks per role: 4 forwards, 4 re-forwards, 4 backwards).
     assert row["optimizations"] == {"fetch_units": ["Qwen2DecoderLayer", "SiglipEncoderLayer"],
-                                    "vision_cache": True, "memory_efficient_linear": False}
+                                    "vision_cache": True, "memory_efficient_linear": False,
+                                    "padding_mask_dropped": True}
     fetches = row["zero3_fetches_per_step"]
     assert fetches["forward"] > 0 and fetches["backward"] > 0
     assert row["zero3_fetches_per_chunk_pass"] == pytest.approx(sum(fetches.values()) / 12)
@@ -102,5 +103,5 @@ def test_bench_cpu_smoke_qwen3vl_one_rank(tmp_path):
             assert key in row, key
         assert row["forward_split_tflop"]["proj2_dummy"] > 0   # the target chunks' dummy image
     assert z3["optimizations"] == {"fetch_units": ["Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"],
-                                   "vision_cache": True, "memory_efficient_linear": False}
+                                   "vision_cache": True, "memory_efficient_linear": False, "padding_mask_dropped": True}
     assert z3["predicted_memory"]["vision_cache"] > 0

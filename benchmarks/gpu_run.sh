@@ -8,6 +8,7 @@
 #      text targets), bf16, gradient cache on, chunk 16, 64 pairs, most important first:
 #      (a) ZeRO-3 vs ZeRO-2 with the step optimizations on, with the uncached step;
 #      (f) 2B ZeRO-3 with the padding mask passed again (--padding-mask always; issue 25 lever 1);
+#      (g) 2B ZeRO-3 with token-budget chunks (--chunk-tokens; issue 25 lever 5);
 #      (d) the peer: sentence-transformers' CachedMultipleNegativesRankingLoss against
 #          llave-ds's cached step on the same Qwen2-0.5B-shaped text encoder
 #          (benchmarks/peer_cached_mnrl.py; the GPU image ships sentence-transformers);
@@ -136,6 +137,10 @@ bench 2b_z2_opt  --shape aquila-vl-2b --pairs-per-rank 64 --stages 2 --ckpt non_
 # (f) issue 25's first lever off: the padding mask passed to the LM again (2b_z3_opt drops it, right padding).
 bench 2b_z3_mask --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 \
       --uncached-steps 0 --padding-mask always
+# (g) lever 5: token-budget chunks, up to 64 rows and 24,000 padded tokens (predicted 32.5 GiB against
+#     32.9 for chunk 16; 6 chunks per step instead of 8: the 64 text targets in one).
+bench 2b_z3_tok  --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 64 \
+      --chunk-tokens 24000 --uncached-steps 0
 # (d) the peer: sentence-transformers' CachedMNRL vs llave-ds's cached step, same Qwen2-0.5B-shaped text encoder.
 peer  peer_st_05b --pairs 64 --mini-batch 16
 # (e) Qwen3-VL-2B, cached ZeRO-3 at configs/qwen3vl_2b.yaml's chunk size (32), 1280-token query images, text targets.

@@ -687,6 +687,59 @@ def test_collator_defaults_and_errors():
         PairCollator(lambda sides, role: [1], 2, 2)(_pairs(2, 0))
 
 
+# --------------------------------------------------------------------------- token-budget chunks
+
+def test_token_budget_chunks_by_hand():
+    from llave_ds.data.batching import token_budget_chunks
+    # lengths by position: 5, 30, 10, 10, 40, 5; sorted: 4 (40), 1 (30), 2, 3 (10), 0, 5 (5)
+    chunks, over = token_budget_chunks([5, 30, 10, 10, 40, 5], budget=60, max_rows=8)
+    # 40 alone (2 x 40 > 60); 30 + 10 (2 x 30 = 60); then 10 + 5 + 5 (3 x 10 = 30) fit together
+    assert chunks == [[4], [1, 2], [3, 0, 5]] and over == 0
+    assert token_budget_chunks([5, 30, 10, 10, 40, 5], budget=60, max_rows=2)[0] == [[4], [1, 2], [3, 0], [5]]
+    assert token_budget_chunks([7, 7, 7], budget=21, max_rows=8)[0] == [[0, 1, 2]]  # ties in position order
+    chunks, over = token_budget_chunks([50, 80, 3], budget=40, max_rows=8)
+    assert chunks == [[1], [0], [2]] and over == 2     # rows over the budget: one chunk each, counted
+    assert token_budget_chunks([], budget=10, max_rows=2) == ([], 0)
+
+
+class LengthFormatter:
+    """A formatter whose row length is its text length (a row of ``n`` characters is ``n``
+    tokens): chunks are padded to their longest row, as the real one pads them."""
+
+    def __call__(self, sides, role):
+        width = max(len(s.text) for s in sides)
+        return {"text_len": torch.tensor([len(s.text) for s in sides]),
+                "attention_mask": torch.tensor([[1] * len(s.text) + [0] * (width - len(s.text)) for s in sides])}
+
+    def row_lengths(self, sides, role):
+        return [len(s.text) for s in sides]
+
+
+def test_collator_token_budget_chunks_carry_their_rows(caplog):
+    from llave_ds.core.gradcache import ROW_INDEX
+    lengths = [12, 3, 40, 5, 5, 22, 3, 8]
+    pairs = [Pair(query=Side("q" * n), target=Side("t" * (n % 4 + 1)), negatives=[Side("n" * 60)], row=i)
+             for i, n in enumerate(lengths)]
+    collator = PairCollator(LengthFormatter(), query_chunk_size=4, target_chunk_size=8, chunk_tokens=48)
+    with caplog.at_level("WARNING"):
+        batch = collator(pairs)
+    for chunks, want_lengths in ((batch.query_chunks, lengths), (batch.target_chunks, [n % 4 + 1 for n in lengths])):
+        rows = torch.cat([c[ROW_INDEX] for c in chunks])
+        assert sorted(rows.tolist()) == list(range(len(pairs)))   # every row once
+        for c in chunks:
+            assert c["text_len"].tolist() == [want_lengths[i] for i in c[ROW_INDEX].tolist()]  # rows match
+            assert len(c["text_len"]) <= (4 if chunks is batch.query_chunks else 8)
+            assert len(c["text_len"]) == 1 or c["attention_mask"].numel() <= 48  # within the budget
+    # 22 + 12: 2 x 22 = 44 tokens; then 8, 5, 5, 3 (the 4-row cap), then the last 3
+    assert [c["text_len"].tolist() for c in batch.query_chunks] == [[40], [22, 12], [8, 5, 5, 3], [3]]
+    assert len(batch.target_chunks) == 1  # eight short rows: one chunk (8 x 4 tokens)
+    # a 60-token negative exceeds the budget on its own: a chunk each, counted, logged once
+    assert len(batch.negative_chunks) == 8 and collator.rows_over_budget == 8
+    assert sum("longer than gradcache.chunk_tokens" in r.message for r in caplog.records) == 1
+    with pytest.raises(TypeError, match="row_lengths"):
+        PairCollator(fake_formatter, 2, 2, chunk_tokens=10)
+
+
 # --------------------------------------------------------------------------- DataLoader
 
 def _run_loader(ds, num_workers):

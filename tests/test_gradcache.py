@@ -9,12 +9,12 @@ and global gradient norm (relative), must agree to 1e-5.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 
-from llave_ds.core.gradcache import GradCacheConfig, GradCacheError, TorchStepBackend, gradcache_step
+from llave_ds.core.gradcache import ROW_INDEX, GradCacheConfig, GradCacheError, TorchStepBackend, gradcache_step
 from llave_ds.core.objective import ObjectiveConfig
 from tests.distributed_harness import run_distributed
 from tests.reference_loss import reference_loss, reference_loss_sum
@@ -38,6 +38,9 @@ class Scenario:
     checkpointing: str = "off"
     symmetric: bool = True
     trap: str = ""  # a known way to get GradCache wrong; the comparison must then fail
+    # Rows shuffled into chunks of uneven sizes, each carrying its ROW_INDEX (what token-budget
+    # chunking does); needs dropout 0 (the masks depend on a chunk's rows).
+    shuffled: bool = False
 
 
 def step_inputs(step: int, n: int, k: int):
@@ -50,10 +53,26 @@ def chunked(x: torch.Tensor, size: int) -> list[dict]:
     return [{"x": x[i:i + size]} for i in range(0, x.shape[0], size)]
 
 
+def shuffled_chunks(x: torch.Tensor, seed: int) -> list[dict]:
+    """x's rows in a random order, cut into chunks of 1, 3, 2, 1, 3, 2, ... rows, each with the
+    rows' positions in x (ROW_INDEX)."""
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    chunks, start, k = [], 0, 0
+    while start < len(order):
+        rows = order[start:start + (1, 3, 2)[k % 3]]
+        chunks.append({"x": x[rows], ROW_INDEX: rows})
+        start, k = start + len(rows), k + 1
+    return chunks
+
+
 def rank_chunks(sc: Scenario, step: int, rank: int):
     q, t, neg = step_inputs(step, sum(sc.sizes), sc.negatives)
     lo, hi = sum(sc.sizes[:rank]), sum(sc.sizes[:rank + 1])
     negs = neg[lo:hi].reshape(-1, D_IN)
+    if sc.shuffled:
+        seed = 100 * step + 10 * rank
+        return (shuffled_chunks(q[lo:hi], seed), shuffled_chunks(t[lo:hi], seed + 1),
+                shuffled_chunks(negs, seed + 2) if sc.negatives else [])
     return (chunked(q[lo:hi], sc.query_chunk), chunked(t[lo:hi], sc.target_chunk),
             chunked(negs, sc.target_chunk) if sc.negatives else [])
 
@@ -109,10 +128,11 @@ def reference_training(sc: Scenario, world: int):
     losses, norms = [], []
     n, k = sum(sc.sizes), sc.negatives
     dirs = 2 if sc.symmetric else 1
+    in_order = replace(sc, shuffled=False)  # the reference encodes the rows in order
     for step in range(STEPS):
         parts = {"q": [], "t": [], "n": []}
         for r in range(world):
-            qc, tc, nc = rank_chunks(sc, step, r)
+            qc, tc, nc = rank_chunks(in_order, step, r)
             torch.manual_seed(1000 * step + r)  # the seed rank r used: same dropout masks
             for key, chunks in (("q", qc), ("t", tc), ("n", nc)):
                 parts[key] += [model(**c) for c in chunks]
@@ -189,6 +209,35 @@ def test_uneven_ranks_and_chunk_counts_are_padded_and_exact():
     assert max(errors.values()) <= TOL, errors
 
 
+def test_chunks_with_row_positions_in_any_order_are_exact():
+    """Rows shuffled into uneven chunks (ROW_INDEX): the loss and every gradient are those of
+    the unsorted batch, with uneven ranks (different chunk counts), negatives, both stages."""
+    scenarios = [
+        Scenario("z3_shuffled_uneven", stage=3, sizes=(5, 2), dropout=0.0, negatives=2, shuffled=True),
+        Scenario("z2_shuffled_stopgrad_qt", stage=2, sizes=(3, 6), dropout=0.0, mode="stop_grad",
+                 symmetric=False, shuffled=True),
+    ]
+    errors = run_and_compare(scenarios)
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_row_positions_that_are_not_a_permutation_are_refused():
+    torch.manual_seed(0)
+    model = ToyEncoder(dropout=0.0)
+    backend = TorchStepBackend(model, torch.optim.AdamW(model.parameters(), lr=LR))
+    sc = Scenario("bad", sizes=(6,), dropout=0.0, shuffled=True)
+    qc, tc, _ = rank_chunks(sc, 0, 0)
+    qc[0] = {**qc[0], ROW_INDEX: qc[1][ROW_INDEX][:1]}  # a position twice, one missing
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(GradCacheError, match="not a permutation"):
+        gradcache_step(backend, qc, tc, objective_of(sc))
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    qc, tc, _ = rank_chunks(sc, 0, 0)
+    qc[0] = {**qc[0], ROW_INDEX: torch.arange(5)}
+    with pytest.raises(GradCacheError, match="rows but 5"):
+        gradcache_step(backend, qc, tc, objective_of(sc))
+
+
 def test_non_reentrant_checkpointing_under_zero3_is_exact():
     errors = run_and_compare([Scenario("z3_ckpt", stage=3, checkpointing="non_reentrant", query_chunk=3)])
     assert max(errors.values()) <= TOL, errors
@@ -244,8 +293,10 @@ def test_a_failing_rank_raises_on_every_rank():
     assert "GradCacheError" in outcomes[1].error and "injected encoder failure" in outcomes[1].error
 
 
-def test_plain_torch_backend_single_process_equals_reference():
-    sc = Scenario("torch", sizes=(8,), query_chunk=3, target_chunk=5, negatives=2)
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_plain_torch_backend_single_process_equals_reference(shuffled):
+    sc = Scenario("torch", sizes=(8,), query_chunk=3, target_chunk=5, negatives=2, shuffled=shuffled,
+                  dropout=0.0 if shuffled else 0.1)
     torch.manual_seed(0)
     model = ToyEncoder(dropout=sc.dropout)
     backend = TorchStepBackend(model, torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01))
@@ -262,4 +313,7 @@ def test_gradcache_config_validation():
         GradCacheConfig(query_chunk_size=0).validate()
     with pytest.raises(ValueError, match="reduction"):
         GradCacheConfig(reduction="sometimes").validate()
+    with pytest.raises(ValueError, match="gradcache.chunk_tokens must be >= 1"):
+        GradCacheConfig(chunk_tokens=0).validate()
+    assert GradCacheConfig(chunk_tokens=4096).chunk_sizes()["chunk_tokens"] == 4096
     assert GradCacheError.__mro__[1] is RuntimeError

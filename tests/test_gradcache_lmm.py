@@ -53,6 +53,7 @@ class Scenario:
     # value turns the formatter's video slot on, as training does for data with videos.
     videos: str = ""
     lora_r: int = 0  # > 0: LoRA adapters on the language model train, nothing else
+    chunk_tokens: int = 0  # > 0: token-budget chunks (rows sorted by length, ROW_INDEX); chunk = row cap
 
 
 def colour_image(step: int, i: int) -> Image.Image:
@@ -68,11 +69,12 @@ def pairs_of(sc: Scenario, step: int, rank: int) -> tuple[list[Side], list[Side]
     queries, targets = [], []
     for j in range(PAIRS_PER_RANK):
         i = rank * PAIRS_PER_RANK + j
+        more = " more" * ((j * 3 + step) % 4) if sc.chunk_tokens else ""  # rows of several lengths
         if sc.rank0_text_only and rank == 0:
-            queries.append(Side(f"find the caption number {i} of step {step}"))
+            queries.append(Side(f"find the caption number {i} of step {step}{more}"))
         else:
-            queries.append(Side("<|image_1|>\nDescribe the colour.", colour_image(step, i)))
-        targets.append(Side(f"colour {i * 37 % 11} shade {step}"))
+            queries.append(Side(f"<|image_1|>\nDescribe the colour{more}.", colour_image(step, i)))
+        targets.append(Side(f"colour {i * 37 % 11} shade {step}{more}"))
     return queries, targets
 
 
@@ -104,7 +106,10 @@ def make_formatter(processor, sc: Scenario):
                           video_slot=bool(sc.videos))
 
 
-def chunks_of(formatter, sides, size):
+def chunks_of(formatter, sides, size, chunk_tokens=0):
+    if chunk_tokens:  # what training's collator makes with gradcache.chunk_tokens
+        from llave_ds.data.batching import PairCollator
+        return PairCollator(formatter, size, size, chunk_tokens=chunk_tokens)._chunks(sides, size, "query")
     return [formatter(sides[k:k + size], "query") for k in range(0, len(sides), size)]
 
 
@@ -140,14 +145,16 @@ def _ranked(rank, world, scenarios, model_dirs):
         backend = eng.DeepSpeedStepBackend(engine, reduction=sc.reduction)
         from deepspeed.utils import get_z3_leaf_modules
         leaves = len(get_z3_leaf_modules(engine.module))
-        losses, norms = [], []
+        losses, norms, chunk_rows = [], [], []
         for step in range(STEPS):
             q, t = pairs_of(sc, step, rank)
-            res = gradcache_step(backend, chunks_of(formatter, q, sc.chunk), chunks_of(formatter, t, sc.chunk),
-                                 ObjectiveConfig(temperature=TAU, alpha=ALPHA, gather_mode=sc.mode))
+            qc, tc = (chunks_of(formatter, sides, sc.chunk, sc.chunk_tokens) for sides in (q, t))
+            chunk_rows.append([c["row_index"].tolist() for c in qc + tc if "row_index" in c])
+            res = gradcache_step(backend, qc, tc, ObjectiveConfig(temperature=TAU, alpha=ALPHA, gather_mode=sc.mode))
             losses.append(float(res.output.loss.detach()))
             norms.append(res.backend_info["grad_norm"])
         out[sc.name] = {"params": eng.gathered_state_dict(engine), "losses": losses, "norms": norms,
+                        "chunk_rows": chunk_rows,
                         "leaves": leaves, "tower_hits": model.vision_cache.hits if model.vision_cache else 0}
         del engine, model
     return out
@@ -236,6 +243,11 @@ SCENARIOS = [
     Scenario("qwen3_z3_lora_frozen_tower", backbone="qwen3_vl", chunk=2, frozen_tower=True, lora_r=4),
     Scenario("qwen3_z3_mixed_image_video_frozen_tower", backbone="qwen3_vl", chunk=3, videos="mixed",
              frozen_tower=True),
+    # Token-budget chunks (issue 25): rows sorted by length into chunks of at most 130 tokens
+    # (and 4 rows); the text-only rank packs into fewer chunks than the image rank.
+    Scenario("qwen_z3_token_budget_text_only_rank", backbone="qwen2_vl", chunk=4, rank0_text_only=True,
+             chunk_tokens=130),
+    Scenario("ov_z3_token_budget_frozen_tower", chunk=4, frozen_tower=True, chunk_tokens=200),
     # LoRA under ZeRO-3 (any backbone): blocks holding adapters are not fetch units (as leaves
     # their adapters got an empty gradient: "0 != 256 Cannot reduce scatter").
     Scenario("qwen_z3_lora_frozen_tower", backbone="qwen2_vl", chunk=2, frozen_tower=True, lora_r=4),
@@ -261,6 +273,11 @@ def test_gradcache_with_lmm_backbones_equals_plain_torch(model_dirs, sc):
         if sc.stage == 3:  # with LoRA only the (adapter-free) vision blocks: 2 or 3 in the tiny models
             assert (got["leaves"] >= (2 if sc.lora_r else 4)) == sc.optimizations, got["leaves"]
         chunks_per_step = 2 * -(-PAIRS_PER_RANK // sc.chunk)
+        if sc.chunk_tokens:  # the sorted chunks really were reordered and uneven
+            rows = got["chunk_rows"]
+            chunks_per_step = len(rows[0])
+            assert any([i for r in step for i in r] != sorted(i for r in step for i in r) for step in rows), rows
+            print(f"{sc.name} rank {out.rank}: chunks {rows}")
         calls_per_chunk = 2 if sc.videos else 1  # images, then videos
         assert got["tower_hits"] == (STEPS * chunks_per_step * calls_per_chunk if sc.frozen_tower else 0), \
             got["tower_hits"]

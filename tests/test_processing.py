@@ -545,3 +545,26 @@ def test_prompt_format_round_trips_and_unknown_is_a_clear_error(processors):
         load_config(train.TrainConfig, overrides=["data.source=/data/mmeb", "processing.prompt_format=chatml"])
     assert load_config(train.TrainConfig, overrides=["data.source=/data/mmeb", "processing.prompt_format=llave"]
                        ).processing.prompt_format == "llave"
+
+
+# --------------------------------------------------------------------- row lengths (token-budget chunks)
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_row_lengths_are_each_rows_length_in_any_chunk(processors, backbone):
+    """``row_lengths`` (what token-budget chunks are packed by) is each row's attended length
+    whatever chunk it lands in: rows are fitted alone and padded, image tokens are per image.
+    Truncated rows included; the formatter's counters are left alone."""
+    from tests.multimodal import moving_video
+
+    fmt = InputFormatter(processors[backbone], backbone, max_length=90, video_frames=4, video_slot=True)
+    sides = [Side("<|image_1|>\nwhat is shown here, in detail?", noise_image(40, 50, 1)), Side("short"),
+             Side("a long text row " * 20), Side("<|image_1|> x", noise_image(56, 28, 2)),
+             Side("<|video_1|>\nwhere does it go", video=moving_video(3, 4)), Side("")]
+    counters = (fmt.num_formatted, fmt.num_truncated)
+    lengths = fmt.row_lengths(sides, "query")
+    assert (fmt.num_formatted, fmt.num_truncated) == counters
+    assert max(lengths) == 90 and len(set(lengths)) >= 4  # truncated rows, and rows of many lengths
+    for group in ([0, 1, 2, 3, 4, 5], [2, 5], [4, 0, 1], [3]):
+        mask = fmt([sides[i] for i in group], "query")["attention_mask"]
+        assert mask.sum(1).tolist() == [lengths[i] for i in group]
+    assert fmt.row_lengths([sides[1]], "target") == [int(fmt([sides[1]], "target")["attention_mask"].sum())]

@@ -203,12 +203,14 @@ def _train_qwen(rank, world, overrides):
 
 def test_qwen2vl_backbone_trains_on_synthetic_data_under_zero3(assets, tmp_path):
     """The second backbone through the same entry point: 2 ranks, ZeRO-3, gradient cache,
-    synthetic data with hard negatives (one rank's chunks may be text-only)."""
+    synthetic data with hard negatives (one rank's chunks may be text-only), and token-budget
+    chunks (``gradcache.chunk_tokens``: rows sorted by length, their positions with each chunk)."""
     from llave_ds.toy.tiny import build_tiny_model_dir
     qwen = build_tiny_model_dir(tmp_path / "qwen", "qwen2_vl", seed=1)
     run_dir = tmp_path / "qwen_run"
     over = overrides_for(assets, run_dir, **{"model.path": str(qwen), "schedule.max_steps": 2,
-                                             "checkpoint.every_steps": 0, "export.at_end": False})
+                                             "checkpoint.every_steps": 0, "export.at_end": False,
+                                             "gradcache.chunk_tokens": 150})
     outcomes = run_distributed(_train_qwen, 2, over, timeout_s=300)
     assert [o.value for o in outcomes] == [2, 2]
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]

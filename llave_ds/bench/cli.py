@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ckpt", nargs="+", default=["non_reentrant"], choices=("off", "non_reentrant"),
                    help="activation checkpointing modes to sweep")
     g.add_argument("--chunk-sizes", type=int, nargs="+", default=[4], help="query = target chunk size")
+    g.add_argument("--chunk-tokens", type=int, default=None,
+                   help="gradcache.chunk_tokens: token-budget chunks (longest rows first, at most this many padded "
+                        "tokens and the chunk size of rows per chunk)")
     g.add_argument("--reduction", choices=("coalesced", "per_chunk"), default="coalesced")
     g.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     g.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration")

@@ -31,6 +31,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 from llave_ds.bench import cost, shapes
 from llave_ds.bench.cost import TEMPLATE_HEAD_TOKENS, TEMPLATE_TAIL_TOKENS, Geometry, SideShape
+from llave_ds.data.batching import token_budget_chunks
 from llave_ds.model.processors import LlavaOnevisionImageTextProcessor
 from llave_ds.toy.tiny import build_tiny_tokenizer
 
@@ -177,8 +178,16 @@ def to_device(chunk: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in chunk.items()}
 
 
-def chunked(sides: list[SideShape], size: int) -> list[list[SideShape]]:
-    return [sides[i:i + size] for i in range(0, len(sides), size)]
+def chunked(sides: list[SideShape], size: int, geo: Optional[Geometry] = None,
+            chunk_tokens: Optional[int] = None) -> list[list[SideShape]]:
+    """Chunks of ``size`` sides in order, or with ``chunk_tokens`` the token-budget chunks
+    training makes (``llave_ds.data.batching.token_budget_chunks``: longest first, at most
+    ``size`` rows and ``chunk_tokens`` padded tokens). The bench's pairs are synthetic, so
+    its sorted chunks carry no row positions: the step's work is the same."""
+    if not chunk_tokens:
+        return [sides[i:i + size] for i in range(0, len(sides), size)]
+    groups, _ = token_budget_chunks([s.length(geo) for s in sides], chunk_tokens, size)
+    return [[sides[i] for i in group] for group in groups]
 
 
 @dataclass

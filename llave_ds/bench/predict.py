@@ -32,13 +32,15 @@ def predict_only(args) -> dict:
             vision_cached = not (args.no_vision_cache or args.train_vision_tower)
             mem_u = predict_chunks_memory(hf_config, counts, [sides_q, sides_t], geo, together=True, **settings)
             for chunk in args.chunk_sizes:
-                lists = chunked(sides_q, chunk) + chunked(sides_t, chunk)
+                lists = (chunked(sides_q, chunk, geo, args.chunk_tokens)
+                         + chunked(sides_t, chunk, geo, args.chunk_tokens))
                 fwd = sum_parts([chunk_forward_flops(hf_config, c, geo) for c in lists])
                 fl = step_flops(fwd, cached=True, checkpointing=checkpointing,
                                 vision_trained=args.train_vision_tower, vision_cached=not args.no_vision_cache)
                 m = predict_chunks_memory(hf_config, counts, lists, geo, vision_cached=vision_cached, **settings)
                 rows.append({
-                    "stage": stage, "ckpt": ckpt, "chunk": chunk,
+                    "stage": stage, "ckpt": ckpt, "chunk": chunk, "chunk_tokens": args.chunk_tokens,
+                    "chunks_per_step": len(lists),
                     "model_tflop_per_step_per_rank": fl["model"] / 1e12,
                     "hardware_tflop_per_step_per_rank": fl["hardware"] / 1e12,
                     "uncached_hardware_tflop_per_step_per_rank": unc["hardware"] / 1e12,

@@ -174,9 +174,11 @@ def _time_cached(s: RunSettings, e: _Engine, chunk: int) -> tuple[dict, str]:
     """The row of the cached step at chunk size ``chunk``, and why the engine is no longer
     trusted ("" unless this configuration ran out of memory inside a step)."""
     args, w = s.args, s.work
-    q_lists, t_lists = chunked(w.sides_q, chunk), chunked(w.sides_t, chunk)
+    q_lists = chunked(w.sides_q, chunk, w.geo, args.chunk_tokens)
+    t_lists = chunked(w.sides_t, chunk, w.geo, args.chunk_tokens)
     pred = _predicted(s, e, q_lists + t_lists)
-    row = {"stage": e.stage, "ckpt": e.ckpt, "chunk": chunk, "reduction": args.reduction,
+    row = {"stage": e.stage, "ckpt": e.ckpt, "chunk": chunk, "chunk_tokens": args.chunk_tokens,
+           "reduction": args.reduction,
            "build_s": e.build_s, "predicted_memory": pred}
     too_big = _over_capacity(s, e, pred)
     if too_big:

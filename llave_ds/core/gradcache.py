@@ -14,6 +14,12 @@ and reduces gradients in every backward; NCCL hangs where gloo aborts): every ra
 the same number of chunks per role, in the same order, padding with repeated chunks
 whose gradient is multiplied by zero.
 
+Chunk order: a chunk may carry ``ROW_INDEX``, the positions of its rows among the role's rows
+on this rank (token-budget chunks hold rows sorted by length, `llave_ds.data.batching`); the
+cached embeddings are put back in row order before the loss and each chunk's gradient rows
+are taken from those positions in pass 2, so the loss and every gradient are those of the
+unsorted batch. Without it, chunks hold consecutive rows in order.
+
 Non-finite values: a non-finite loss or cached embedding gradient on any rank skips the
 step on every rank *before* pass 2 (one small all-reduce decides), so no reduction is
 ever half done; a non-finite parameter gradient after pass 2 is caught by the backend's
@@ -35,6 +41,8 @@ from llave_ds.core.gather import all_ranks_ok, all_reduce_max, is_distributed, r
 from llave_ds.core.objective import ContrastiveOutput, ObjectiveConfig, hardness_weighted_loss
 
 Chunk = Any  # whatever the backend's encode() accepts (a dict of tensors for the LMM)
+# The key of a chunk's row positions (an int64 tensor; optional): popped before encode().
+ROW_INDEX = "row_index"
 
 
 class GradCacheError(RuntimeError):
@@ -55,9 +63,17 @@ def check_chunk_size(name: str, value: int, local_batch: Optional[int] = None, s
 class GradCacheConfig:
     """How a global batch is cut: chunks of ``query_chunk_size`` queries and
     ``target_chunk_size`` targets (hard negatives use the target size) are encoded at a time;
-    the collator cuts the batch with these sizes (`chunk_sizes`)."""
+    the collator cuts the batch with these sizes (`chunk_sizes`).
+
+    ``chunk_tokens`` (default None: off): token-budget chunks. Each role's rows are sorted by
+    length (longest first) and a chunk takes rows while rows x its longest row stays within
+    this many tokens, and at most the role's chunk size of rows; so short text rows make
+    few large chunks and long image rows small ones. Exact like any chunking (the rows'
+    positions travel with each chunk, ``ROW_INDEX``); a row longer than the budget alone is
+    a chunk of its own (counted, logged once)."""
     query_chunk_size: int = 8
     target_chunk_size: int = 8
+    chunk_tokens: Optional[int] = None
     # "coalesced": one gradient reduction per step (DeepSpeed ZeRO 1-3 keep the full local
     # gradient until the flush); "per_chunk": reduce after every chunk's backward
     # (ZeRO-2/3 keep only their partition). See docs/GRADCACHE.md for the measurements.
@@ -67,11 +83,14 @@ class GradCacheConfig:
         """Sizes >= 1 and (``local_batch`` given: a rank's pairs per step) not above it."""
         for name in ("query_chunk_size", "target_chunk_size"):
             check_chunk_size(name, getattr(self, name), local_batch, share)
+        if self.chunk_tokens is not None:
+            check_chunk_size("chunk_tokens", self.chunk_tokens)
         check_choices(self, "gradcache.")
 
-    def chunk_sizes(self) -> dict[str, int]:
+    def chunk_sizes(self) -> dict[str, Any]:
         """Keyword arguments of the collator (``PairCollator(formatter, **sizes)``)."""
-        return {"query_chunk_size": self.query_chunk_size, "target_chunk_size": self.target_chunk_size}
+        return {"query_chunk_size": self.query_chunk_size, "target_chunk_size": self.target_chunk_size,
+                "chunk_tokens": self.chunk_tokens}
 
 
 class StepBackend(Protocol):
@@ -126,6 +145,35 @@ class _Role:
     padded_count: int = 0
     embeddings: list = field(default_factory=list)
     rng: list = field(default_factory=list)
+    rows: list = field(default_factory=list)    # per real chunk: its rows' positions (LongTensor)
+    order: Optional[torch.Tensor] = None        # all rows' positions, chunk by chunk (set when sorted)
+
+
+def _model_inputs(chunk: Chunk) -> Chunk:
+    """What the backend encodes: the chunk without its ``ROW_INDEX``."""
+    if isinstance(chunk, dict) and ROW_INDEX in chunk:
+        return {k: v for k, v in chunk.items() if k != ROW_INDEX}
+    return chunk
+
+
+def _place_rows(role: _Role) -> Optional[str]:
+    """Each real chunk's row positions (its ``ROW_INDEX``, else the next consecutive rows) and
+    ``role.order`` when any chunk carried an index; a description of what is wrong, or None."""
+    given = [isinstance(c, dict) and ROW_INDEX in c for c in role.chunks]
+    start = 0
+    for chunk, emb, has in zip(role.chunks, role.embeddings, given):
+        n = emb.shape[0]
+        rows = chunk[ROW_INDEX].to(torch.int64).flatten().cpu() if has else torch.arange(start, start + n)
+        if rows.numel() != n:
+            return f"a {role.name} chunk has {n} rows but {rows.numel()} {ROW_INDEX} entries"
+        role.rows.append(rows)
+        start += n
+    if any(given):
+        order = torch.cat(role.rows) if role.rows else torch.zeros(0, dtype=torch.int64)
+        if not torch.equal(order.sort().values, torch.arange(order.numel())):
+            return f"the {role.name} chunks' {ROW_INDEX} values are not a permutation of 0..{order.numel() - 1}"
+        role.order = order
+    return None
 
 
 def _agree_chunk_counts(roles: Sequence[_Role], device: torch.device) -> None:
@@ -175,7 +223,7 @@ def gradcache_step(backend: StepBackend, query_chunks: Sequence[Chunk],
             for role in roles:
                 for chunk, is_pad in _padded_chunks(role, fallback):
                     role.rng.append(RngState(device))
-                    emb = backend.encode(chunk)
+                    emb = backend.encode(_model_inputs(chunk))
                     if not is_pad:
                         role.embeddings.append(emb.detach().float())
     except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
@@ -183,13 +231,22 @@ def gradcache_step(backend: StepBackend, query_chunks: Sequence[Chunk],
     if not all_ranks_ok(error is None, device):
         raise GradCacheError(f"the no-grad encode pass failed on "
                              f"{'this rank' if error else 'another rank'}: {error!r}") from error
+    # Sorted chunks: every rank checks its row positions, and all agree before the loss's collectives.
+    problem = next((p for p in (_place_rows(role) for role in roles) if p), None)
+    if not all_ranks_ok(problem is None, device):
+        raise GradCacheError(f"bad chunk row positions on {'this rank: ' + problem if problem else 'another rank'}")
     t1 = time.perf_counter()
 
     # ---- loss on the cached embeddings, gradient w.r.t. each cached embedding ---------
     cached = {}
     for role in roles:
-        cached[role.name] = (torch.cat(role.embeddings).requires_grad_(True)
-                             if role.embeddings else None)
+        if not role.embeddings:
+            cached[role.name] = None
+            continue
+        stacked = torch.cat(role.embeddings)
+        if role.order is not None:  # back to row order: the loss sees the unsorted batch
+            stacked = torch.empty_like(stacked).index_copy_(0, role.order.to(stacked.device), stacked)
+        cached[role.name] = stacked.requires_grad_(True)
     query, target = cached["query"], cached["target"]
     if query.shape != target.shape:
         raise GradCacheError(f"{query.shape[0]} query embeddings but {target.shape[0]} target "
@@ -235,16 +292,16 @@ def gradcache_step(backend: StepBackend, query_chunks: Sequence[Chunk],
     with backend.reduction_context(_reduction_mode(backend)):
         for role in roles:
             grads = cached[role.name].grad if cached[role.name] is not None else None
-            start = 0
             for i, (chunk, is_pad) in enumerate(_padded_chunks(role, fallback)):
                 role.rng[i].restore()
-                emb = backend.encode(chunk).float()
+                emb = backend.encode(_model_inputs(chunk)).float()
                 if is_pad:
                     # Same collectives as a real chunk, zero contribution.
                     surrogate = emb.sum() * 0.0
                 else:
-                    g = grads[start:start + emb.shape[0]]
-                    start += emb.shape[0]
+                    rows = role.rows[i]  # this chunk's rows of the (row-ordered) cached gradient
+                    g = grads[int(rows[0]):int(rows[0]) + len(rows)] if role.order is None else \
+                        grads.index_select(0, rows.to(grads.device))
                     surrogate = (emb * g).sum() * multiplier
                 done += 1
                 backend.backward(surrogate, last=done == total_chunks)

@@ -3,7 +3,9 @@
 `GlobalBatchSampler` draws the same global plan on every rank (a function of seed and
 epoch) and gives rank r its slice; `PairCollator` turns a rank's pairs into a `TrainBatch`:
 query, target and hard-negative chunks, each formatted by the formatter it is given. The
-chunk sizes are the gradient cache's (``gradcache.*_chunk_size``, checked there).
+chunk sizes are the gradient cache's (``gradcache.*_chunk_size``, checked there); with
+``gradcache.chunk_tokens`` the rows are sorted by length and packed under that token budget
+(`token_budget_chunks`), each chunk carrying its rows' positions (``ROW_INDEX``).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 import numpy as np
 import torch
 
-from llave_ds.core.gradcache import check_chunk_size
+from llave_ds.core.gradcache import ROW_INDEX, check_chunk_size
 from llave_ds.data.errors import DataError
 from llave_ds.data.mmeb_train import Pair
 from llave_ds.media.side import Side
@@ -201,30 +203,66 @@ class TrainBatch:
         return self._map(lambda t: t.pin_memory())
 
 
+def token_budget_chunks(lengths: Sequence[int], budget: int, max_rows: int) -> Tuple[List[List[int]], int]:
+    """Rows (by position) grouped into chunks under a token budget: sorted longest first (ties
+    in position order), a chunk takes rows while ``rows x its longest row <= budget`` and
+    ``rows <= max_rows``. Returns (the chunks, how many rows exceeded the budget alone; each
+    such row is a chunk of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    chunks: List[List[int]] = []
+    over = 0
+    for i in order:
+        current = chunks[-1] if chunks else None
+        # sorted: the chunk's longest row is its first
+        if current and len(current) < max_rows and (len(current) + 1) * int(lengths[current[0]]) <= budget:
+            current.append(i)
+        else:
+            chunks.append([i])
+            over += int(lengths[i]) > budget
+    return chunks, over
+
+
 class PairCollator:
     """Turns a list of `Pair`s into a `TrainBatch`; picklable if ``formatter`` is.
 
     ``formatter(sides, role)`` (role "query" or "target"; negatives use "target") returns
     a dict of tensors for one chunk. Negatives are chunked with ``negative_chunk_size``
-    (default: ``target_chunk_size``).
+    (default: ``target_chunk_size``). ``chunk_tokens``: token-budget chunks
+    (``GradCacheConfig.chunk_tokens``); the row lengths come from ``formatter.row_lengths``.
     """
 
     def __init__(self, formatter: Formatter, query_chunk_size: int, target_chunk_size: int,
-                 negative_chunk_size: Optional[int] = None):
+                 negative_chunk_size: Optional[int] = None, chunk_tokens: Optional[int] = None):
         negative_chunk_size = target_chunk_size if negative_chunk_size is None else negative_chunk_size
         self.formatter = formatter
         self.query_chunk_size = check_chunk_size("query_chunk_size", query_chunk_size)
         self.target_chunk_size = check_chunk_size("target_chunk_size", target_chunk_size)
         self.negative_chunk_size = check_chunk_size("negative_chunk_size", negative_chunk_size)
+        self.chunk_tokens = None if chunk_tokens is None else check_chunk_size("chunk_tokens", chunk_tokens)
+        if self.chunk_tokens is not None and not callable(getattr(formatter, "row_lengths", None)):
+            raise TypeError(f"gradcache.chunk_tokens needs a formatter with row_lengths(sides, role); "
+                            f"{type(formatter).__name__} has none")
+        self.rows_over_budget = 0  # rows longer than chunk_tokens on their own (each its own chunk)
+
+    def _format(self, sides: List[Side], role: str) -> Dict[str, torch.Tensor]:
+        features = self.formatter(sides, role)
+        if not isinstance(features, Mapping):
+            raise TypeError(f"formatter must return a dict of tensors, got {type(features).__name__}")
+        return dict(features)
 
     def _chunks(self, sides: List[Side], size: int, role: str) -> List[Dict[str, torch.Tensor]]:
-        out = []
-        for i in range(0, len(sides), size):
-            features = self.formatter(sides[i:i + size], role)
-            if not isinstance(features, Mapping):
-                raise TypeError(f"formatter must return a dict of tensors, got {type(features).__name__}")
-            out.append(dict(features))
-        return out
+        if not sides:
+            return []
+        if self.chunk_tokens is None:
+            return [self._format(sides[i:i + size], role) for i in range(0, len(sides), size)]
+        groups, over = token_budget_chunks(self.formatter.row_lengths(sides, role), self.chunk_tokens, size)
+        if over and not self.rows_over_budget:
+            logger.warning("a %s row is longer than gradcache.chunk_tokens=%d on its own: it is a chunk of its "
+                           "own (raise chunk_tokens if memory allows); further ones are only counted "
+                           "(PairCollator.rows_over_budget)", role, self.chunk_tokens)
+        self.rows_over_budget += over
+        return [{**self._format([sides[i] for i in group], role), ROW_INDEX: torch.tensor(group, dtype=torch.long)}
+                for group in groups]
 
     def __call__(self, pairs: Sequence[Pair]) -> TrainBatch:
         if not pairs:

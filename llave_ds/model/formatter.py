@@ -379,6 +379,18 @@ class InputFormatter:
             out["dummy_video"] = torch.tensor(not videos)
         return out
 
+    def row_lengths(self, sides: Sequence[Any], role: str) -> list[int]:
+        """Each side's token count as this formatter lays it out: a row's length does not depend
+        on the other rows of its chunk (each row is fitted to ``max_length`` alone, media token
+        counts are per image or clip), so this formats each side alone (images and videos
+        included: a second formatting pass, the price of token-budget chunks). The formatting
+        counters are left as they were."""
+        counters = (self.num_formatted, self.num_truncated)
+        try:
+            return [int(self([side], role)["attention_mask"].sum()) for side in sides]
+        finally:
+            self.num_formatted, self.num_truncated = counters
+
     def metadata(self) -> dict:
         """How prompts are built, for export next to the weights (the ``input_format`` of
         ``llave_embedding.json``): every ``ProcessingConfig`` field, plus descriptions."""

@@ -158,3 +158,24 @@ def test_real_qwen3vl_image_geometry():
     assert Side(80, False).length(geo) == 14 + 80 + 5
     tiny = geometry_for(shapes.shape_config("qwen3-tiny"), None, "qwen3-tiny")   # 384 px into the tiny's 64 px cap
     assert (tiny.image_hw, tiny.tokens_per_image, tiny.dummy_patches) == ((64, 64), 4, 4)
+
+
+def test_token_budget_chunks_of_the_bench_are_trainings():
+    """``chunked(..., chunk_tokens=)`` groups the synthetic sides as training's collator would
+    (``token_budget_chunks`` on their lengths): longest first, within the budget and the row cap."""
+    from llave_ds.bench.inputs import chunked
+    from llave_ds.data.batching import token_budget_chunks
+
+    geo = geometry_for(shapes.shape_config("tiny"), (28, 28), "tiny")
+    sides = [Side(n, has_image=n % 3 == 0) for n in (5, 40, 12, 30, 3, 21, 8, 60)]
+    lengths = [s.length(geo) for s in sides]
+    lists = chunked(sides, 4, geo, chunk_tokens=150)
+    groups, _ = token_budget_chunks(lengths, 150, 4)
+    assert lists == [[sides[i] for i in g] for g in groups]
+    assert sorted(id(s) for c in lists for s in c) == sorted(id(s) for s in sides)
+    for c in lists:
+        widths = [s.length(geo) for s in c]
+        assert widths == sorted(widths, reverse=True) and len(c) <= 4
+        assert len(c) == 1 or len(c) * widths[0] <= 150
+    assert chunked(sides, 3) == [sides[0:3], sides[3:6], sides[6:8]]
+

@@ -6,7 +6,8 @@
 #   2. runs llave_ds.bench on the Aquila-VL-2B and LLaVA-OV 0.5B shapes at real lengths
 #      (384x384 images = 1485 image tokens + 40-120 text tokens per query; 10-60-token
 #      text targets), bf16, gradient cache on, chunk 16, 64 pairs, most important first:
-#      (a) ZeRO-3 vs ZeRO-2 with the step optimizations on, with the uncached step;
+#      (a) ZeRO-3 vs ZeRO-2 with the step optimizations on, with the uncached step (ZeRO-3 also
+#          profiled: one more step under torch.profiler, top kernels / attention / collectives);
 #      (f) 2B ZeRO-3 with the padding mask passed again (--padding-mask always; issue 25 lever 1);
 #      (g) 2B ZeRO-3 with token-budget chunks (--chunk-tokens; issue 25 lever 5);
 #      (d) the peer: sentence-transformers' CachedMultipleNegativesRankingLoss against
@@ -132,7 +133,8 @@ peer() {  # peer NAME ARGS...: benchmarks/peer_cached_mnrl.py, its JSON line app
 # memory_efficient_linear false, frozen-vision cache, no redundant padding mask; "base" = all
 # four off (the old step).
 # (a) 2B, chunk 16, optimizations on: ZeRO-3 vs ZeRO-2, each with the uncached step.
-bench 2b_z3_opt  --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16
+bench 2b_z3_opt  --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 \
+      --profile
 bench 2b_z2_opt  --shape aquila-vl-2b --pairs-per-rank 64 --stages 2 --ckpt non_reentrant --chunk-sizes 16
 # (f) issue 25's first lever off: the padding mask passed to the LM again (2b_z3_opt drops it, right padding).
 bench 2b_z3_mask --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 \
@@ -178,5 +180,8 @@ for line in open(sys.argv[1]):
               f"HFU {100*row['hfu']:.1f}%  mem {row['peak_memory_gib']:.1f}/{row['predicted_memory_gib']:.1f} GiB  "
               f"bk {100*row['bookkeeping_frac']:.2f}%  c/u {row.get('cached_over_uncached', float('nan')):.2f}  "
               f"fetches/step {sum((row.get('zero3_fetches_per_step') or {}).values()):.0f}")
+        if row.get("profile"):  # --profile: where that step's time went
+            from llave_ds.bench.profile import format_profile
+            print("\n".join(format_profile(f"{r['label']} chunk={row['chunk']}", row["profile"])))
 PYEOF
 [ "$FAILED" = 0 ]

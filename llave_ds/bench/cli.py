@@ -93,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "bench's); always passes it (the behaviour before)")
     g.add_argument("--no-vision-cache", action="store_true",
                    help="run the frozen tower again in pass 2 instead of reusing pass 1's features")
+    g.add_argument("--profile", action="store_true",
+                   help="after the timed steps, one more cached step under torch.profiler: top kernels, the "
+                        "attention kernel, time in collectives (in the table and the JSON row)")
     g.add_argument("--count-comms", action="store_true",
                    help="DeepSpeed comms logger on: count collectives and bytes per step "
                         "(synchronises after every collective: do not read times from such a run)")

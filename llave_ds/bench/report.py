@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from llave_ds.bench.cost import GIB
+from llave_ds.bench.profile import format_profile
 
 TARGETS = {
     "mfu_2b_min": 0.45,
@@ -100,6 +101,9 @@ def format_table(result: dict) -> str:
             lines.append(f"zero{row['stage']} chunk={row['chunk']}: fetch units {units}; vision cache "
                          f"{'on' if opt['vision_cache'] else 'off'}; memory_efficient_linear "
                          f"{opt['memory_efficient_linear']}")
+    for row in r["rows"]:
+        if row.get("profile"):
+            lines += format_profile(f"zero{row['stage']} chunk={row['chunk']}", row["profile"])
     unc = [(row["stage"], row["ckpt"], row.get("uncached")) for row in r["rows"] if row.get("uncached")]
     seen = set()
     for stage, ckpt, u in unc:

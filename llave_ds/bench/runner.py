@@ -28,6 +28,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from llave_ds.bench import report, shapes
 from llave_ds.bench.cost import GIB, chunk_forward_flops, predict_chunks_memory, step_flops, sum_parts, utilization
 from llave_ds.bench.inputs import Workload, build_chunk, build_workload, chunked, describe, to_device
+from llave_ds.bench.profile import profile_step
 from llave_ds.bench.timing import MemoryProbe, TimedBackend, measure_peak_tflops, plain_step
 from llave_ds.config import shipped_file
 from llave_ds.core import distributed
@@ -219,6 +220,9 @@ def _time_cached(s: RunSettings, e: _Engine, chunk: int) -> tuple[dict, str]:
     if args.count_comms and args.steps:
         snap = comms_snapshot()
         comms = {k: {key: val / args.steps for key, val in v.items()} for k, v in snap.items()}
+    if getattr(args, "profile", False):  # one more step, under torch.profiler (not timed)
+        timed.begin()
+        row["profile"] = profile_step(lambda: gradcache_step(timed, q_chunks, t_chunks, e.objective), s.device)
     step_s = statistics.median(times)
     median_phases = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
     flops = step_flops(fwd, cached=True, checkpointing=e.checkpointing,

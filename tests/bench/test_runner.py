@@ -46,7 +46,7 @@ def test_bench_cpu_smoke_two_ranks(tmp_path):
     cmd = [sys.executable, "-m", "llave_ds.bench", "--shape", "tiny", "--device", "cpu",
            "--ranks", "2", "--stages", "3", "--chunk-sizes", "2", "--pairs-per-rank", "4", "--steps", "2",
            "--warmup", "1", "--query-text-tokens", "10-30", "--target-text-tokens", "5-15",
-           "--json-out", str(json_out)]
+           "--profile", "--json-out", str(json_out)]
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=str(tmp_path))
@@ -78,6 +78,14 @@ def test_bench_cpu_smoke_two_ranks(tmp_path):
     fetches = row["zero3_fetches_per_step"]
     assert fetches["forward"] > 0 and fetches["backward"] > 0
     assert row["zero3_fetches_per_chunk_pass"] == pytest.approx(sum(fetches.values()) / 12)
+    # --profile: one more step under torch.profiler, after the counted ones (fetches per step unchanged)
+    prof = row["profile"]
+    assert prof["time"] == "self CPU time" and prof["top"] and prof["total_ms"] > 0
+    assert sum(e["share"] for e in prof["top"]) <= 1.0 + 1e-9
+    assert any("scaled_dot_product" in e["name"] for e in prof["attention"]), prof["attention"]
+    assert prof["collectives_ms"] > 0 and any("all_gather" in e["name"] or "allgather" in e["name"].lower()
+                                              for e in prof["collectives"]), prof["collectives"]
+    assert "profile zero3 chunk=2" in proc.stdout and "attention:" in proc.stdout
     assert "zero3 chunk=2:" in proc.stdout and "module fetches per step" in proc.stdout
     print(f"bench smoke run: {wall:.1f} s")
 

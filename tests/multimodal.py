@@ -52,3 +52,45 @@ def gradient_keeping_backend(model):
 
     backend.step = keep_grads
     return backend, grads
+
+
+def check_cached_second_pass(model, ref, formatter, images: list, tau: float = 0.1, alpha: float = 4.0) -> set:
+    """The gradient cache on ``model`` (frozen tower, vision cache on) against ``ref``, the same
+    weights without the cache, trained on the global batch with plain autograd: query chunks of
+    images, a target chunk mixing text and an image and a text-only one (the dummy image). Pass
+    2 never runs the tower (4 cache hits), the loss agrees within 8 float32 eps of the logit
+    scale 1/tau + alpha (an ulp of it is legitimate rounding: test_vision_cache.py) and every
+    gradient within rtol 1e-4 and an atol of 1e-6 scaled to the tensor's magnitude. Returns the
+    names of the parameters with a gradient."""
+    import torch
+
+    from llave_ds.core.gradcache import gradcache_step
+    from llave_ds.core.objective import ObjectiveConfig
+    from tests.reference_loss import reference_loss
+
+    assert ref.vision_cache is None
+    texts = [Side(f"caption {i}") for i in range(4)]
+    q = [formatter(images[k:k + 2], "query") for k in (0, 2)]
+    t = [formatter([texts[0], images[1]], "target"), formatter(texts[2:], "target")]  # the last: dummy image
+    calls = []
+    model.base_hf_model.model.visual.patch_embed.register_forward_hook(
+        lambda *_: calls.append(torch.is_grad_enabled()))
+    backend, got = gradient_keeping_backend(model)
+    res = gradcache_step(backend, q, t, ObjectiveConfig(temperature=tau, alpha=alpha))
+    assert calls == [False] * 4 and model.vision_cache.hits == 4  # pass 2 never ran the tower
+
+    ref.train()
+    loss = reference_loss(torch.cat([ref(**c) for c in q]).double(), torch.cat([ref(**c) for c in t]).double(),
+                          tau, alpha, True)
+    loss.backward()
+    got_loss, want_loss = float(res.output.loss.detach()), float(loss.detach())
+    loss_tol = 8 * torch.finfo(torch.float32).eps * (1 / tau + alpha)
+    assert abs(got_loss - want_loss) <= loss_tol, (got_loss, want_loss, loss_tol)
+    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert want.keys() == got.keys()
+    # atol scaled to the tensor's magnitude: a merger's bias gradient reaches 9.5, where 1e-6
+    # is about one ulp (measured 2.6e-6 on one element of Qwen2.5-VL's).
+    for name in want:
+        atol = 1e-6 * max(1.0, float(want[name].abs().max()))
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+    return set(want)

@@ -14,7 +14,7 @@ pytest.importorskip("transformers.models.qwen3_vl")
 from llave_ds.model.embedding import ModelConfig, load_embedding_model  # noqa: E402
 from llave_ds.model.formatter import InputFormatter  # noqa: E402
 from llave_ds.toy import tiny  # noqa: E402
-from tests.multimodal import Side, gradient_keeping_backend, noise_image  # noqa: E402
+from tests.multimodal import Side, check_cached_second_pass, noise_image  # noqa: E402
 
 BACKBONE = "qwen3_vl"
 
@@ -103,40 +103,11 @@ def test_vision_cache_carries_the_deepstack_features_bitwise(tiny_dir):
 
 
 def test_gradcache_second_pass_skips_tower_with_exact_gradients(tiny_dir):
-    from llave_ds.core.gradcache import gradcache_step
-    from llave_ds.core.objective import ObjectiveConfig
-    from tests.reference_loss import reference_loss
-
     model, processor = load(tiny_dir)
     ref, _ = load(tiny_dir, cache_frozen_vision=False)
-    assert ref.vision_cache is None
     fmt = InputFormatter(processor, BACKBONE, max_length=128, system_prompt="E")
-    sides = images()
-    texts = [Side(f"caption {i}") for i in range(4)]
-    q = [fmt(sides[k:k + 2], "query") for k in (0, 2)]
-    t = [fmt([texts[0], sides[1]], "target"), fmt(texts[2:], "target")]  # the last: dummy image
-    calls = []
-    model.base_hf_model.model.visual.patch_embed.register_forward_hook(
-        lambda *_: calls.append(torch.is_grad_enabled()))
-    backend, got = gradient_keeping_backend(model)
-    tau, alpha = 0.1, 4.0
-    res = gradcache_step(backend, q, t, ObjectiveConfig(temperature=tau, alpha=alpha))
-    assert calls == [False] * 4 and model.vision_cache.hits == 4  # pass 2 never ran the tower
-
-    ref.train()
-    loss = reference_loss(torch.cat([ref(**c) for c in q]).double(), torch.cat([ref(**c) for c in t]).double(),
-                          tau, alpha, True)
-    loss.backward()
-    # float32 loss vs the float64 reference: rounding up to an ulp of the logit scale
-    # 1/tau + alpha is legitimate (tests/test_vision_cache.py); 8 eps of it is far below a bug.
-    got_loss, want_loss = float(res.output.loss.detach()), float(loss.detach())
-    assert abs(got_loss - want_loss) <= 8 * torch.finfo(torch.float32).eps * (1 / tau + alpha)
-    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-    assert want.keys() == got.keys()
-    assert any(".deepstack_merger_list." in n for n in want)  # trained through the cached taps
-    for name in want:
-        atol = 1e-6 * max(1.0, float(want[name].abs().max()))
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+    trained = check_cached_second_pass(model, ref, fmt, images())
+    assert any(".deepstack_merger_list." in n for n in trained)  # trained through the cached taps
 
 
 # ------------------------------------------------------------------ Qwen3-VL-Embedding

@@ -69,15 +69,19 @@ def resolve_under_root(root: str, path: str) -> str:
     return full
 
 
+def _stat(path: str, what: str, missing: str) -> os.stat_result:
+    """``os.stat(path)``, or a `MediaError` naming ``what`` the path should be (reason ``missing``)."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise MediaError(f"{what} not found: {path}", path=path, reason=missing) from None
+    except OSError as exc:
+        raise MediaError(f"cannot access {what} {path}: {exc.strerror or exc}", path=path, reason=missing) from None
+
+
 def check_image_file(path: str) -> None:
     """A non-empty regular file, or a `MediaError` saying what it is instead (stat only)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise MediaError(f"image file not found: {path}", path=path, reason=MISSING_IMAGE) from None
-    except OSError as exc:
-        raise MediaError(f"cannot access image file {path}: {exc.strerror or exc}", path=path,
-                         reason=MISSING_IMAGE) from None
+    st = _stat(path, "image file", MISSING_IMAGE)
     if not stat.S_ISREG(st.st_mode):
         raise MediaError(f"image path is not a regular file: {path}", path=path, reason=MISSING_IMAGE)
     if st.st_size == 0:
@@ -87,13 +91,7 @@ def check_image_file(path: str) -> None:
 def check_video_source(path: str) -> Literal["file", "frames"]:
     """``"file"`` for a non-empty regular file, ``"frames"`` for a folder (of frame images),
     or a `MediaError` (stat only; a folder's frames are checked when it is read)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise MediaError(f"video not found: {path}", path=path, reason=MISSING_VIDEO) from None
-    except OSError as exc:
-        raise MediaError(f"cannot access video {path}: {exc.strerror or exc}", path=path,
-                         reason=MISSING_VIDEO) from None
+    st = _stat(path, "video", MISSING_VIDEO)
     if stat.S_ISDIR(st.st_mode):
         return "frames"
     if not stat.S_ISREG(st.st_mode):

@@ -137,6 +137,21 @@ def zero_from_vision(output) -> torch.Tensor:
     return 0 * sum(p.sum() for p in parts)
 
 
+def _forward_hooked(inner: nn.Module, add_vision, fired: list, subject: str, **inputs):
+    """``inner(**inputs)`` with ``add_vision`` as a forward hook on its input embedding (where
+    the stock forward runs the tower), the hook removed afterwards; an error naming
+    ``subject`` if the hook never fired (``fired`` is the list it appends to)."""
+    handle = inner.get_input_embeddings().register_forward_hook(add_vision)
+    try:
+        out = inner(use_cache=False, **inputs)
+    finally:
+        handle.remove()
+    if not fired:
+        raise RuntimeError(f"{subject} not run: the backbone's forward no longer goes through its input "
+                           "embedding module")
+    return out
+
+
 def _parameters_of(parts) -> list[nn.Parameter]:
     params = []
     for part in parts:
@@ -379,16 +394,8 @@ class EmbeddingModel(nn.Module):
             output = inner.get_image_features(**vision, return_dict=True)
             return embeds + zero_from_vision(output).to(embeds.dtype)
 
-        handle = inner.get_input_embeddings().register_forward_hook(add_vision)
-        try:
-            out = inner(input_ids=input_ids, attention_mask=attention_mask,
-                        position_ids=position_ids, use_cache=False)
-        finally:
-            handle.remove()
-        if not fired:
-            raise RuntimeError("the dummy image was not run: the backbone's forward no longer "
-                               "goes through its input embedding module")
-        return out
+        return _forward_hooked(inner, add_vision, fired, "the dummy image was", input_ids=input_ids,
+                               attention_mask=attention_mask, position_ids=position_ids)
 
     def _forward_vision_from_hook(self, inner, input_ids, attention_mask, position_ids, calls):
         """The forward of a chunk with video tensors: every tower call runs from the input
@@ -419,17 +426,10 @@ class EmbeddingModel(nn.Module):
                     features[kind] = output
             return embeds if zero is None else embeds + zero.to(embeds.dtype)
 
-        handle = inner.get_input_embeddings().register_forward_hook(add_vision)
-        try:
-            # The same dict object: filled by the hook before the forward reads it.
-            out = inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        use_cache=False, mm_encoder_outputs=features)
-        finally:
-            handle.remove()
-        if not fired:
-            raise RuntimeError("the vision inputs were not run: the backbone's forward no longer "
-                               "goes through its input embedding module")
-        return out
+        # The same dict object: filled by the hook before the forward reads it.
+        return _forward_hooked(inner, add_vision, fired, "the vision inputs were", input_ids=input_ids,
+                               attention_mask=attention_mask, position_ids=position_ids,
+                               mm_encoder_outputs=features)
 
     def _warn_if_vision_skipped(self) -> None:
         if self._warned_no_vision or not self.training:

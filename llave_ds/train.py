@@ -44,6 +44,7 @@ from llave_ds.data.errors import DataError
 from llave_ds.data.mmeb_train import MMEBTrainDataset, TrainDataConfig
 from llave_ds.export.model_dir import ExportConfig, export_from_engine
 from llave_ds.model.backbones import check_model_path
+from llave_ds.model.checkpointing import apply_gradient_checkpointing
 from llave_ds.model.embedding import ModelConfig, load_embedding_model, trainable_parameters
 from llave_ds.model.formatter import InputFormatter, ProcessingConfig
 from llave_ds.training import checkpoint as ckpt
@@ -51,6 +52,7 @@ from llave_ds.training import engine as eng
 from llave_ds.training.checkpoint import CheckpointConfig
 from llave_ds.training.engine import (DeepSpeedConfig, EngineConfigError, complete_ds_config, load_ds_config,
                                       resolve_ds_config_path)
+from llave_ds.training.memory_plan import MemoryConfig, build_time_ds_config, plan_for_model
 from llave_ds.training.optim import OptimConfig, ScheduleConfig, lr_lambda
 from llave_ds.training.run_dir import RunDir, choose_verified
 from llave_ds.training.step_log import MetricsWriter, ProgressBar, peak_memory_gb
@@ -90,6 +92,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def validate(self) -> None:
         if self.global_batch_size < 1:
@@ -346,7 +349,25 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
         activation_checkpointing=cfg.model.gradient_checkpointing,
         bf16=cfg.model.dtype == "bfloat16")
     eng.attach_deepspeed_comm()
-    model, processor = load_embedding_model(cfg.model, deepspeed_config=ds_config)
+    model, processor = load_embedding_model(
+        cfg.model, deepspeed_config=build_time_ds_config(ds_config, cfg.deepspeed.param_persistence))
+    # -- memory plan: "auto" checkpointing / persistence from the memory model (same on all ranks:
+    # a function of the config, the model and the device kind only) -------------------------
+    negatives = cfg.data.num_hard_negatives if cfg.data.use_hard_negatives else 0
+    plan = plan_for_model(
+        model, memory=cfg.memory, checkpointing=cfg.model.gradient_checkpointing,
+        checkpoint_every=cfg.model.checkpoint_every, persistence=cfg.deepspeed.param_persistence,
+        ds_config=ds_config, world=world, reduction=cfg.gradcache.reduction,
+        chunk_rows=max(cfg.gradcache.query_chunk_size, cfg.gradcache.target_chunk_size),
+        max_length=cfg.processing.max_length, chunk_tokens=cfg.gradcache.chunk_tokens,
+        step_rows=cfg.global_batch_size // world * (2 + negatives),
+        padding_mask=cfg.model.padding_mask == "always" or cfg.processing.padding_side == "left", device=device)
+    if plan is not None:
+        if cfg.model.gradient_checkpointing == "auto":
+            apply_gradient_checkpointing(model.base_hf_model, plan.checkpointing, plan.checkpoint_every)
+        ds_config = plan.apply_to(ds_config)
+        if is_main:
+            run.write_memory_plan(plan.as_dict())
     # video_slot: with any video rows every chunk carries a (dummy) video, so every rank runs
     # the same tower calls in every chunk under ZeRO-3 (docs/VIDEO.md, the dummy rule).
     formatter = InputFormatter.from_config(processor, model.backbone, cfg.processing,
@@ -357,7 +378,6 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
                                          num_workers=cfg.num_workers, persistent_workers=False)
     total_steps = cfg.schedule.max_steps if cfg.schedule.max_steps > 0 else len(sampler) * cfg.schedule.epochs
-    negatives = cfg.data.num_hard_negatives if cfg.data.use_hard_negatives else 0
 
     # -- optimizer, schedule, engine ----------------------------------------------------
     optimizer = eng.build_optimizer(trainable_parameters(model), ds_config, lr=cfg.optim.lr,

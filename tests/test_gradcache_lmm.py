@@ -54,6 +54,8 @@ class Scenario:
     videos: str = ""
     lora_r: int = 0  # > 0: LoRA adapters on the language model train, nothing else
     chunk_tokens: int = 0  # > 0: token-budget chunks (rows sorted by length, ROW_INDEX); chunk = row cap
+    checkpoint_every: int = 0  # > 0: non-reentrant checkpointing of decoder layers 0, k, 2k, ...
+    persistence: int = 0  # ZeRO-3 stage3_param_persistence_threshold (what memory_plan's auto sets)
 
 
 def colour_image(step: int, i: int) -> Image.Image:
@@ -116,11 +118,12 @@ def chunks_of(formatter, sides, size, chunk_tokens=0):
 def model_config(path, sc: Scenario):
     from llave_ds.model.embedding import ModelConfig
     return ModelConfig(path=path, dtype="float32", attn_implementation="sdpa", freeze_vision_tower=sc.frozen_tower,
-                       lora_r=sc.lora_r, lora_alpha=8.0)
+                       lora_r=sc.lora_r, lora_alpha=8.0, checkpoint_every=max(1, sc.checkpoint_every),
+                       gradient_checkpointing="non_reentrant" if sc.checkpoint_every else "off")
 
 
 def ds_config(sc: Scenario) -> dict:
-    zero = {"stage": sc.stage, "stage3_param_persistence_threshold": 0}
+    zero = {"stage": sc.stage, "stage3_param_persistence_threshold": sc.persistence}
     if not sc.optimizations:
         zero.update({"leaf_module": {"classes": []}, "memory_efficient_linear": True})
     return {"zero_optimization": zero, "gradient_clipping": 0.0, "steps_per_print": 10 ** 9,
@@ -153,8 +156,9 @@ def _ranked(rank, world, scenarios, model_dirs):
             res = gradcache_step(backend, qc, tc, ObjectiveConfig(temperature=TAU, alpha=ALPHA, gather_mode=sc.mode))
             losses.append(float(res.output.loss.detach()))
             norms.append(res.backend_info["grad_norm"])
+        persistent = sum(p.ds_numel for p in engine.module.parameters() if getattr(p, "ds_persist", False))
         out[sc.name] = {"params": eng.gathered_state_dict(engine), "losses": losses, "norms": norms,
-                        "chunk_rows": chunk_rows,
+                        "chunk_rows": chunk_rows, "persistent": persistent,
                         "leaves": leaves, "tower_hits": model.vision_cache.hits if model.vision_cache else 0}
         del engine, model
     return out
@@ -248,6 +252,12 @@ SCENARIOS = [
     Scenario("qwen_z3_token_budget_text_only_rank", backbone="qwen2_vl", chunk=4, rank0_text_only=True,
              chunk_tokens=130),
     Scenario("ov_z3_token_budget_frozen_tower", chunk=4, frozen_tower=True, chunk_tokens=200),
+    # The memory plan's choices (issue 25, levers 2 and 3): decoder layers 0, 2, ... checkpointed
+    # (selective), and every parameter of <= 10^5 elements kept whole under ZeRO-3 (here: all).
+    Scenario("ov_z3_selective_ckpt_persistent_frozen_tower", chunk=2, frozen_tower=True, checkpoint_every=2,
+             persistence=100000),
+    Scenario("qwen3_z3_selective_ckpt_persistent", backbone="qwen3_vl", chunk=3, checkpoint_every=2,
+             persistence=100000),
     # LoRA under ZeRO-3 (any backbone): blocks holding adapters are not fetch units (as leaves
     # their adapters got an empty gradient: "0 != 256 Cannot reduce scatter").
     Scenario("qwen_z3_lora_frozen_tower", backbone="qwen2_vl", chunk=2, frozen_tower=True, lora_r=4),
@@ -272,6 +282,8 @@ def test_gradcache_with_lmm_backbones_equals_plain_torch(model_dirs, sc):
         # decoder layer and vision block at least), the tower skipped in every pass-2 chunk.
         if sc.stage == 3:  # with LoRA only the (adapter-free) vision blocks: 2 or 3 in the tiny models
             assert (got["leaves"] >= (2 if sc.lora_r else 4)) == sc.optimizations, got["leaves"]
+        if sc.stage == 3:  # persistence: what the threshold keeps whole really stayed whole
+            assert (got["persistent"] > 0) == (sc.persistence > 0), got["persistent"]
         chunks_per_step = 2 * -(-PAIRS_PER_RANK // sc.chunk)
         if sc.chunk_tokens:  # the sorted chunks really were reordered and uneven
             rows = got["chunk_rows"]

@@ -218,6 +218,23 @@ def test_qwen2vl_backbone_trains_on_synthetic_data_under_zero3(assets, tmp_path)
     assert all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in records)  # finite, and it learned something
 
 
+def test_auto_memory_plan_is_written_and_applied_under_zero3(assets, tmp_path):
+    """``model.gradient_checkpointing: auto`` and ``deepspeed.param_persistence: auto`` with a
+    budget (a CPU run has no device memory to plan against): 2 ranks agree on the plan, the
+    run records it in memory_plan.json and trains with it (ample budget: checkpointing off and
+    every parameter whole; the arithmetic itself: tests/test_memory_plan.py)."""
+    run_dir = tmp_path / "auto_run"
+    over = overrides_for(assets, run_dir, **{"schedule.max_steps": 2, "checkpoint.every_steps": 0,
+                                             "export.at_end": False, "model.gradient_checkpointing": "auto",
+                                             "deepspeed.param_persistence": "auto", "memory.budget_gib": 1000})
+    outcomes = run_distributed(_train_qwen, 2, over, timeout_s=300)
+    assert [o.value for o in outcomes] == [2, 2]
+    plan = json.loads((run_dir / "memory_plan.json").read_text())
+    assert plan["checkpointing"] == "off" and plan["fits"] and plan["budget_gib"] == 1000
+    assert plan["persistence_threshold"] > 0 and plan["persistent_params"] > 0
+    assert plan["options"][0]["policy"] == "off"
+
+
 def _result(skipped: bool):
     return types.SimpleNamespace(skipped=skipped)
 

@@ -20,8 +20,6 @@ one JSON line last (also written to ``--json-out``).
 One concept per module (tests mirror them in tests/bench/):
 
 * ``shapes``  the real architecture shapes as transformers configs;
-* ``cost``    the cost model: parameter counts, FLOPs, memory, MFU (pure arithmetic);
-* ``cost_qwen3vl`` its Qwen3-VL terms (flattened patches, DeepStack mergers, the Qwen3 LM);
 * ``inputs``  synthetic inputs: image geometry, sides, chunks, a rank's workload;
 * ``timing``  synchronised phase marks, the uncached step, matmul peak, memory probe;
 * ``runner``  one rank's run: build model + engine per configuration, time the steps;
@@ -29,7 +27,9 @@ One concept per module (tests mirror them in tests/bench/):
 * ``report``  progress lines, the table, the JSON line, the targets;
 * ``cli``     the arguments, ``--ranks`` re-launch under torchrun, ``main``.
 
+The cost model it reads (parameter counts, FLOPs, memory, MFU) is the library's,
+``llave_ds.training.cost`` and ``cost_qwen3vl``, which training's memory plan reads too.
+
 It is a sub-package of the library rather than a script under benchmarks/ because the
-``llave-ds bench`` console command must work from an installed wheel, and its cost model
-is tested (docs/DECISIONS.md).
+``llave-ds bench`` console command must work from an installed wheel (docs/DECISIONS.md).
 """

@@ -21,6 +21,10 @@ from llave_ds.bench.runner import worker
 from llave_ds.core.distributed import free_port
 
 
+def _threshold(text: str):
+    return "auto" if text == "auto" else int(float(text))
+
+
 def _int_range(text: str) -> tuple[int, int]:
     lo, _, hi = text.partition("-")
     lo_i, hi_i = int(lo), int(hi or lo)
@@ -59,8 +63,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to run")
     g.add_argument("--ranks", type=int, default=1, help="local processes (torchrun re-launch when > 1)")
     g.add_argument("--stages", type=int, nargs="+", default=[3], choices=(0, 1, 2, 3))
-    g.add_argument("--ckpt", nargs="+", default=["non_reentrant"], choices=("off", "non_reentrant"),
-                   help="activation checkpointing modes to sweep")
+    g.add_argument("--ckpt", nargs="+", default=["non_reentrant"], choices=("off", "non_reentrant", "auto"),
+                   help="activation checkpointing modes to sweep (auto: the memory plan's choice for the largest "
+                        "chunk size under --memory-budget-gib)")
+    g.add_argument("--checkpoint-every", type=int, default=1,
+                   help="model.checkpoint_every: checkpoint decoder layers 0, k, 2k, ... only")
+    g.add_argument("--memory-budget-gib", type=float, default=None,
+                   help="memory.budget_gib for --ckpt auto / --persistence-threshold auto (default: 0.9 x the "
+                        "GPU's memory; a CPU run has none, and auto then means off / the config's threshold)")
     g.add_argument("--chunk-sizes", type=int, nargs="+", default=[4], help="query = target chunk size")
     g.add_argument("--chunk-tokens", type=int, default=None,
                    help="gradcache.chunk_tokens: token-budget chunks (longest rows first, at most this many padded "
@@ -79,8 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("DeepSpeed")
     g.add_argument("--ds-config", default=None,
                    help="base DeepSpeed JSON (default: ds_configs/zero<stage>.json)")
-    g.add_argument("--persistence-threshold", type=float, default=None,
-                   help="stage3_param_persistence_threshold override")
+    g.add_argument("--persistence-threshold", type=_threshold, default=None,
+                   help="stage3_param_persistence_threshold override, or auto (deepspeed.param_persistence: auto)")
     g.add_argument("--prefetch-bucket", type=float, default=None, help="stage3_prefetch_bucket_size override")
     g.add_argument("--max-live", type=float, default=None, help="stage3_max_live_parameters override")
     g.add_argument("--max-reuse", type=float, default=None, help="stage3_max_reuse_distance override")

@@ -29,11 +29,12 @@ import torch
 from PIL import Image
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
-from llave_ds.bench import cost, shapes
-from llave_ds.bench.cost import TEMPLATE_HEAD_TOKENS, TEMPLATE_TAIL_TOKENS, Geometry, SideShape
+from llave_ds.bench import shapes
 from llave_ds.data.batching import token_budget_chunks
 from llave_ds.model.processors import LlavaOnevisionImageTextProcessor
 from llave_ds.toy.tiny import build_tiny_tokenizer
+from llave_ds.training import cost
+from llave_ds.training.cost import TEMPLATE_HEAD_TOKENS, TEMPLATE_TAIL_TOKENS, Geometry, SideShape
 
 
 def _llava_processor(config):

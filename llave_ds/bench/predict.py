@@ -3,9 +3,11 @@ and no device."""
 from __future__ import annotations
 
 from llave_ds.bench import shapes
-from llave_ds.bench.cost import GIB, chunk_forward_flops, predict_chunks_memory, step_flops, sum_parts
 from llave_ds.bench.inputs import build_workload, chunked, describe
 from llave_ds.bench.runner import ds_config_for, padding_mask_kept
+from llave_ds.training.cost import (GIB, checkpointed_share, chunk_forward_flops, predict_chunks_memory, step_flops,
+                                    sum_parts)
+from llave_ds.training.memory_plan import MemoryConfig, plan_memory, worst_chunk
 
 
 def predict_only(args) -> dict:
@@ -22,13 +24,24 @@ def predict_only(args) -> dict:
     for stage in args.stages:
         for ckpt in args.ckpt:
             ds_cfg = ds_config_for(args, stage, args.pairs_per_rank, world, ckpt, pbytes == 2)
-            checkpointing = ckpt != "off"
+            every = args.checkpoint_every
+            if ckpt == "auto":  # the plan for the largest chunk (no model: no persistence planned)
+                budget = MemoryConfig(budget_gib=args.memory_budget_gib).budget_bytes(None)
+                chunk = worst_chunk(hf_config, chunk_rows=max(args.chunk_sizes), step_rows=2 * args.pairs_per_rank,
+                                    max_length=max(s.length(geo) for s in sides_q + sides_t),
+                                    chunk_tokens=args.chunk_tokens)
+                plan = plan_memory(hf_config, counts, [], chunk, budget_bytes=budget, stage=stage, world=world,
+                                   param_bytes=pbytes, reduction=args.reduction, ds_config=ds_cfg,
+                                   padding_mask=padding_mask_kept(args), checkpointing="auto")
+                ckpt, every = plan.checkpointing, plan.checkpoint_every
+            checkpointing = 0.0 if ckpt == "off" else checkpointed_share(hf_config, every)
             fwd_u = sum_parts([chunk_forward_flops(hf_config, sides_q, geo),
                                chunk_forward_flops(hf_config, sides_t, geo)])
             unc = step_flops(fwd_u, cached=False, checkpointing=checkpointing,
                              vision_trained=args.train_vision_tower)
             settings = dict(stage=stage, world=world, param_bytes=pbytes, reduction=args.reduction,
-                            checkpointing=checkpointing, ds_config=ds_cfg, padding_mask=padding_mask_kept(args))
+                            checkpointing=ckpt != "off", checkpoint_every=every, ds_config=ds_cfg,
+                            padding_mask=padding_mask_kept(args))
             vision_cached = not (args.no_vision_cache or args.train_vision_tower)
             mem_u = predict_chunks_memory(hf_config, counts, [sides_q, sides_t], geo, together=True, **settings)
             for chunk in args.chunk_sizes:
@@ -39,8 +52,8 @@ def predict_only(args) -> dict:
                                 vision_trained=args.train_vision_tower, vision_cached=not args.no_vision_cache)
                 m = predict_chunks_memory(hf_config, counts, lists, geo, vision_cached=vision_cached, **settings)
                 rows.append({
-                    "stage": stage, "ckpt": ckpt, "chunk": chunk, "chunk_tokens": args.chunk_tokens,
-                    "chunks_per_step": len(lists),
+                    "stage": stage, "ckpt": ckpt, "checkpoint_every": every if ckpt != "off" else None,
+                    "chunk": chunk, "chunk_tokens": args.chunk_tokens, "chunks_per_step": len(lists),
                     "model_tflop_per_step_per_rank": fl["model"] / 1e12,
                     "hardware_tflop_per_step_per_rank": fl["hardware"] / 1e12,
                     "uncached_hardware_tflop_per_step_per_rank": unc["hardware"] / 1e12,

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from llave_ds.bench.cost import GIB
 from llave_ds.bench.profile import format_profile
+from llave_ds.training.cost import GIB
 
 TARGETS = {
     "mfu_2b_min": 0.45,
@@ -45,6 +45,12 @@ def progress_line(row: dict) -> str:
     return f"[bench] zero{row['stage']} ckpt={row['ckpt']} chunk={row['chunk']}: {msg}"
 
 
+def _ckpt_label(row: dict) -> str:
+    """off, on (every decoder layer) or 1/k (selective: every k-th layer)."""
+    every = row.get("checkpoint_every") or 1
+    return "off" if row["ckpt"] == "off" else ("on" if every == 1 else f"1/{every}")
+
+
 def _fmt(x, spec=".3f", none="-"):
     return none if x is None else format(x, spec)
 
@@ -79,7 +85,7 @@ def format_table(result: dict) -> str:
             f"{'bk %':>5} {'mem GiB':>8} {'pred':>6} {'c/u':>5} {'c/u fl':>6}")
     lines.append(head)
     for row in r["rows"]:
-        ck = "on" if row["ckpt"] != "off" else "off"
+        ck = _ckpt_label(row)
         if "step_s" not in row:
             lines.append(f"{row['stage']:>4} {ck:>5} {row['chunk']:>5}  skipped: {row.get('skipped', '?')}")
             continue
@@ -162,7 +168,7 @@ def format_prediction(result: dict) -> str:
         m = row["predicted_memory"]
         split = "/".join(f"{m.get(k, 0.0) / GIB:.1f}" for k in ("params", "grads", "optimizer", "coalesced_grads",
                                                                    "buffers", "activations", "vision_cache"))
-        lines.append(f"{row['stage']:>4} {'on' if row['ckpt'] != 'off' else 'off':>5} {row['chunk']:>5} "
+        lines.append(f"{row['stage']:>4} {_ckpt_label(row):>5} {row['chunk']:>5} "
                      f"{row['model_tflop_per_step_per_rank']:>9.1f} {row['hardware_tflop_per_step_per_rank']:>8.1f} "
                      f"{row['uncached_hardware_tflop_per_step_per_rank']:>9.1f} {row['cached_over_uncached_flops']:>6.3f} "
                      f"{row['mfu_ceiling'] * 100:>6.1f}% {row['predicted_memory_gib']:>8.1f} "

@@ -26,7 +26,6 @@ import transformers
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from llave_ds.bench import report, shapes
-from llave_ds.bench.cost import GIB, chunk_forward_flops, predict_chunks_memory, step_flops, sum_parts, utilization
 from llave_ds.bench.inputs import Workload, build_chunk, build_workload, chunked, describe, to_device
 from llave_ds.bench.profile import profile_step
 from llave_ds.bench.timing import MemoryProbe, TimedBackend, measure_peak_tflops, plain_step
@@ -34,10 +33,14 @@ from llave_ds.config import shipped_file
 from llave_ds.core import distributed
 from llave_ds.core.gradcache import gradcache_step
 from llave_ds.core.objective import ObjectiveConfig
+from llave_ds.model.checkpointing import apply_gradient_checkpointing
 from llave_ds.model.embedding import ModelConfig, build_embedding_model_from_config, trainable_parameters
+from llave_ds.training.cost import (GIB, checkpointed_share, chunk_forward_flops, predict_chunks_memory, step_flops,
+                                    sum_parts, utilization)
 from llave_ds.training.engine import (DeepSpeedStepBackend, attach_deepspeed_comm, build_engine, build_optimizer,
                                       comms_reset, comms_snapshot, complete_ds_config, count_zero3_fetches,
                                       load_ds_config, silence_deprecated_collective_warnings)
+from llave_ds.training.memory_plan import MemoryConfig, build_time_ds_config, plan_for_model
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +73,8 @@ def ds_config_for(args, stage: int, local_batch: int, world: int, ckpt: str, bf1
     cfg = load_ds_config(path)
     zo = cfg.setdefault("zero_optimization", {})
     zo["stage"] = stage
-    overrides = {"stage3_param_persistence_threshold": args.persistence_threshold,
+    threshold = None if args.persistence_threshold == "auto" else args.persistence_threshold  # auto: the plan's
+    overrides = {"stage3_param_persistence_threshold": threshold,
                  "stage3_prefetch_bucket_size": args.prefetch_bucket,
                  "stage3_max_live_parameters": args.max_live,
                  "stage3_max_reuse_distance": args.max_reuse}
@@ -97,6 +101,7 @@ def ds_config_for(args, stage: int, local_batch: int, world: int, ckpt: str, bf1
 def build_model(hf_config, args, dtype_name: str, ckpt: str, ds_cfg: dict, device: torch.device):
     mcfg = ModelConfig(backbone=hf_config.model_type, dtype=dtype_name, attn_implementation=args.attn,
                        freeze_vision_tower=not args.train_vision_tower, gradient_checkpointing=ckpt,
+                       checkpoint_every=args.checkpoint_every,
                        cache_frozen_vision=not args.no_vision_cache, padding_mask=args.padding_mask)
     stage3 = int(ds_cfg.get("zero_optimization", {}).get("stage", 0)) == 3
     if device.type == "cuda" and not stage3:
@@ -147,17 +152,22 @@ class _Engine:
     capacity: Optional[int]     # CUDA device memory, for the predicted-OOM skip
     gen: torch.Generator        # the synthesised tensors of this engine's chunks
     objective: ObjectiveConfig
+    config: Any                 # the transformers config (for the checkpointed share)
+
+    checkpoint_every: int = 1
 
     @property
-    def checkpointing(self) -> bool:
-        return self.ckpt != "off"
+    def checkpointing(self) -> float:
+        """The share of decoder layers checkpointed (what `step_flops` recomputes)."""
+        return 0.0 if self.ckpt == "off" else checkpointed_share(self.config, self.checkpoint_every)
 
 
 def _predicted(s: RunSettings, e: _Engine, chunks, together: bool = False) -> dict:
     return predict_chunks_memory(
         s.work.config, s.work.counts, chunks, s.work.geo, together=together, vision_cached=e.vision_cached,
         stage=e.stage, world=s.world, param_bytes=s.param_bytes, reduction=s.args.reduction,
-        checkpointing=e.checkpointing, ds_config=e.ds_config, persistent_params=e.persistent,
+        checkpointing=e.ckpt != "off", checkpoint_every=e.checkpoint_every, ds_config=e.ds_config,
+        persistent_params=e.persistent,
         padding_mask=padding_mask_kept(s.args))
 
 
@@ -178,7 +188,8 @@ def _time_cached(s: RunSettings, e: _Engine, chunk: int) -> tuple[dict, str]:
     q_lists = chunked(w.sides_q, chunk, w.geo, args.chunk_tokens)
     t_lists = chunked(w.sides_t, chunk, w.geo, args.chunk_tokens)
     pred = _predicted(s, e, q_lists + t_lists)
-    row = {"stage": e.stage, "ckpt": e.ckpt, "chunk": chunk, "chunk_tokens": args.chunk_tokens,
+    row = {"stage": e.stage, "ckpt": e.ckpt, "checkpoint_every": e.checkpoint_every if e.ckpt != "off" else None,
+           "chunk": chunk, "chunk_tokens": args.chunk_tokens,
            "reduction": args.reduction,
            "build_s": e.build_s, "predicted_memory": pred}
     too_big = _over_capacity(s, e, pred)
@@ -323,7 +334,20 @@ def run_engine(s: RunSettings, stage: int, ckpt: str,
 
     rows_out: list[dict] = []
     t_build = time.perf_counter()
-    model = build_model(w.config, args, s.dtype_name, ckpt, ds_cfg, s.device)
+    persistence = "auto" if args.persistence_threshold == "auto" else "config"
+    model = build_model(w.config, args, s.dtype_name, ckpt, build_time_ds_config(ds_cfg, persistence), s.device)
+    every = args.checkpoint_every
+    plan = plan_for_model(model, memory=MemoryConfig(budget_gib=args.memory_budget_gib), checkpointing=ckpt,
+                          checkpoint_every=every, persistence=persistence, ds_config=ds_cfg, world=s.world,
+                          reduction=args.reduction, chunk_rows=max(args.chunk_sizes),
+                          max_length=max(side.length(w.geo) for side in w.sides_q + w.sides_t),
+                          step_rows=2 * args.pairs_per_rank, chunk_tokens=args.chunk_tokens,
+                          padding_mask=padding_mask_kept(args), device=s.device)
+    if plan is not None:  # what training does with "auto" (llave_ds/train.py)
+        if ckpt == "auto":
+            ckpt, every = plan.checkpointing, plan.checkpoint_every
+            apply_gradient_checkpointing(model.base_hf_model, ckpt, every)
+        ds_cfg = plan.apply_to(ds_cfg)
     optimizer = build_optimizer(trainable_parameters(model), ds_cfg, lr=1e-5, weight_decay=0.0)
     engine = build_engine(model, optimizer, ds_cfg)
     build_s = time.perf_counter() - t_build
@@ -331,12 +355,14 @@ def run_engine(s: RunSettings, stage: int, ckpt: str,
     optimizations = {"fetch_units": fetch_units, "vision_cache": model.vision_cache is not None,
                      "padding_mask_dropped": not padding_mask_kept(args),
                      "memory_efficient_linear": bool(ds_cfg["zero_optimization"].get("memory_efficient_linear", True))
-                     if stage == 3 else None}
+                     if stage == 3 else None,
+                     "checkpoint_every": every if ckpt != "off" else None,
+                     "memory_plan": plan.as_dict() if plan is not None else None}
     backend = DeepSpeedStepBackend(engine, reduction=args.reduction)
     e = _Engine(stage=stage, ckpt=ckpt, ds_config=ds_cfg, backend=backend, build_s=build_s,
                 optimizations=optimizations, vision_cached=model.vision_cache is not None,
                 persistent=_persistent_numel(engine.module) if stage == 3 else 0,
-                capacity=capacity, gen=gen, objective=ObjectiveConfig())
+                capacity=capacity, gen=gen, objective=ObjectiveConfig(), config=w.config, checkpoint_every=every)
     broken = ""  # after an out-of-memory inside a step the engine's state is not trusted
     try:
         for chunk in args.chunk_sizes:

@@ -38,7 +38,7 @@ drops the last ones: transformers would compute their features and use none, lea
 mergers without a gradient. ``dropped_deepstack_taps`` says which were dropped; the benchmark
 logs it and records ``deepstack_taps`` in its JSON.
 
-The cost of a shape (parameter counts, FLOPs, activation bytes) is ``llave_ds.bench.cost``;
+The cost of a shape (parameter counts, FLOPs, activation bytes) is ``llave_ds.training.cost``;
 tests/bench/test_shapes.py checks the published sizes.
 """
 from __future__ import annotations

@@ -27,6 +27,7 @@ from llave_ds.config import check_choices
 from llave_ds.core.distributed import is_distributed
 from llave_ds.model.backbones import (SUPPORTED_BACKBONES, Backbone, backbone_from_model_type, check_backbone,
                                       detect_backbone, model_class)
+from llave_ds.model.checkpointing import GradientCheckpointing, apply_gradient_checkpointing
 from llave_ds.model.dtypes import DTYPES, Dtype
 from llave_ds.model.processors import load_processor
 from llave_ds.model.vision_cache import INSTALLERS as VISION_CACHE_INSTALLERS
@@ -34,9 +35,7 @@ from llave_ds.model.vision_cache import FrozenVisionCache
 
 logger = logging.getLogger(__name__)
 
-GradientCheckpointing = Literal["off", "non_reentrant", "reentrant"]
 PaddingMask = Literal["auto", "always"]
-GRADIENT_CHECKPOINTING = get_args(GradientCheckpointing)
 AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 ATTN_IMPLEMENTATIONS = get_args(AttnImplementation)
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -57,7 +56,12 @@ class ModelConfig:
         only the adapters train. lora_dropout defaults to 0 because GradCache re-runs every
         forward and dropout would need its RNG replayed exactly.
     gradient_checkpointing: "off" | "non_reentrant" | "reentrant" (HF activation
-        checkpointing with ``use_reentrant`` accordingly).
+        checkpointing with ``use_reentrant`` accordingly) | "auto" (training only: the
+        cheapest policy whose predicted peak fits the memory budget, off or every k-th
+        layer non-reentrant; `llave_ds.training.memory_plan`, docs/PERFORMANCE.md).
+    checkpoint_every: with checkpointing on, checkpoint the language model's layers 0, k,
+        2k, ... only (k = this; 1 = every layer): the rest keep their activations and are not
+        recomputed (`llave_ds.model.checkpointing`). "auto" sets it.
     cache_frozen_vision: with the tower frozen, the gradient cache's second pass reuses the
         tower features of its first pass instead of running the tower again
         (llave_ds/model/vision_cache.py; exact). Ignored when the tower trains.
@@ -80,6 +84,7 @@ class ModelConfig:
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     gradient_checkpointing: GradientCheckpointing = "off"
+    checkpoint_every: int = 1
     cache_frozen_vision: bool = True
     padding_mask: PaddingMask = "auto"
 
@@ -87,6 +92,8 @@ class ModelConfig:
         check_choices(self, "model.")
         if self.lora_r < 0:
             raise ValueError(f"model.lora_r must be >= 0, got {self.lora_r}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"model.checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -222,16 +229,6 @@ def apply_lora(hf_model: nn.Module, cfg: ModelConfig) -> nn.Module:
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=target, bias="none")
     return get_peft_model(hf_model, lora)
-
-
-def apply_gradient_checkpointing(hf_model: nn.Module, mode: str) -> None:
-    if mode == "off":
-        return
-    kwargs = {"use_reentrant": mode == "reentrant"}
-    if hasattr(hf_model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class EmbeddingModel(nn.Module):
@@ -462,7 +459,8 @@ def _finish(hf_model: nn.Module, backbone: str, cfg: ModelConfig, hf_ds_config) 
     else:
         apply_freezing(hf_model, backbone, cfg)
     base = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
-    apply_gradient_checkpointing(base, cfg.gradient_checkpointing)
+    if cfg.gradient_checkpointing != "auto":  # auto: train.py applies the memory plan's choice
+        apply_gradient_checkpointing(base, cfg.gradient_checkpointing, cfg.checkpoint_every)
     model = EmbeddingModel(hf_model, backbone, cfg)
     # transformers keeps only a weakref to this: it must live as long as the model does.
     model._hf_deepspeed_config = hf_ds_config

@@ -36,11 +36,11 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 
-from llave_ds.config import ConfigError, shipped_file
+from llave_ds.config import ConfigError, check_choices, shipped_file
 from llave_ds.core import distributed
 from llave_ds.core.distributed import is_distributed
 from llave_ds.core.gather import all_gather_objects, all_ranks_ok, rank_errors
@@ -59,6 +59,12 @@ class DeepSpeedConfig:
     # A file in ds_configs/ by name (zero2, zero3, zero3_offload) or a path to a JSON file.
     config: str = "zero3"
     gradient_clipping: float = 1.0
+    # ZeRO-3: "config" = the file's stage3_param_persistence_threshold; "auto" = the largest
+    # threshold whose whole parameters fit the memory budget (llave_ds.training.memory_plan).
+    param_persistence: Literal["config", "auto"] = "config"
+
+    def validate(self) -> None:
+        check_choices(self, "deepspeed.")
 
 
 def resolve_ds_config_path(name: str) -> Path:
@@ -184,9 +190,9 @@ def complete_ds_config(ds_config: dict, *, local_batch_size: int, world_size: in
     if offloads_optimizer(cfg) and stage == 0:
         raise EngineConfigError("zero_optimization.offload_optimizer needs ZeRO stage 1, 2 or 3, the config "
                                 "has stage 0")
-    if activation_checkpointing not in ("off", "non_reentrant", "reentrant"):
-        raise EngineConfigError(f"activation checkpointing must be off, non_reentrant or "
-                                f"reentrant, got {activation_checkpointing!r}")
+    if activation_checkpointing not in ("off", "non_reentrant", "reentrant", "auto"):  # auto: off or non_reentrant
+        raise EngineConfigError(f"activation checkpointing must be off, non_reentrant, reentrant or "
+                                f"auto, got {activation_checkpointing!r}")
     if activation_checkpointing == "reentrant" and stage == 3:
         raise EngineConfigError(
             "reentrant activation checkpointing cannot be combined with ZeRO-3 and the "

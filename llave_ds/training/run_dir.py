@@ -10,6 +10,7 @@
       checkpoints/              step_<N>/ and `latest` (llave_ds.training.checkpoint); or checkpoint.dir
       export/                   the end-of-training export; or export.dir
       exit_status.json          how the last launch ended (completed / preempted / failed)
+      memory_plan.json          what model.gradient_checkpointing / deepspeed.param_persistence: auto chose
       previous-<time>/          what `--resume none --overwrite` moved aside (nothing is deleted)
 
 `RunDir` is the one owner of these names. Training writes through it (`prepare`, the
@@ -56,6 +57,7 @@ class RunDir:
     CHECKPOINTS = "checkpoints"
     EXPORT = "export"
     EXIT_STATUS = "exit_status.json"
+    MEMORY_PLAN = "memory_plan.json"
     PREVIOUS = "previous-%Y%m%dT%H%M%SZ"  # time.strftime pattern, UTC
 
     def __init__(self, path: PathLike, *, checkpoint_dir: PathLike = "", export_dir: PathLike = ""):
@@ -114,6 +116,14 @@ class RunDir:
     @property
     def exit_status_file(self) -> Path:
         return self.path / self.EXIT_STATUS
+
+    @property
+    def memory_plan_file(self) -> Path:
+        return self.path / self.MEMORY_PLAN
+
+    def write_memory_plan(self, plan: dict) -> None:
+        """Record the memory plan of this launch (rank 0; each launch plans again)."""
+        atomic_write_text(self.memory_plan_file, json.dumps(plan, indent=1) + "\n")
 
     def is_run(self) -> bool:
         """Whether a training run wrote here (its config.yaml exists)."""

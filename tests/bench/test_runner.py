@@ -74,7 +74,7 @@ def test_bench_cpu_smoke_two_ranks(tmp_path):
     # every hooked module fetch counted (2 chunks per role: 4 forwards, 4 re-forwards, 4 backwards).
     assert row["optimizations"] == {"fetch_units": ["Qwen2DecoderLayer", "SiglipEncoderLayer"],
                                     "vision_cache": True, "memory_efficient_linear": False,
-                                    "padding_mask_dropped": True}
+                                    "padding_mask_dropped": True, "checkpoint_every": 1, "memory_plan": None}
     fetches = row["zero3_fetches_per_step"]
     assert fetches["forward"] > 0 and fetches["backward"] > 0
     assert row["zero3_fetches_per_chunk_pass"] == pytest.approx(sum(fetches.values()) / 12)
@@ -88,6 +88,28 @@ def test_bench_cpu_smoke_two_ranks(tmp_path):
     assert "profile zero3 chunk=2" in proc.stdout and "attention:" in proc.stdout
     assert "zero3 chunk=2:" in proc.stdout and "module fetches per step" in proc.stdout
     print(f"bench smoke run: {wall:.1f} s")
+
+
+@pytest.mark.parametrize("budget_gib, ckpt, every, fits", [(1e-6, "non_reentrant", 1, False),
+                                                        (1000, "off", None, True)])
+def test_bench_memory_plan_auto(tmp_path, budget_gib, ckpt, every, fits):
+    """--ckpt auto --persistence-threshold auto under a budget (what training does with auto):
+    nothing fits 1 KiB, so every layer is checkpointed; 1000 GiB leaves checkpointing off. On
+    one rank a whole parameter costs nothing more than its partition: all are kept whole."""
+    json_out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "llave_ds.bench", "--shape", "tiny", "--device", "cpu", "--stages", "3",
+           "--chunk-sizes", "2", "--pairs-per-rank", "4", "--steps", "1", "--warmup", "1", "--uncached-steps", "0",
+           "--query-text-tokens", "10-30", "--target-text-tokens", "5-15", "--ckpt", "auto",
+           "--persistence-threshold", "auto", "--memory-budget-gib", str(budget_gib), "--json-out", str(json_out)]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(json_out.read_text())
+    (row,) = result["rows"]
+    plan = row["optimizations"]["memory_plan"]
+    assert (row["ckpt"], row["checkpoint_every"]) == (ckpt, every)
+    assert plan["fits"] == fits and plan["persistent_params"] == result["params"]["total"]
+    assert row["predicted_memory"]["params"] < row["predicted_memory"]["grads"] * 10  # sanity: a real prediction
 
 
 def test_bench_cpu_smoke_qwen3vl_one_rank(tmp_path):
@@ -111,5 +133,6 @@ def test_bench_cpu_smoke_qwen3vl_one_rank(tmp_path):
             assert key in row, key
         assert row["forward_split_tflop"]["proj2_dummy"] > 0   # the target chunks' dummy image
     assert z3["optimizations"] == {"fetch_units": ["Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"],
-                                   "vision_cache": True, "memory_efficient_linear": False, "padding_mask_dropped": True}
+                                   "vision_cache": True, "memory_efficient_linear": False, "padding_mask_dropped": True,
+                                   "checkpoint_every": 1, "memory_plan": None}
     assert z3["predicted_memory"]["vision_cache"] > 0

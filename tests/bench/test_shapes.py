@@ -1,12 +1,13 @@
 """llave_ds.bench.shapes: the real shapes have the published sizes, and the analytic
-parameter counts (llave_ds.bench.cost) equal models built on the meta device (no memory,
+parameter counts (llave_ds.training.cost) equal models built on the meta device (no memory,
 no download); Qwen3-VL's DeepStack taps follow reduced layer counts."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from llave_ds.bench import cost, shapes
+from llave_ds.bench import shapes
+from llave_ds.training import cost
 
 
 @pytest.mark.parametrize("name, d, layers, heads, kv, ffn, vocab, tied", [

@@ -1,4 +1,4 @@
-"""llave_ds.bench.cost_qwen3vl (and cost.py's Qwen3-VL dispatch): the Qwen3-VL cost model.
+"""llave_ds.training.cost_qwen3vl (and cost.py's Qwen3-VL dispatch): the Qwen3-VL cost model.
 
 * hand computations on a toy Qwen3-VL config (every multiply-add counted by hand, written out
   as literal numbers): parameters, the tower, the mergers, a chunk, a step;
@@ -18,9 +18,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llave_ds.bench import cost, cost_qwen3vl, shapes
-from llave_ds.bench.cost import Geometry
-from llave_ds.bench.cost import SideShape as Side
+from llave_ds.bench import shapes
+from llave_ds.training import cost, cost_qwen3vl
+from llave_ds.training.cost import Geometry
+from llave_ds.training.cost import SideShape as Side
 from llave_ds.bench.inputs import build_chunk, chunked, geometry_for, make_sides
 
 # A toy Qwen3-VL config as plain attributes: LM d=4, ffn 8, 2 layers, 2 heads of head_dim 3

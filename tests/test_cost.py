@@ -1,4 +1,4 @@
-"""llave_ds.bench.cost: the FLOP and memory model.
+"""llave_ds.training.cost: the FLOP and memory model.
 
 * hand computations on a toy config (every multiply-add counted by hand, written out as
   literal numbers): the LLM, tower and projector forwards, a chunk, a step;
@@ -16,9 +16,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llave_ds.bench import cost, shapes
-from llave_ds.bench.cost import Geometry
-from llave_ds.bench.cost import SideShape as Side
+from llave_ds.bench import shapes
+from llave_ds.training import cost
+from llave_ds.training.cost import Geometry
+from llave_ds.training.cost import SideShape as Side
 from llave_ds.bench.inputs import build_chunk, chunked, geometry_for, make_sides
 
 # A toy LLaVA-OV config as plain attributes (the cost model reads nothing else):

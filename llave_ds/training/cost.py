@@ -17,7 +17,7 @@ the meta device, PyTorch's FlopCounterMode, saved-tensor hooks and hand computat
 * ``utilization``: MFU / HFU from FLOPs, step time and the device peak.
 
 Two architectures: LLaVA-OneVision (SigLIP tiles, written out here) and Qwen3-VL (flattened
-patches, DeepStack mergers, the Qwen3 LM: ``llave_ds.bench.cost_qwen3vl``, which the
+patches, DeepStack mergers, the Qwen3 LM: ``llave_ds.training.cost_qwen3vl``, which the
 functions here dispatch to when ``config.model_type == "qwen3_vl"``).
 """
 from __future__ import annotations
@@ -25,8 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from llave_ds.bench import cost_qwen3vl as q3
-from llave_ds.bench.cost_qwen3vl import is_qwen3vl
+from llave_ds.model.checkpointing import checkpointed_layers
+from llave_ds.training import cost_qwen3vl as q3
+from llave_ds.training.cost_qwen3vl import is_qwen3vl
 
 GIB = 2 ** 30
 TEMPLATE_HEAD_TOKENS = 14  # <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n
@@ -225,9 +226,12 @@ def sum_parts(parts: list[dict]) -> dict[str, float]:
     return out
 
 
-def step_flops(fwd: dict[str, float], cached: bool, checkpointing: bool, vision_trained: bool = False,
+def step_flops(fwd: dict[str, float], cached: bool, checkpointing: bool | float, vision_trained: bool = False,
                vision_cached: bool = False) -> dict[str, float]:
     """Model and hardware FLOPs of one step from the summed chunk forward FLOPs.
+
+    ``checkpointing``: True / False, or the share of decoder layers checkpointed (selective
+    checkpointing of every k-th layer: `checkpointed_share`), whose forward runs once more.
 
     model    = V * (3 if the tower trains else 1) + 2*P1 + 3*P2 + 3*LLM
                (frozen tower: forward only; projector layer 1: forward + weight gradient, its
@@ -249,11 +253,19 @@ def step_flops(fwd: dict[str, float], cached: bool, checkpointing: bool, vision_
     extra_cache = forward_all if cached else 0.0
     if cached and vision_cached and not vision_trained:
         extra_cache -= v + vd
-    extra_ckpt = (llm + pad) if checkpointing else 0.0
+    share = float(checkpointing)
+    extra_ckpt = (llm + pad) * share
     hardware += extra_cache + extra_ckpt
     return {"model": model, "hardware": hardware, "cache_extra_forward": extra_cache,
             "checkpoint_recompute": extra_ckpt, "padding_waste": 3 * pad + (pad if cached else 0) +
-            (pad if checkpointing else 0), "dummy": vd + pd + p2d}
+            pad * share, "dummy": vd + pd + p2d}
+
+
+def checkpointed_share(config, every: int) -> float:
+    """The share of the language model's decoder layers checkpointed at ``every`` (the rule:
+    `llave_ds.model.checkpointing.checkpointed_layers`)."""
+    num_layers = config.text_config.num_hidden_layers
+    return len(checkpointed_layers(num_layers, every)) / num_layers
 
 
 def utilization(flops: float, step_s: float, peak_tflops: float) -> float:
@@ -267,7 +279,7 @@ def utilization(flops: float, step_s: float, peak_tflops: float) -> float:
 # ---------------------------------------------------------------------------------------
 
 def activation_bytes_per_token(config, checkpointing: bool, seq_len: int, act_bytes: int = 2,
-                               padding_mask: bool = True) -> dict[str, float]:
+                               padding_mask: bool = True, checkpoint_every: int = 1) -> dict[str, float]:
     """Bytes autograd keeps per token of one chunk in the language model (pass 2).
 
     Measured with saved-tensor hooks on the real widths (tests/bench/test_cost.py; exact at
@@ -283,32 +295,43 @@ def activation_bytes_per_token(config, checkpointing: bool, seq_len: int, act_by
     its causal path with GQA: no mask and k, v not repeated over the heads, so a layer keeps
     2*s + 4*(q - kv) bytes less (q, kv: the query and key/value widths; exact). With non-reentrant
     checkpointing per layer only the layer input (2*d) stays, and one layer is recomputed
-    at a time during backward ("transient"). ``act_bytes`` = 4 scales everything (fp32
+    at a time during backward ("transient"); selective checkpointing (``checkpoint_every`` = k)
+    does that for layers 0, k, 2k, ... (`checkpointed_layers`) and the others keep their
+    activations. ``act_bytes`` = 4 scales everything (fp32
     runs keep no separate upcast copies, so that is an upper bound). Qwen3-VL's Qwen3 LM:
-    `cost_qwen3vl.llm_activation_bytes_per_token`.
+    `cost_qwen3vl.llm_layer_activation_bytes`.
     """
     if is_qwen3vl(config):
-        return q3.llm_activation_bytes_per_token(config, checkpointing, seq_len, act_bytes, padding_mask)
-    g = _dims(config)
-    d, f, h, L = g["d"], g["f"], g["h"], g["L"]
-    head_dim = g["q"] // h
-    scale = act_bytes / 2.0
-    layer = (24 * d + 8 * f + 4 * h + 8 + 2 * seq_len) * scale
-    if not padding_mask:
-        layer -= (2 * seq_len + 4 * (g["q"] - g["kv"])) * scale
-    once = (6 * d + 4 * head_dim + 12) * scale
-    if checkpointing:
-        kept, transient = L * 2 * d * scale + once, layer
+        layer, once = q3.llm_layer_activation_bytes(config, seq_len, act_bytes, padding_mask)
     else:
-        kept, transient = L * layer + once, 0.0
-    return {"per_layer": layer, "once": once, "kept": kept, "transient": transient}
+        g = _dims(config)
+        d, f, h = g["d"], g["f"], g["h"]
+        scale = act_bytes / 2.0
+        layer = (24 * d + 8 * f + 4 * h + 8 + 2 * seq_len) * scale
+        if not padding_mask:
+            layer -= (2 * seq_len + 4 * (g["q"] - g["kv"])) * scale
+        once = (6 * d + 4 * (g["q"] // h) + 12) * scale
+    return kept_activation_bytes(config, layer, once, checkpointing, checkpoint_every, act_bytes)
+
+
+def kept_activation_bytes(config, layer: float, once: float, checkpointing: bool, every: int,
+                          act_bytes: int) -> dict[str, float]:
+    """Per token: a checkpointed layer keeps its input (2 d bytes at bf16) and one of them is
+    recomputed at a time ("transient"); every other layer keeps ``layer`` bytes."""
+    t = config.text_config
+    num_layers, d = t.num_hidden_layers, t.hidden_size
+    n_ckpt = len(checkpointed_layers(num_layers, every)) if checkpointing else 0
+    kept = n_ckpt * 2 * d * act_bytes / 2.0 + (num_layers - n_ckpt) * layer + once
+    return {"per_layer": layer, "once": once, "kept": kept, "transient": layer if n_ckpt else 0.0,
+            "checkpointed_layers": float(n_ckpt)}
 
 
 def predict_memory(config, counts: dict, *, stage: int, world: int, param_bytes: int,
                    reduction: str, checkpointing: bool, ds_config: dict,
                    chunk_rows: int, chunk_width: int, chunk_tiles: int,
                    persistent_params: int = 0, chunk_patches: int = 0, held_patches: int = 0,
-                   chunk_has_images: bool = True, padding_mask: bool = True) -> dict[str, float]:
+                   chunk_has_images: bool = True, padding_mask: bool = True,
+                   checkpoint_every: int = 1) -> dict[str, float]:
     """Per-rank peak device memory (bytes) of one cached step; docs/PERFORMANCE.md.
 
     states      params b*P (/W under ZeRO-3, persistent ones whole), grads b*T (/W under
@@ -321,7 +344,7 @@ def predict_memory(config, counts: dict, *, stage: int, world: int, param_bytes:
                 after every use: measured on CPU, docs/PERFORMANCE.md.)
     activations one chunk of rows x width (padded) tokens: tokens * kept bytes/token
                 (activation_bytes_per_token; ``padding_mask``: whether the LM gets one)
-                + one layer recomputed (checkpointing)
+                + one layer recomputed (checkpointing; ``checkpoint_every`` = k: layers 0, k, 2k, ...)
                 + the projector's saved inputs (tiles * n * (dv + 2d) * b)
 
     Qwen3-VL (``chunk_patches``: the patches of the chunk's tower call; ``held_patches``:
@@ -349,7 +372,8 @@ def predict_memory(config, counts: dict, *, stage: int, world: int, param_bytes:
         live = min(largest + float(zo.get("stage3_prefetch_bucket_size", 5e7)),
                    float(zo.get("stage3_max_live_parameters", 1e9)))
         buffers += b * min(float(P - persistent_params), live)
-    act = activation_bytes_per_token(config, checkpointing, chunk_width, act_bytes=b, padding_mask=padding_mask)
+    act = activation_bytes_per_token(config, checkpointing, chunk_width, act_bytes=b, padding_mask=padding_mask,
+                                     checkpoint_every=checkpoint_every)
     tokens = chunk_rows * chunk_width
     vision_cache = 0.0
     if is_qwen3vl(config):

@@ -1,5 +1,5 @@
 """The Qwen3-VL part of the cost model: per-image and per-token arithmetic on a
-``Qwen3VLConfig`` (pure arithmetic, like ``llave_ds.bench.cost``, which dispatches here for
+``Qwen3VLConfig`` (pure arithmetic, like ``llave_ds.training.cost``, which dispatches here for
 ``model_type == "qwen3_vl"`` and combines these terms per chunk and step).
 
 What differs from LLaVA-OneVision (docs/PERFORMANCE.md, "Qwen3-VL"):
@@ -105,9 +105,10 @@ def merger_forward_flops(config, patches: int) -> float:
 # Activation memory
 # ---------------------------------------------------------------------------------------
 
-def llm_activation_bytes_per_token(config, checkpointing: bool, seq_len: int, act_bytes: int = 2,
-                                   padding_mask: bool = True) -> dict[str, float]:
-    """Bytes autograd keeps per token in the Qwen3 LM (pass 2); measured with saved-tensor
+def llm_layer_activation_bytes(config, seq_len: int, act_bytes: int = 2,
+                               padding_mask: bool = True) -> tuple[float, float]:
+    """(bytes per token of one decoder layer, bytes per token once) autograd keeps in the
+    Qwen3 LM (pass 2; `cost.activation_bytes_per_token` adds checkpointing); measured with saved-tensor
     hooks (tests/bench/test_cost.py; exact at bf16 for the tiny Qwen3-VL and the 2B widths,
     for GQA with more than one kv head). One decoder layer under SDPA with a padding mask:
 
@@ -118,21 +119,16 @@ def llm_activation_bytes_per_token(config, checkpointing: bool, seq_len: int, ac
     rotated q, the head-repeated k and v and the output 4 x 2q, the fp32 log-sum-exp 4h; the
     SwiGLU MLP 4 x 2f; the additive padding mask 2 s. (Rotary: the products with cos/sin keep
     only cos/sin, which are shared by every layer.) Once per token: 6 d + 4 head_dim + 12 (ids,
-    cos/sin, the final norm), as for Qwen2. Checkpointing keeps 2 d per layer and recomputes one
-    layer at a time ("transient").
+    cos/sin, the final norm), as for Qwen2.
     """
     g = dims(config)
-    d, q, kv, h, kvh, f, L = g["d"], g["q"], g["kv"], g["h"], g["kvh"], g["f"], g["L"]
+    d, q, kv, h, kvh, f = g["d"], g["q"], g["kv"], g["h"], g["kvh"], g["f"]
     scale = act_bytes / 2.0
     layer = (16 * d + 14 * q + 6 * kv + 8 * h + 4 * kvh + 8 * f + 8 + 2 * seq_len) * scale
     if not padding_mask:  # SDPA's causal GQA path: no mask, k and v not repeated (exact, as for Qwen2)
         layer -= (2 * seq_len + 4 * (q - kv)) * scale
     once = (6 * d + 4 * g["head_dim"] + 12) * scale
-    if checkpointing:
-        kept, transient = L * 2 * d * scale + once, layer
-    else:
-        kept, transient = L * layer + once, 0.0
-    return {"per_layer": layer, "once": once, "kept": kept, "transient": transient}
+    return layer, once
 
 
 def merger_activation_bytes(config, patches: int, act_bytes: int = 2, stats_bytes: int = 4) -> float:

@@ -35,6 +35,9 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5"],
+        # model.fused_kernels: liger (Triton kernels: GPU only). llave_ds/model/fused_kernels.py
+        # uses Liger's instance-patch helpers as of 0.8.5 (it needs transformers >= 5).
+        "liger": ["liger-kernel>=0.8.5"],
         "lora": ["peft>=0.12"],
         "analysis": ["matplotlib>=3.7"],
         # SentenceTransformer(export_dir) (docs/EXPORT.md); images also need a torchvision

@@ -10,6 +10,8 @@
 #          profiled: one more step under torch.profiler, top kernels / attention / collectives);
 #      (f) 2B ZeRO-3 with the padding mask passed again (--padding-mask always; issue 25 lever 1);
 #      (g) 2B ZeRO-3 with token-budget chunks (--chunk-tokens; issue 25 lever 5);
+#      (h) 2B ZeRO-3 with Liger-Kernel's fused RMSNorm / RoPE / SwiGLU (--fused-kernels liger;
+#          issue 25 lever 4; the liger-kernel wheel is carried, triton comes with the image's torch);
 #      (d) the peer: sentence-transformers' CachedMultipleNegativesRankingLoss against
 #          llave-ds's cached step on the same Qwen2-0.5B-shaped text encoder
 #          (benchmarks/peer_cached_mnrl.py; the GPU image ships sentence-transformers);
@@ -83,7 +85,8 @@ COMMON=(--device cuda --dtype bfloat16 --image-size 384x384 --query-text-tokens 
         --warmup 1 --steps 2 --uncached-steps 2)
 DRY_OVERRIDES=(--device cpu --dtype float32 --shape tiny --image-size 28x28 --pairs-per-rank 4
                --chunk-sizes 2 --query-text-tokens 10-30 --target-text-tokens 5-15 --warmup 1
-               --steps 1 --uncached-steps 1 --peak-tflops 0.05)
+               --steps 1 --uncached-steps 1 --peak-tflops 0.05
+               --fused-kernels auto)  # Liger is GPU only: auto (= off on CPU) keeps a liger run's dry run green
 FAILED=0
 
 selected() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
@@ -143,6 +146,9 @@ bench 2b_z3_mask --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_
 #     32.9 for chunk 16; 6 chunks per step instead of 8: the 64 text targets in one).
 bench 2b_z3_tok  --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 64 \
       --chunk-tokens 24000 --uncached-steps 0
+# (h) lever 4: Liger-Kernel's fused RMSNorm, RoPE and SwiGLU on the LM (2b_z3_opt's settings otherwise).
+bench 2b_z3_liger --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 \
+      --uncached-steps 0 --fused-kernels liger
 # (d) the peer: sentence-transformers' CachedMNRL vs llave-ds's cached step, same Qwen2-0.5B-shaped text encoder.
 peer  peer_st_05b --pairs 64 --mini-batch 16
 # (e) Qwen3-VL-2B, cached ZeRO-3 at configs/qwen3vl_2b.yaml's chunk size (32), 1280-token query images, text targets.

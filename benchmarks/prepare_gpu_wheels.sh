@@ -12,7 +12,9 @@
 #                      typing-inspection, typing-extensions
 #   transformers 5.23.0 (the version llave-ds is tested with; gpu_run.sh falls back to the
 #                      image's 5.17 if it does not import there) + regex (it needs >= 2025.10)
-# Versions are the ones constraints.txt pins for CI. Needs only PyPI (pip).
+#   liger-kernel 0.8.5 (pure Python + Triton kernels; no deps carried: triton ships with the
+#                      image's CUDA torch) for gpu_run's 2b_z3_liger (model.fused_kernels)
+# Versions are the ones constraints.txt pins for CI (deepspeed and liger-kernel: set below). Needs only PyPI (pip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -27,9 +29,10 @@ pin() {  # the version constraints.txt pins for a package (case/underscore-insen
     awk -F'==' -v w="$want" '{n=tolower($1); gsub("_","-",n); if (n==w) print $2}' constraints.txt
 }
 DS=0.19.8
+LIGER=0.8.5
 PURE="hjson==$(pin hjson) pydantic==$(pin pydantic) annotated-types==$(pin annotated-types) \
 typing-inspection==$(pin typing-inspection) typing-extensions==$(pin typing_extensions) \
-transformers==$(pin transformers)"
+transformers==$(pin transformers) liger-kernel==$LIGER"
 BINARY="pydantic-core==$(pin pydantic_core) regex==$(pin regex)"
 TARGET=(--python-version 3.12 --implementation cp --abi cp312
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64

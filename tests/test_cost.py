@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from llave_ds.bench import shapes
+from llave_ds.bench.inputs import build_chunk, chunked, geometry_for, make_sides
 from llave_ds.training import cost
 from llave_ds.training.cost import Geometry
 from llave_ds.training.cost import SideShape as Side
-from llave_ds.bench.inputs import build_chunk, chunked, geometry_for, make_sides
 
 # A toy LLaVA-OV config as plain attributes (the cost model reads nothing else):
 # LLM d=4, ffn 8, 2 layers, 2 heads of 2 (q width 4), 1 kv head (kv width 2);

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from llave_ds.bench import shapes
+from llave_ds.bench.inputs import build_chunk, chunked, geometry_for, make_sides
 from llave_ds.training import cost, cost_qwen3vl
 from llave_ds.training.cost import Geometry
 from llave_ds.training.cost import SideShape as Side
-from llave_ds.bench.inputs import build_chunk, chunked, geometry_for, make_sides
 
 # A toy Qwen3-VL config as plain attributes: LM d=4, ffn 8, 2 layers, 2 heads of head_dim 3
 # (q width 6), 1 kv head (kv width 3); tower d=2, MLP 3, 1 block, 1-px patches of 1 channel x

@@ -101,6 +101,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--padding-mask", choices=("auto", "always"), default="auto",
                    help="model.padding_mask: auto drops the redundant mask of right-padded chunks (all of the "
                         "bench's); always passes it (the behaviour before)")
+    g.add_argument("--fused-kernels", choices=("off", "liger", "auto"), default="off",
+                   help="model.fused_kernels: liger = Liger-Kernel's RMSNorm, RoPE and SwiGLU on the language model "
+                        "(GPU only, pip install liger-kernel); auto = liger where it runs")
     g.add_argument("--no-vision-cache", action="store_true",
                    help="run the frozen tower again in pass 2 instead of reusing pass 1's features")
     g.add_argument("--profile", action="store_true",

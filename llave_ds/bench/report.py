@@ -106,7 +106,8 @@ def format_table(result: dict) -> str:
             units = ", ".join(opt["fetch_units"]) or "none"
             lines.append(f"zero{row['stage']} chunk={row['chunk']}: fetch units {units}; vision cache "
                          f"{'on' if opt['vision_cache'] else 'off'}; memory_efficient_linear "
-                         f"{opt['memory_efficient_linear']}")
+                         f"{opt['memory_efficient_linear']}; fused kernels "
+                         f"{', '.join(opt.get('fused_kernels') or []) or 'none'}")
     for row in r["rows"]:
         if row.get("profile"):
             lines += format_profile(f"zero{row['stage']} chunk={row['chunk']}", row["profile"])

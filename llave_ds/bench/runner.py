@@ -35,6 +35,7 @@ from llave_ds.core.gradcache import gradcache_step
 from llave_ds.core.objective import ObjectiveConfig
 from llave_ds.model.checkpointing import apply_gradient_checkpointing
 from llave_ds.model.embedding import ModelConfig, build_embedding_model_from_config, trainable_parameters
+from llave_ds.model.fused_kernels import patched_kernels
 from llave_ds.training.cost import (GIB, checkpointed_share, chunk_forward_flops, predict_chunks_memory, step_flops,
                                     sum_parts, utilization)
 from llave_ds.training.engine import (DeepSpeedStepBackend, attach_deepspeed_comm, build_engine, build_optimizer,
@@ -102,7 +103,8 @@ def build_model(hf_config, args, dtype_name: str, ckpt: str, ds_cfg: dict, devic
     mcfg = ModelConfig(backbone=hf_config.model_type, dtype=dtype_name, attn_implementation=args.attn,
                        freeze_vision_tower=not args.train_vision_tower, gradient_checkpointing=ckpt,
                        checkpoint_every=args.checkpoint_every,
-                       cache_frozen_vision=not args.no_vision_cache, padding_mask=args.padding_mask)
+                       cache_frozen_vision=not args.no_vision_cache, padding_mask=args.padding_mask,
+                       fused_kernels=getattr(args, "fused_kernels", "off"))
     stage3 = int(ds_cfg.get("zero_optimization", {}).get("stage", 0)) == 3
     if device.type == "cuda" and not stage3:
         # Initialise on the GPU (seconds instead of a minute of CPU init for 2B+ shapes).
@@ -354,6 +356,7 @@ def run_engine(s: RunSettings, stage: int, ckpt: str,
     fetch_units = model.zero3_fetch_units() if stage == 3 and not args.no_fetch_units else []
     optimizations = {"fetch_units": fetch_units, "vision_cache": model.vision_cache is not None,
                      "padding_mask_dropped": not padding_mask_kept(args),
+                     "fused_kernels": patched_kernels(model.base_hf_model),
                      "memory_efficient_linear": bool(ds_cfg["zero_optimization"].get("memory_efficient_linear", True))
                      if stage == 3 else None,
                      "checkpoint_every": every if ckpt != "off" else None,
@@ -407,7 +410,7 @@ def resolve_device(name: str) -> torch.device:
 
 def versions() -> dict:
     out = {"torch": torch.__version__, "python": sys.version.split()[0]}
-    for name in ("transformers", "deepspeed"):
+    for name in ("transformers", "deepspeed", "liger-kernel"):
         with contextlib.suppress(Exception):
             out[name] = importlib.metadata.version(name)
     if torch.cuda.is_available():
@@ -472,6 +475,7 @@ def worker(args) -> dict:
         "deepstack_taps_dropped": shapes.dropped_deepstack_taps(args.shape, args.llm_layers, args.vision_layers),
         "params": work.counts, "device": device.type, "device_name": device_name,
         "world_size": env.world_size, "dtype": dtype_name, "attn": args.attn,
+        "fused_kernels_requested": getattr(args, "fused_kernels", "off"),
         "pairs_per_rank": args.pairs_per_rank, "global_batch": args.pairs_per_rank * env.world_size,
         "steps": args.steps, "warmup": args.warmup,
         "peak_tflops": peak, "peak_source": peak_source,

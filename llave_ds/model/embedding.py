@@ -29,6 +29,7 @@ from llave_ds.model.backbones import (SUPPORTED_BACKBONES, Backbone, backbone_fr
                                       detect_backbone, model_class)
 from llave_ds.model.checkpointing import GradientCheckpointing, apply_gradient_checkpointing
 from llave_ds.model.dtypes import DTYPES, Dtype
+from llave_ds.model.fused_kernels import FusedKernels, apply_fused_kernels
 from llave_ds.model.processors import load_processor
 from llave_ds.model.vision_cache import INSTALLERS as VISION_CACHE_INSTALLERS
 from llave_ds.model.vision_cache import FrozenVisionCache
@@ -71,6 +72,9 @@ class ModelConfig:
         token, so embeddings and gradients are unchanged (tested), and attention takes its
         causal fast path (SDPA: no materialised mask, GQA without repeated k/v; flash-attn:
         no unpadding). "always" = pass the mask (left-padded chunks always get it).
+    fused_kernels: "off" (default until measured on a GPU) | "liger" = Liger-Kernel's RMSNorm,
+        RoPE and SwiGLU on the language model (GPU only; ``pip install llave-ds[liger]``;
+        llave_ds/model/fused_kernels.py) | "auto" = liger where installed and CUDA is there.
     """
 
     path: str = ""
@@ -87,6 +91,7 @@ class ModelConfig:
     checkpoint_every: int = 1
     cache_frozen_vision: bool = True
     padding_mask: PaddingMask = "auto"
+    fused_kernels: FusedKernels = "off"
 
     def __post_init__(self):  # checked at construction: models are often configured in Python
         check_choices(self, "model.")
@@ -459,6 +464,7 @@ def _finish(hf_model: nn.Module, backbone: str, cfg: ModelConfig, hf_ds_config) 
     else:
         apply_freezing(hf_model, backbone, cfg)
     base = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
+    apply_fused_kernels(base, backbone, cfg.fused_kernels)
     if cfg.gradient_checkpointing != "auto":  # auto: train.py applies the memory plan's choice
         apply_gradient_checkpointing(base, cfg.gradient_checkpointing, cfg.checkpoint_every)
     model = EmbeddingModel(hf_model, backbone, cfg)

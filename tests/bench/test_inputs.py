@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from llave_ds.bench import inputs, shapes
-from llave_ds.training.cost import TEMPLATE_HEAD_TOKENS, TEMPLATE_TAIL_TOKENS
-from llave_ds.training.cost import SideShape as Side
 from llave_ds.bench.inputs import build_chunk, geometry_for, image_tiles_and_tokens, make_sides
 from llave_ds.media.side import Side as _Side
+from llave_ds.training.cost import TEMPLATE_HEAD_TOKENS, TEMPLATE_TAIL_TOKENS
+from llave_ds.training.cost import SideShape as Side
 
 
 @pytest.mark.parametrize("hw", [(28, 28), (56, 56), (40, 70)])

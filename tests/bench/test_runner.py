@@ -74,7 +74,8 @@ def test_bench_cpu_smoke_two_ranks(tmp_path):
     # every hooked module fetch counted (2 chunks per role: 4 forwards, 4 re-forwards, 4 backwards).
     assert row["optimizations"] == {"fetch_units": ["Qwen2DecoderLayer", "SiglipEncoderLayer"],
                                     "vision_cache": True, "memory_efficient_linear": False,
-                                    "padding_mask_dropped": True, "checkpoint_every": 1, "memory_plan": None}
+                                    "padding_mask_dropped": True, "checkpoint_every": 1, "memory_plan": None,
+                                    "fused_kernels": []}
     fetches = row["zero3_fetches_per_step"]
     assert fetches["forward"] > 0 and fetches["backward"] > 0
     assert row["zero3_fetches_per_chunk_pass"] == pytest.approx(sum(fetches.values()) / 12)
@@ -134,5 +135,5 @@ def test_bench_cpu_smoke_qwen3vl_one_rank(tmp_path):
         assert row["forward_split_tflop"]["proj2_dummy"] > 0   # the target chunks' dummy image
     assert z3["optimizations"] == {"fetch_units": ["Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"],
                                    "vision_cache": True, "memory_efficient_linear": False, "padding_mask_dropped": True,
-                                   "checkpoint_every": 1, "memory_plan": None}
+                                   "checkpoint_every": 1, "memory_plan": None, "fused_kernels": []}
     assert z3["predicted_memory"]["vision_cache"] > 0

@@ -10,6 +10,8 @@
 #          profiled: one more step under torch.profiler, top kernels / attention / collectives);
 #      (f) 2B ZeRO-3 with the padding mask passed again (--padding-mask always; issue 25 lever 1);
 #      (g) 2B ZeRO-3 with token-budget chunks (--chunk-tokens; issue 25 lever 5);
+#      (i) 2B ZeRO-3 with the memory plan (--ckpt auto --persistence-threshold auto; levers 2, 3),
+#          and (j) with persistence auto alone;
 #      (h) 2B ZeRO-3 with Liger-Kernel's fused RMSNorm / RoPE / SwiGLU (--fused-kernels liger;
 #          issue 25 lever 4; the liger-kernel wheel is carried, triton comes with the image's torch);
 #      (d) the peer: sentence-transformers' CachedMultipleNegativesRankingLoss against
@@ -139,6 +141,10 @@ peer() {  # peer NAME ARGS...: benchmarks/peer_cached_mnrl.py, its JSON line app
 bench 2b_z3_opt  --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 \
       --profile
 bench 2b_z2_opt  --shape aquila-vl-2b --pairs-per-rank 64 --stages 2 --ckpt non_reentrant --chunk-sizes 16
+# (i) levers 2 and 3: the memory plan under 0.9 x the card's memory (predicted on an H200: checkpointing
+#     off, 97.5 GiB, 1289 TF per step instead of 1588; every parameter whole: no ZeRO-3 gathers per pass).
+bench 2b_z3_auto --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt auto --chunk-sizes 16 \
+      --persistence-threshold auto --uncached-steps 0
 # (f) issue 25's first lever off: the padding mask passed to the LM again (2b_z3_opt drops it, right padding).
 bench 2b_z3_mask --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 \
       --uncached-steps 0 --padding-mask always
@@ -149,6 +155,9 @@ bench 2b_z3_tok  --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_
 # (h) lever 4: Liger-Kernel's fused RMSNorm, RoPE and SwiGLU on the LM (2b_z3_opt's settings otherwise).
 bench 2b_z3_liger --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 \
       --uncached-steps 0 --fused-kernels liger
+# (j) lever 3 alone: checkpointing as in 2b_z3_opt, the headroom spent on whole parameters.
+bench 2b_z3_persist --shape aquila-vl-2b --pairs-per-rank 64 --stages 3 --ckpt non_reentrant --chunk-sizes 16 \
+      --persistence-threshold auto --uncached-steps 0
 # (d) the peer: sentence-transformers' CachedMNRL vs llave-ds's cached step, same Qwen2-0.5B-shaped text encoder.
 peer  peer_st_05b --pairs 64 --mini-batch 16
 # (e) Qwen3-VL-2B, cached ZeRO-3 at configs/qwen3vl_2b.yaml's chunk size (32), 1280-token query images, text targets.

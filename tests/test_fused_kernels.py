@@ -16,7 +16,8 @@ import torch
 
 from llave_ds.model.embedding import ModelConfig, build_embedding_model_from_config
 from llave_ds.model.formatter import InputFormatter
-from llave_ds.model.fused_kernels import apply_fused_kernels, language_model, patched_kernels, resolve_fused_kernels
+from llave_ds.model.backbones import language_model
+from llave_ds.model.fused_kernels import apply_fused_kernels, patched_kernels, resolve_fused_kernels
 from llave_ds.toy import tiny
 from tests.multimodal import ALL_BACKBONES, Side, noise_image
 

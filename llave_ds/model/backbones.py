@@ -23,6 +23,12 @@ QWEN_BACKBONES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 DEEPSTACK_BACKBONES = ("qwen3_vl",)
 
 
+def language_model(hf_model):
+    """The decoder stack of a ForConditionalGeneration model: ``model.language_model`` for every
+    supported backbone in transformers 5 (LLaVA-OV's Qwen2, the Qwen-VL text models)."""
+    return hf_model.model.language_model
+
+
 def check_backbone(backbone: str) -> str:
     if backbone not in SUPPORTED_BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; supported: {', '.join(SUPPORTED_BACKBONES)}")

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal, get_args
 
+from llave_ds.model.backbones import language_model
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -32,10 +34,8 @@ def checkpointed_layers(num_layers: int, every: int) -> list[int]:
 
 
 def decoder_layers(hf_model: nn.Module) -> nn.ModuleList:
-    """The language model's decoder layers (transformers 5: ``model.language_model.layers``
-    for every supported backbone; a bare decoder's own ``layers``)."""
-    inner = getattr(hf_model, "model", hf_model)
-    return getattr(inner, "language_model", inner).layers
+    """The language model's decoder layers."""
+    return language_model(hf_model).layers
 
 
 def apply_gradient_checkpointing(hf_model: nn.Module, mode: str, every: int = 1) -> list[int]:

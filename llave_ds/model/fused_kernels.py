@@ -41,6 +41,8 @@ from typing import Literal, Optional, get_args
 import torch
 from torch import nn
 
+from llave_ds.model.backbones import language_model
+
 logger = logging.getLogger(__name__)
 
 FusedKernels = Literal["auto", "off", "liger"]
@@ -72,11 +74,6 @@ def resolve_fused_kernels(requested: str) -> str:
         choice = "liger" if installed and cuda else "off"
     logger.info("fused kernels: %s (requested %s)", choice, requested)
     return choice
-
-
-def language_model(hf_model: nn.Module) -> nn.Module:
-    """The decoder stack of a ForConditionalGeneration model (every supported backbone)."""
-    return hf_model.model.language_model
 
 
 def _rope_target(text: nn.Module) -> Optional[tuple[types.ModuleType, str]]:

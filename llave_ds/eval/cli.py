@@ -1,5 +1,5 @@
-"""``llave-ds eval``: MMEB (``--task mmeb``, the default) or text-video retrieval
-(``--task video-retrieval``). The arguments of both, the choice of task, and which model
+"""``llave-ds eval``: MMEB (``--task mmeb``, the default), MMEB-V2 (``--benchmark mmeb-v2``) or
+text-video retrieval (``--task video-retrieval``). The arguments of both, the choice of task, and which model
 directory ``--model`` names (an export, a base model, or a training run's export)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from llave_ds.eval import mmeb, video_retrieval
+from llave_ds.eval import mmeb, mmeb_v2_run, video_retrieval
 from llave_ds.training.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -32,14 +32,17 @@ def resolve_model_dir(path: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", choices=("mmeb", "video-retrieval"), default="mmeb",
-                        help="mmeb (default): MMEB's P@1 per subset; video-retrieval: text<->video Recall@1/5/10 "
-                             "and median rank on a split file of video paths and captions (docs/EVALUATION.md)")
-    parser.add_argument("--model", required=True,
+    parser.add_argument("--task", "--benchmark", dest="task", choices=("mmeb", "mmeb-v2", "video-retrieval"),
+                        default="mmeb",
+                        help="mmeb (default): MMEB(-V1)'s P@1 per subset; mmeb-v2: MMEB-V2 per-task score and "
+                             "prediction files in --scores-dir (encoded with --model/--data: the visual-document "
+                             "tasks so far) and their summary; video-retrieval: text<->video Recall@1/5/10 and median rank "
+                             "on a split file of video paths and captions (docs/EVALUATION.md)")
+    parser.add_argument("--model",
                         help="exported model directory, a base model directory, or a training run directory "
-                             "(its export: RUN_DIR/export or the run's export.dir)")
-    parser.add_argument("--data", required=True, help="MMEB-eval directory (per-subset parquet/jsonl) or hub id; "
-                                                      "with --task video-retrieval: the split's .jsonl / .csv")
+                             "(its export: RUN_DIR/export or the run's export.dir); required but for mmeb-v2")
+    parser.add_argument("--data", help="MMEB-eval directory (per-subset parquet/jsonl) or hub id; "
+                                       "with --task video-retrieval: the split's .jsonl / .csv; required but for mmeb-v2")
     parser.add_argument("--image-root", help="directory image paths are relative to (default: --data)")
     parser.add_argument("--subsets", nargs="*",
                         help="subset names (default: the official and synthetic subsets found locally, or the 36 "
@@ -65,11 +68,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--analysis-dir", help="also write the similarity histogram PNG and gap table here")
     parser.add_argument("--no-progress", action="store_true")
     video_retrieval.add_arguments(parser)
+    g = parser.add_argument_group("MMEB-V2 (--benchmark mmeb-v2)")
+    g.add_argument("--modalities", help="comma-separated: image,video,visdoc (default: all three)")
+    g.add_argument("--tasks", nargs="*", help="MMEB-V2 task names (default: every task of the modalities)")
+    g.add_argument("--pred-top-k", type=int, default=None,
+                   help="keep each query's top N names in <task>_pred.jsonl (default: the whole ranking, as the "
+                        "official eval; the metrics read the top 10)")
+    g.add_argument("--rescore-preds", action="store_true",
+                   help="score every <task>_pred.jsonl in --scores-dir again (rewrites <task>_score.json)")
+    g.add_argument("--label", help="the model's name in the summary (default: the --scores-dir name)")
+    g.add_argument("--no-plot", action="store_true", help="with --out: no per-category PNG")
 
 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "mmeb-v2":
+        if args.model:
+            try:
+                args.model = resolve_model_dir(args.model)
+            except ValueError as exc:
+                print(f"llave-ds eval: {exc}", file=sys.stderr)
+                return 2
+        return mmeb_v2_run.run(args)
+    missing = [flag for flag, value in (("--model", args.model), ("--data", args.data)) if not value]
+    if missing:
+        print(f"llave-ds eval: {' and '.join(missing)} required with --task {args.task}", file=sys.stderr)
+        return 2
     try:
         args.model = resolve_model_dir(args.model)
     except ValueError as exc:

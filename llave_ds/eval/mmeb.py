@@ -29,10 +29,9 @@ import numpy as np
 import torch
 
 from llave_ds.core import distributed
-from llave_ds.core.gather import GatherMode, all_gather_objects, all_gather_rows
 from llave_ds.data.mmeb_files import is_local_source
-from llave_ds.eval.mmeb_data import (CANDIDATE, QUERY, EvalSubset, check_subset_names, load_eval_subsets, shard,
-                                     unique_items)
+from llave_ds.eval.encoding import embed_dataset, load_on_every_rank, rank0_then_shared
+from llave_ds.eval.mmeb_data import CANDIDATE, QUERY, EvalSubset, check_subset_names, load_eval_subsets, unique_items
 from llave_ds.eval.mmeb_metrics import (aggregate, candidate_scores, markdown_table, official_subsets,
                                         positive_and_hardest_negative, precision_at_1, similarity_gap_stats,
                                         subset_registry, synthetic_subsets)
@@ -64,48 +63,18 @@ class _SideLoader(torch.utils.data.Dataset):
         return Side(item.text, image, image_path=item.image_path or None)
 
 
-def _as_list(batch: list) -> list:
-    return batch
-
-
 def embed_items(embedder, subset: EvalSubset, items, *, batch_size: int, progress: bool,
                 num_workers: int = 2) -> torch.Tensor:
-    """Embeddings of ``items`` in order; with several ranks each embeds a contiguous shard
-    and the shards are gathered (ranks may hold different counts; gather handles it).
-
-    Images are streamed: ``num_workers`` DataLoader workers decode batch by batch while the
-    model encodes (0: decode in this process, still one batch at a time)."""
-    import multiprocessing
-
-    from tqdm.auto import tqdm
-
-    rank, world = distributed.rank(), distributed.world_size()
-    local_items = list(shard(items, rank, world))
-    if num_workers and multiprocessing.current_process().daemon:
-        num_workers = 0  # a daemonic process (e.g. a multiprocessing pool worker) may not start workers
-    # Queries and candidates are formatted differently (instructions): encode per role,
-    # keeping the original order.
-    out = torch.empty(len(local_items), embedder.dim, dtype=torch.float32)
-    for role in sorted({it.role for it in local_items}):
-        idx = [i for i, it in enumerate(local_items) if it.role == role]
-        loader = torch.utils.data.DataLoader(
-            _SideLoader(subset, [local_items[i] for i in idx]), batch_size=batch_size, shuffle=False,
-            num_workers=num_workers, collate_fn=_as_list, prefetch_factor=2 if num_workers else None)
+    """Embeddings of ``items`` in order, queries and candidates each formatted for their role
+    (instructions) and encoded by `llave_ds.eval.encoding.embed_dataset`: spread over the ranks,
+    images decoded by ``num_workers`` DataLoader workers while the model encodes."""
+    out = torch.empty(len(items), embedder.dim, dtype=torch.float32)
+    for role in (QUERY, CANDIDATE):  # both roles on every rank: the same gathers everywhere
+        idx = [i for i, it in enumerate(items) if it.role == role]
         name = "target" if role == CANDIDATE else "query"
-        start = 0
-        for sides in tqdm(loader, desc=f"{subset.name} {name}", unit="batch", dynamic_ncols=True,
-                          disable=not (progress and rank == 0)):
-            bad = next((s.error for s in sides if s.error), None)
-            if bad:
-                raise ValueError(f"MMEB-eval subset {subset.name!r}: {bad}")
-            emb = embedder.encode_sides(sides, role=name, batch_size=len(sides), progress=False)
-            out[idx[start:start + len(sides)]] = emb.float().cpu()
-            start += len(sides)
-    if world > 1:
-        # Every rank runs the same number of gathers (one per subset), padded by the gather.
-        device = embedder.device
-        gathered, _ = all_gather_rows(out.to(device), GatherMode.STOP_GRAD)
-        out = gathered.cpu()
+        out[idx] = embed_dataset(embedder, _SideLoader(subset, [items[i] for i in idx]), role=name,
+                                 desc=f"{subset.name} {name}", batch_size=batch_size, progress=progress,
+                                 num_workers=num_workers, where=f"MMEB-eval subset {subset.name!r}: ")
     return out
 
 
@@ -299,42 +268,6 @@ def plan_run(args: argparse.Namespace, scores_dir: Optional[Path]) -> EvalPlan:
     return plan
 
 
-def _rank0_then_shared(fn: Callable[[], Any]) -> Any:
-    """``fn()`` run on rank 0 only, its result (or its error) handed to every rank in one
-    collective that every rank runs: ranks never decide differently, nor hang on a failure."""
-    value, error, exc = None, None, None
-    if distributed.rank() == 0:
-        try:
-            value = fn()
-        except Exception as e:  # noqa: BLE001 - passed on to the other ranks, then re-raised
-            exc, error = e, f"{type(e).__name__}: {e}"
-    if distributed.world_size() > 1:
-        value, error = all_gather_objects((value, error))[0]
-    if exc is not None:
-        raise exc
-    if error is not None:
-        raise ValueError(f"rank 0 failed: {error}")
-    return value
-
-
-def _load_on_every_rank(fn: Callable[[], Any]) -> Any:
-    """``fn()`` on every rank; if it fails on any rank, every rank raises (one collective)."""
-    value, error, exc = None, None, None
-    try:
-        value = fn()
-    except (ValueError, FileNotFoundError) as e:
-        exc, error = e, str(e)
-    if distributed.world_size() > 1:
-        errors = [f"rank {r}: {e}" for r, e in enumerate(all_gather_objects(error)) if e is not None]
-    else:
-        errors = []
-    if exc is not None:
-        raise exc
-    if errors:
-        raise ValueError("; ".join(errors))
-    return value
-
-
 # ------------------------------------------------------------------------------- CLI
 
 def run(args: argparse.Namespace) -> int:
@@ -350,8 +283,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         scores_dir = scores_dir_for(args)
         # Decided on rank 0 from the score files, before any other collective, and shared.
-        plan: EvalPlan = _rank0_then_shared(lambda: plan_run(args, scores_dir))
-        subsets = _load_on_every_rank(lambda: load_eval_subsets(
+        plan: EvalPlan = rank0_then_shared(lambda: plan_run(args, scores_dir))
+        subsets = load_on_every_rank(lambda: load_eval_subsets(
             args.data, plan.to_evaluate, split=args.split, image_root=args.image_root, max_rows=args.max_rows,
             strict_empty=args.strict_empty) if plan.to_evaluate else {})
         embedder = None

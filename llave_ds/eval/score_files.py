@@ -56,11 +56,17 @@ def data_fingerprint(data: str, subset: str, split: str, *, source_type: str = "
     """A local subset's data files with (size, mtime); for a hub id, the id, subset and split."""
     if not is_local_source(data, source_type):
         return {"hub": data, "subset": subset, "split": split}
+    return {"files": files_fingerprint(find_eval_files(os.path.expanduser(data), subset, split))}
+
+
+def files_fingerprint(paths) -> dict:
+    """``{absolute path: [size, mtime_ns]}`` of data files: what identifies a download cheaply
+    (a re-downloaded or edited file changes its mtime)."""
     files = {}
-    for f in find_eval_files(os.path.expanduser(data), subset, split):
+    for f in paths:
         st = os.stat(f)
         files[os.path.abspath(f)] = [st.st_size, st.st_mtime_ns]
-    return {"files": files}
+    return files
 
 
 def _fingerprint_difference(stored: Any, current: Any, where: str = "") -> Optional[str]:

@@ -1,0 +1,98 @@
+"""Sharded, streamed encoding for evaluation: a dataset of sides embedded in order, each rank
+embedding one contiguous shard while DataLoader workers decode the next batches, the shards
+gathered back on every rank (MMEB-V1 subsets, MMEB-V2 queries and page corpora); and the two
+ways ranks agree before encoding: rank 0 decides and shares (`rank0_then_shared`), or every
+rank loads and all fail together (`load_on_every_rank`)."""
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any, Callable, Sequence
+
+import torch
+
+from llave_ds.core import distributed
+from llave_ds.core.gather import GatherMode, all_gather_objects, all_gather_rows
+from llave_ds.eval.mmeb_data import shard_range
+
+
+class _Shard(torch.utils.data.Dataset):
+    def __init__(self, dataset, start: int, stop: int):
+        self.dataset, self.start, self.stop = dataset, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.start + i]
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def embed_dataset(embedder, dataset: Sequence[Any], *, role: str, desc: str, batch_size: int, progress: bool,
+                  num_workers: int = 2, where: str = "") -> torch.Tensor:
+    """``[len(dataset), dim]`` float32 embeddings of ``dataset[i]`` (a `Side`; one whose
+    ``error`` is set stops the run with ``where`` and the error) as ``role``.
+
+    With several ranks each rank embeds its contiguous shard (`shard_range`) and one gather
+    puts them back in order on every rank: every rank runs exactly one gather per call, also
+    with an empty shard, so ranks never wait on each other's counts."""
+    from tqdm.auto import tqdm
+
+    rank, world = distributed.rank(), distributed.world_size()
+    start, stop = shard_range(len(dataset), rank, world)
+    if num_workers and multiprocessing.current_process().daemon:
+        num_workers = 0  # a daemonic process (e.g. a multiprocessing pool worker) may not start workers
+    loader = torch.utils.data.DataLoader(
+        _Shard(dataset, start, stop), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        collate_fn=_as_list, prefetch_factor=2 if num_workers else None)
+    out = torch.empty(stop - start, embedder.dim, dtype=torch.float32)
+    done = 0
+    for sides in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, disable=not (progress and rank == 0)):
+        bad = next((s.error for s in sides if getattr(s, "error", None)), None)
+        if bad:
+            raise ValueError(f"{where}{bad}")
+        emb = embedder.encode_sides(sides, role=role, batch_size=len(sides), progress=False)
+        out[done:done + len(sides)] = emb.float().cpu()
+        done += len(sides)
+    if world > 1:
+        gathered, _ = all_gather_rows(out.to(embedder.device), GatherMode.STOP_GRAD)
+        out = gathered.cpu()
+    return out
+
+
+def rank0_then_shared(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on rank 0 only, its result (or its error) handed to every rank in one
+    collective that every rank runs: ranks never decide differently, nor hang on a failure."""
+    value, error, exc = None, None, None
+    if distributed.rank() == 0:
+        try:
+            value = fn()
+        except Exception as e:  # noqa: BLE001 - passed on to the other ranks, then re-raised
+            exc, error = e, f"{type(e).__name__}: {e}"
+    if distributed.world_size() > 1:
+        value, error = all_gather_objects((value, error))[0]
+    if exc is not None:
+        raise exc
+    if error is not None:
+        raise ValueError(f"rank 0 failed: {error}")
+    return value
+
+
+def load_on_every_rank(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank; if it fails on any rank, every rank raises (one collective)."""
+    value, error, exc = None, None, None
+    try:
+        value = fn()
+    except (ValueError, FileNotFoundError) as e:
+        exc, error = e, str(e)
+    if distributed.world_size() > 1:
+        errors = [f"rank {r}: {e}" for r, e in enumerate(all_gather_objects(error)) if e is not None]
+    else:
+        errors = []
+    if exc is not None:
+        raise exc
+    if errors:
+        raise ValueError("; ".join(errors))
+    return value

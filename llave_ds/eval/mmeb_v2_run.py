@@ -1,0 +1,166 @@
+"""``llave-ds eval --benchmark mmeb-v2``: encode the selected MMEB-V2 tasks a download holds,
+score each as the official code does, write its score and prediction files as it finishes,
+and summarise a directory of score files (ours or the official eval's).
+
+* ``--model M --data ROOT --scores-dir DIR``: every selected task found under ``ROOT`` whose
+  ``DIR/<task>_score.json`` does not match this model, download and options (fingerprint) is
+  encoded (queries and the page pool spread over the ranks under torchrun / srun) and scored;
+  a killed run re-encodes only the tasks without a matching score file. Encoding is built for
+  the visual-document tasks (`llave_ds.eval.mmeb_v2_visdoc`); image and video tasks are not yet.
+* ``--scores-dir DIR`` alone: the summary only (``--rescore-preds``: score each
+  ``<task>_pred.jsonl`` again first).
+
+Rank 0 decides which tasks to encode from the score files and shares the plan before any
+other collective; every rank loads the tasks and all fail together on bad data; only rank 0
+writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from llave_ds.core import distributed
+from llave_ds.eval import mmeb_v2_visdoc as visdoc
+from llave_ds.eval.encoding import embed_dataset, load_on_every_rank, rank0_then_shared
+from llave_ds.eval.mmeb_v2 import (markdown_table, prediction_records, read_score_dir, rescore_task, score_file,
+                                   summarize, write_report, write_task_results)
+from llave_ds.eval.mmeb_v2_tasks import MODALITIES, V2Task, tasks_of
+from llave_ds.eval.score_files import files_fingerprint, model_fingerprint
+
+logger = logging.getLogger(__name__)
+
+ENCODABLE = ("visdoc",)  # the modalities whose datasets we read so far
+
+
+def plan_tasks(args: argparse.Namespace, tasks: List[V2Task], scores_dir: Path) -> Dict[str, Any]:
+    """Which selected tasks to encode (found in the download, no matching score file), which
+    are already scored, and which the download lacks; with each task's fingerprint."""
+    plan: Dict[str, Any] = {"encode": [], "stored": [], "absent": [], "fingerprints": {}}
+    model_fp = model_fingerprint(args.model)
+    options = {"max_length": args.max_length, "pred_top_k": args.pred_top_k}
+    for t in tasks:
+        try:
+            directory = visdoc.task_dir(Path(args.data), t.name)
+        except visdoc.VisdocDataError:
+            if args.tasks:  # named explicitly: a missing download is an error
+                raise
+            plan["absent"].append(t.name)
+            continue
+        fp = {"model": model_fp, "data": files_fingerprint(sorted(directory.rglob("*.parquet"))), "options": options}
+        plan["fingerprints"][t.name] = fp
+        path = score_file(scores_dir, t.name)
+        stored = None
+        if path.is_file() and not args.rescore:
+            try:
+                stored = json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                stored = None
+        if stored == fp:
+            plan["stored"].append(t.name)
+            logger.info("%s: already scored in %s (matching fingerprint)", t.name, path)
+        else:
+            plan["encode"].append(t.name)
+    return plan
+
+
+def _encode_tasks(args: argparse.Namespace, plan: Dict[str, Any], scores_dir: Path) -> None:
+    from llave_ds.model.embedder import LlaveEmbedder
+
+    loaded = load_on_every_rank(lambda: [visdoc.load_visdoc_task(Path(args.data), name) for name in plan["encode"]])
+    if not loaded:
+        return
+    overrides = {"max_length": args.max_length} if args.max_length else {}
+    embedder = LlaveEmbedder.from_pretrained(args.model, **overrides)
+    progress = not args.no_progress
+    for vt in loaded:
+        name = vt.task.name
+        common = dict(batch_size=args.batch_size, progress=progress, num_workers=args.num_workers,
+                      where=f"MMEB-V2 task {name}: ")
+        queries = embed_dataset(embedder, visdoc.QueryDataset(vt.query_texts), role="query",
+                                desc=f"{name} queries", **common)
+        pages = embed_dataset(embedder, visdoc.PageDataset(vt), role="target", desc=f"{name} pages", **common)
+        if distributed.rank() != 0:
+            continue
+        records = prediction_records(vt.task, queries.numpy(), vt.infos, vt.pool_ids, pages.numpy())
+        extra = {"fingerprint": plan["fingerprints"][name], "skipped": vt.skipped, "source": vt.source,
+                 "num_candidates": len(vt.pool_ids)}
+        scores = write_task_results(scores_dir, vt.task, records, pred_top_k=args.pred_top_k, extra=extra)
+        logger.info("%s: %s %.4f (%d queries, %d pages) -> %s", name, vt.task.main_metric,
+                    scores[vt.task.main_metric], len(records), len(vt.pool_ids), score_file(scores_dir, name))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The MMEB-V2 branch of ``llave-ds eval`` (module docstring)."""
+    modalities = args.modalities.split(",") if args.modalities else None
+    if args.model and modalities is None and not args.tasks:
+        modalities = list(ENCODABLE)
+    try:
+        tasks = tasks_of(modalities, args.tasks)
+    except ValueError as exc:
+        print(f"llave-ds eval: {exc}", file=sys.stderr)
+        return 2
+    if not args.scores_dir:
+        print("llave-ds eval: --benchmark mmeb-v2 needs --scores-dir (where the per-task <task>_score.json and "
+              "<task>_pred.jsonl are written, or read for the summary)", file=sys.stderr)
+        return 2
+    scores_dir = Path(args.scores_dir)
+    if args.model:
+        not_built = sorted({t.modality for t in tasks} - set(ENCODABLE))
+        if not_built:
+            print(f"llave-ds eval: encoding MMEB-V2 {', '.join(not_built)} tasks is not built yet (issue 26); "
+                  f"--modalities {','.join(ENCODABLE)} encodes, --scores-dir alone summarises score files from "
+                  f"elsewhere", file=sys.stderr)
+            return 2
+        if not args.data:
+            print("llave-ds eval: --model needs --data (the directory the MMEB-V2 downloads are under)",
+                  file=sys.stderr)
+            return 2
+        status = _encode(args, tasks, scores_dir)
+        if status is not None:
+            return status
+    elif not scores_dir.is_dir():
+        print(f"llave-ds eval: --scores-dir {scores_dir} is not a directory", file=sys.stderr)
+        return 2
+    if distributed.detect_env().rank != 0:
+        return 0
+    if args.rescore_preds:
+        try:
+            rescored = [t.name for t in tasks if rescore_task(scores_dir, t) is not None]
+        except ValueError as exc:
+            print(f"llave-ds eval: {exc}", file=sys.stderr)
+            return 2
+        logger.info("scored %d prediction file(s) again", len(rescored))
+    summary = summarize(read_score_dir(scores_dir, tasks), tasks)
+    label = args.label or (Path(args.model).name if args.model else scores_dir.name)
+    print(markdown_table(summary, label), end="")
+    if args.out:
+        paths = write_report(summary, Path(args.out), label, plot=not args.no_plot)
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print(json.dumps({"benchmark": "mmeb-v2", "overall": summary.overall(), "num_tasks": len(summary.task_scores),
+                      **{m: summary.modality_mean(m) for m in MODALITIES}}))
+    return 0 if summary.task_scores else 1
+
+
+def _encode(args: argparse.Namespace, tasks: List[V2Task], scores_dir: Path) -> Optional[int]:
+    if distributed.detect_env().world_size > 1:
+        distributed.init_distributed(timeout_s=1800)
+    logging.basicConfig(level=logging.INFO if distributed.detect_env().rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if distributed.rank() == 0:
+            scores_dir.mkdir(parents=True, exist_ok=True)
+        plan = rank0_then_shared(lambda: plan_tasks(args, tasks, scores_dir))
+        if plan["absent"]:
+            logger.info("not in %s (skipped): %s", args.data, ", ".join(plan["absent"]))
+        _encode_tasks(args, plan, scores_dir)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"llave-ds eval: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if distributed.detect_env().world_size > 1:
+            distributed.shutdown_distributed()
+    return None

@@ -106,9 +106,10 @@ def unit(rows):
 def test_global_pool_dedupes_names_and_blocks_rank_like_one_matrix():
     rng = np.random.default_rng(0)
     cands = unit(rng.normal(size=(7, 8)))
-    names = ["d0", "d1", "d2", "d1", "d3", "d4", "d5"]   # d1 twice: one candidate, the last embedding
+    names = ["d0", "d1", "d2", "d1", "d3", "d4", "d5"]   # d1 twice: one candidate, its first occurrence
     pool_names, pool = mmeb_v2.candidate_pool(names, cands)
-    assert pool_names == ["d0", "d1", "d2", "d3", "d4", "d5"] and np.array_equal(pool[1], cands[3])
+    assert pool_names == ["d0", "d1", "d2", "d3", "d4", "d5"] and np.array_equal(pool[1], cands[1])
+    assert np.array_equal(pool[3], cands[4])
     queries = unit(rng.normal(size=(5, 8)))
     whole = mmeb_v2.rank_global(queries, names, cands, block_rows=1000)
     assert mmeb_v2.rank_global(queries, names, cands, block_rows=2) == whole

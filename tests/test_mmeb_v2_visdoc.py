@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from llave_ds.eval import mmeb_v2_visdoc as visdoc
-from llave_ds.toy import synthetic_visdoc
+from llave_ds.toy import synthetic_mmeb_v2
 from tests.distributed_harness import run_distributed
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("visdoc")
-    return synthetic_visdoc.write_world(root / "data")
+    return synthetic_mmeb_v2.write_world(root / "data", image_tasks=())
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_reader_builds_the_official_queries_and_pool(world):
 
 
 def test_what_the_official_code_crashes_on_is_skipped_and_counted(tmp_path, caplog):
-    synthetic_visdoc.write_task(tmp_path, "ViDoRe_arxivqa", bad=True)
+    synthetic_mmeb_v2.write_task(tmp_path, "ViDoRe_arxivqa", bad=True)
     with caplog.at_level(logging.WARNING, logger="llave_ds.eval.mmeb_v2_visdoc"):
         vt = visdoc.load_visdoc_task(tmp_path, "ViDoRe_arxivqa")
     assert vt.skipped == {"queries_without_relevant_page": 1, "judgements_for_pages_not_in_corpus": 1}
@@ -57,7 +57,7 @@ def test_bad_downloads_are_clear_errors(tmp_path):
     with pytest.raises(visdoc.VisdocDataError, match=r"ViDoRe_docvqa: no BEIR download found; looked for .*"
                                                      r"vidore/docvqa_test_subsampled_beir"):
         visdoc.load_visdoc_task(tmp_path, "ViDoRe_docvqa")
-    d = synthetic_visdoc.write_task(tmp_path, "ViDoRe_arxivqa")
+    d = synthetic_mmeb_v2.write_task(tmp_path, "ViDoRe_arxivqa")
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"corpus-id": pa.array([], pa.int64()), "image": pa.array([], pa.struct(
@@ -106,9 +106,9 @@ def test_eval_writes_official_files_ranks_like_brute_force_and_resumes(model_dir
     after = {p.name: p.stat().st_mtime_ns for p in scores.glob("*_score.json")}
     assert after["ViDoRe_arxivqa_score.json"] == mtimes["ViDoRe_arxivqa_score.json"]
     assert "VisRAG_ChartQA_score.json" in after
-    # image / video encoding is not built: a clear refusal
-    assert _eval(model_dir, world, scores, "--modalities", "image") == 2
-    assert "encoding MMEB-V2 image tasks is not built yet" in capsys.readouterr().err
+    # video encoding is not built: a clear refusal
+    assert _eval(model_dir, world, scores, "--modalities", "video") == 2
+    assert "encoding MMEB-V2 video tasks is not built yet" in capsys.readouterr().err
 
 
 def _ranked_predictions(rank, world_size, model_dir, root):

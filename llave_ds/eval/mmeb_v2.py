@@ -4,8 +4,8 @@ the per-task score and prediction files, and the summary per category, modality 
 What the official ``eval.py`` (TIGER-AI-Lab/VLM2Vec, commit 6e1e1d4) does after encoding, and
 what this module reproduces:
 
-* candidates: a task's candidate embeddings are kept in a dict keyed by candidate name, so a
-  name given twice is one candidate (first position, last embedding);
+* candidates: the distinct candidate names of a task in first-occurrence order, each encoded
+  once from its first occurrence (``generate_cand_dataset``), then a dict by name;
 * ``eval_type: global``: every query is scored against every candidate of that dict by the dot
   product (the embeddings are unit vectors: cosine) and ranked by ``numpy.argsort`` of the
   negated scores (numpy's default sort: ties keep no promised order, so we call the same
@@ -41,17 +41,12 @@ SCORE_SUFFIX, PRED_SUFFIX = "_score.json", "_pred.jsonl"
 # --------------------------------------------------------------------------- ranking
 
 def candidate_pool(names: Sequence[str], embeddings: np.ndarray) -> Tuple[List[str], np.ndarray]:
-    """The official candidate dict as (names, matrix): one entry per distinct name, at its
-    first position, holding its last embedding."""
+    """The official candidate set as (names, matrix): one entry per distinct name, its first
+    occurrence (``generate_cand_dataset`` keeps the first and encodes only that)."""
     index: Dict[str, int] = {}
-    rows: List[int] = []
     for i, name in enumerate(names):
-        if name in index:
-            rows[index[name]] = i
-        else:
-            index[name] = len(rows)
-            rows.append(i)
-    return list(index), np.asarray(embeddings)[rows]
+        index.setdefault(name, i)
+    return list(index), np.asarray(embeddings)[list(index.values())]
 
 
 def rank_global(queries: np.ndarray, cand_names: Sequence[str], cands: np.ndarray, *,

@@ -6,7 +6,8 @@ and summarise a directory of score files (ours or the official eval's).
   ``DIR/<task>_score.json`` does not match this model, download and options (fingerprint) is
   encoded (queries and the page pool spread over the ranks under torchrun / srun) and scored;
   a killed run re-encodes only the tasks without a matching score file. Encoding is built for
-  the visual-document tasks (`llave_ds.eval.mmeb_v2_visdoc`); image and video tasks are not yet.
+  the image tasks (`llave_ds.eval.mmeb_v2_image`) and the visual-document tasks
+  (`llave_ds.eval.mmeb_v2_visdoc`); the video tasks are not yet.
 * ``--scores-dir DIR`` alone: the summary only (``--rescore-preds``: score each
   ``<task>_pred.jsonl`` again first).
 
@@ -24,16 +25,20 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from llave_ds.core import distributed
-from llave_ds.eval import mmeb_v2_visdoc as visdoc
+from llave_ds.eval import mmeb_v2_image, mmeb_v2_visdoc
 from llave_ds.eval.encoding import embed_dataset, load_on_every_rank, rank0_then_shared
 from llave_ds.eval.mmeb_v2 import (markdown_table, prediction_records, read_score_dir, rescore_task, score_file,
                                    summarize, write_report, write_task_results)
-from llave_ds.eval.mmeb_v2_tasks import MODALITIES, V2Task, tasks_of
+from llave_ds.eval.mmeb_v2_tasks import MODALITIES, TASKS, V2Task, tasks_of
 from llave_ds.eval.score_files import files_fingerprint, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
-ENCODABLE = ("visdoc",)  # the modalities whose datasets we read so far
+# The modalities whose datasets we read so far, and their readers: task_dir(root, task) finds a
+# task's download (an error naming where it looked), load(root, task, image_root) reads it.
+READERS = {"image": (mmeb_v2_image.task_dir, mmeb_v2_image.load_image_task),
+           "visdoc": (mmeb_v2_visdoc.task_dir, mmeb_v2_visdoc.load_visdoc_task)}
+ENCODABLE = tuple(READERS)
 
 
 def plan_tasks(args: argparse.Namespace, tasks: List[V2Task], scores_dir: Path) -> Dict[str, Any]:
@@ -44,8 +49,8 @@ def plan_tasks(args: argparse.Namespace, tasks: List[V2Task], scores_dir: Path) 
     options = {"max_length": args.max_length, "pred_top_k": args.pred_top_k}
     for t in tasks:
         try:
-            directory = visdoc.task_dir(Path(args.data), t.name)
-        except visdoc.VisdocDataError:
+            directory = READERS[t.modality][0](Path(args.data), t.name)
+        except ValueError:
             if args.tasks:  # named explicitly: a missing download is an error
                 raise
             plan["absent"].append(t.name)
@@ -70,7 +75,8 @@ def plan_tasks(args: argparse.Namespace, tasks: List[V2Task], scores_dir: Path) 
 def _encode_tasks(args: argparse.Namespace, plan: Dict[str, Any], scores_dir: Path) -> None:
     from llave_ds.model.embedder import LlaveEmbedder
 
-    loaded = load_on_every_rank(lambda: [visdoc.load_visdoc_task(Path(args.data), name) for name in plan["encode"]])
+    loaded = load_on_every_rank(lambda: [READERS[TASKS[name].modality][1](Path(args.data), name, args.image_root)
+                                         for name in plan["encode"]])
     if not loaded:
         return
     overrides = {"max_length": args.max_length} if args.max_length else {}
@@ -80,16 +86,15 @@ def _encode_tasks(args: argparse.Namespace, plan: Dict[str, Any], scores_dir: Pa
         name = vt.task.name
         common = dict(batch_size=args.batch_size, progress=progress, num_workers=args.num_workers,
                       where=f"MMEB-V2 task {name}: ")
-        queries = embed_dataset(embedder, visdoc.QueryDataset(vt.query_texts), role="query",
-                                desc=f"{name} queries", **common)
-        pages = embed_dataset(embedder, visdoc.PageDataset(vt), role="target", desc=f"{name} pages", **common)
+        queries = embed_dataset(embedder, vt.queries, role="query", desc=f"{name} queries", **common)
+        pages = embed_dataset(embedder, vt.candidates, role="target", desc=f"{name} candidates", **common)
         if distributed.rank() != 0:
             continue
         records = prediction_records(vt.task, queries.numpy(), vt.infos, vt.pool_ids, pages.numpy())
         extra = {"fingerprint": plan["fingerprints"][name], "skipped": vt.skipped, "source": vt.source,
                  "num_candidates": len(vt.pool_ids)}
         scores = write_task_results(scores_dir, vt.task, records, pred_top_k=args.pred_top_k, extra=extra)
-        logger.info("%s: %s %.4f (%d queries, %d pages) -> %s", name, vt.task.main_metric,
+        logger.info("%s: %s %.4f (%d queries, %d candidates) -> %s", name, vt.task.main_metric,
                     scores[vt.task.main_metric], len(records), len(vt.pool_ids), score_file(scores_dir, name))
 
 

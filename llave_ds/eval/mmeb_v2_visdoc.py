@@ -118,9 +118,18 @@ class VisdocTask:
     source: str
     skipped: Dict[str, int] = field(default_factory=dict)
 
+    @property
+    def queries(self) -> "QueryDataset":
+        return QueryDataset(self.query_texts)
 
-def load_visdoc_task(root: Path, task: str) -> VisdocTask:
-    """Read ``task`` from ``root`` (module docstring for the layout and the skip rules)."""
+    @property
+    def candidates(self) -> "PageDataset":
+        return PageDataset(self)
+
+
+def load_visdoc_task(root: Path, task: str, image_root: Optional[str] = None) -> VisdocTask:
+    """Read ``task`` from ``root`` (module docstring for the layout and the skip rules; the
+    pages are in the corpus itself, ``image_root`` is not used)."""
     v2 = TASKS[task]
     repo, language, split = SOURCES[task]
     directory = task_dir(root, task)

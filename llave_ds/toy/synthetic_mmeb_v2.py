@@ -13,6 +13,13 @@ Three tasks with the three id styles of the real data: ``ViDoRe_arxivqa`` (integ
 ``ViDoRe_esg_reports_v2_multilingual`` (graded qrels, a ``language`` column),
 ``VisRAG_ChartQA`` (file-name ids, split ``train``). ``bad=True`` adds what the official code
 crashes on: a query without qrels and a qrels row for a page missing from the corpus.
+
+Images: ``ROOT/ziyjiang/MMEB_Test_Instruct/<task>/test-00000-of-00001.parquet`` with the
+official columns (``qry_inst``, ``qry_text``, ``qry_img_path``, ``tgt_inst``, ``tgt_text``,
+``tgt_img_path``) and PNGs under ``ROOT/image-tasks/``, for one task of each official parser
+(``IMAGE_TASKS``): classification, QA, i2t, t2i without and with captions, grounding with
+captions (several objects of one image) and without.
+
 Same seed -> the same files.
 """
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Dict, List
 from llave_ds.eval.mmeb_v2_visdoc import SOURCES
 
 TASKS = ("ViDoRe_arxivqa", "ViDoRe_esg_reports_v2_multilingual", "VisRAG_ChartQA")
+IMAGE_TASKS = ("ImageNet-1K", "OK-VQA", "MSCOCO_i2t", "MSCOCO_t2i", "WebQA", "RefCOCO-Matching", "CIRR")
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 COLOURS = ((250, 250, 245), (235, 245, 255), (255, 245, 230), (240, 255, 240))
 
@@ -94,9 +102,59 @@ def write_task(root: Path, task: str, *, num_pages: int = 12, num_queries: int =
     return directory
 
 
-def write_world(root: Path, tasks=TASKS, seed: int = 0, bad: bool = False) -> Path:
+def _image_row(task: str, q: int, image: str) -> dict:
+    """One MMEB_Test_Instruct row of ``task`` whose query (or truth) is ``image``'s picture."""
+    labels = [WORDS[(q + k) % len(WORDS)] for k in range(4)]          # the truth first, as MMEB
+    others = [f"{task}/img_{(q + k) % 6}.png" for k in range(4)]      # candidate images, truth first
+    if task == "ImageNet-1K":
+        return dict(qry_inst="<|image_1|> Represent the given image for classification", qry_text="",
+                    qry_img_path=image, tgt_inst="", tgt_text=labels, tgt_img_path=[""] * 4)
+    if task == "OK-VQA":
+        return dict(qry_inst="<|image_1|> Represent the given image with the following question:",
+                    qry_text=f"What word is shown? ({q})", qry_img_path=image, tgt_inst="", tgt_text=labels,
+                    tgt_img_path=[""] * 4)
+    if task == "MSCOCO_i2t":
+        return dict(qry_inst="<|image_1|> Find an image caption describing the given everyday image.", qry_text="",
+                    qry_img_path=image, tgt_inst="", tgt_text=[f"a card saying {w}" for w in labels],
+                    tgt_img_path=[""] * 4)
+    if task in ("MSCOCO_t2i", "WebQA"):
+        captions = [f"page of {w}" for w in labels] if task == "WebQA" else [""] * 4
+        return dict(qry_inst="Find me an everyday image that matches the given caption:", qry_text=labels[0],
+                    qry_img_path="", tgt_inst="<|image_1|> Represent the given image.", tgt_text=captions,
+                    tgt_img_path=others)
+    if task == "RefCOCO-Matching":   # several objects of one image: names are path:caption
+        return dict(qry_inst="<|image_1|> Select the portion of the image that follows the language expressions.",
+                    qry_text=f"the {labels[0]} word", qry_img_path=image,
+                    tgt_inst="<|image_1|> Select the portion of the image that follows the language expressions:",
+                    tgt_text=[f'"the {w} word"' for w in labels], tgt_img_path=[image] * 4)
+    return dict(qry_inst="<|image_1|> Given an image, find a similar everyday image with the described changes:",
+                qry_text="make it brighter", qry_img_path=image,
+                tgt_inst="<|image_1|> Represent the given image.", tgt_text=[""] * 4, tgt_img_path=others)
+
+
+def write_image_task(root: Path, task: str, *, num_queries: int = 6, seed: int = 0) -> Path:
+    """One image task: the parquet under ``root/ziyjiang/MMEB_Test_Instruct/<task>/`` and its
+    PNGs under ``root/image-tasks/<task>/``; returns the task directory."""
+    import pyarrow as pa
+
+    images = Path(root) / "image-tasks" / task
+    images.mkdir(parents=True, exist_ok=True)
+    for k in range(6):
+        (images / f"img_{k}.png").write_bytes(render_page(WORDS[k], k, size=32, seed=seed * 100 + k))
+    rows = [_image_row(task, q, f"{task}/img_{q % 6}.png") for q in range(num_queries)]
+    schema = pa.schema([("qry_inst", pa.string()), ("qry_text", pa.string()), ("qry_img_path", pa.string()),
+                        ("tgt_inst", pa.string()), ("tgt_text", pa.list_(pa.string())),
+                        ("tgt_img_path", pa.list_(pa.string()))])
+    directory = Path(root) / "ziyjiang" / "MMEB_Test_Instruct" / task
+    _write(directory, "test", rows, schema)
+    return directory
+
+
+def write_world(root: Path, tasks=TASKS, seed: int = 0, bad: bool = False, image_tasks=IMAGE_TASKS) -> Path:
     for task in tasks:
         write_task(root, task, seed=seed, bad=bad)
+    for task in image_tasks:
+        write_image_task(root, task, seed=seed)
     return Path(root)
 
 

@@ -50,7 +50,7 @@ def test_candidates_and_their_names_follow_the_official_parsers():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return synthetic_mmeb_v2.write_world(tmp_path_factory.mktemp("v2img") / "data", tasks=())
+    return synthetic_mmeb_v2.write_world(tmp_path_factory.mktemp("v2img") / "data", tasks=(), video_tasks=())
 
 
 def test_reader_on_the_download_layout(world, tmp_path):

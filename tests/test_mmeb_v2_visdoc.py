@@ -19,7 +19,7 @@ from tests.distributed_harness import run_distributed
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("visdoc")
-    return synthetic_mmeb_v2.write_world(root / "data", image_tasks=())
+    return synthetic_mmeb_v2.write_world(root / "data", image_tasks=(), video_tasks=())
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +106,9 @@ def test_eval_writes_official_files_ranks_like_brute_force_and_resumes(model_dir
     after = {p.name: p.stat().st_mtime_ns for p in scores.glob("*_score.json")}
     assert after["ViDoRe_arxivqa_score.json"] == mtimes["ViDoRe_arxivqa_score.json"]
     assert "VisRAG_ChartQA_score.json" in after
-    # video encoding is not built: a clear refusal
-    assert _eval(model_dir, world, scores, "--modalities", "video") == 2
-    assert "encoding MMEB-V2 video tasks is not built yet" in capsys.readouterr().err
+    # reading video classification is not built: a clear refusal when named
+    assert _eval(model_dir, world, scores, "--tasks", "K700") == 2
+    assert "reading MMEB-V2 K700 is not built yet" in capsys.readouterr().err
 
 
 def _ranked_predictions(rank, world_size, model_dir, root):

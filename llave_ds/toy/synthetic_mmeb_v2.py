@@ -20,6 +20,12 @@ official columns (``qry_inst``, ``qry_text``, ``qry_img_path``, ``tgt_inst``, ``
 (``IMAGE_TASKS``): classification, QA, i2t, t2i without and with captions, grounding with
 captions (several objects of one image) and without.
 
+Videos (retrieval): ``ROOT/VLM2Vec/<task>/[<config>/]test-00000-of-00001.parquet`` with each
+task's own columns (MSR-VTT's ``video_id`` / ``video`` / ``caption``, MSVD's caption lists,
+DiDeMo's names from the file) and the frame folders the official eval reads,
+``ROOT/video-tasks/frames/video_ret/<task>/<video name>/frame_0001.png ...`` (a square moving
+across 12 frames, one direction and colour per video).
+
 Same seed -> the same files.
 """
 from __future__ import annotations
@@ -34,6 +40,7 @@ from llave_ds.eval.mmeb_v2_visdoc import SOURCES
 
 TASKS = ("ViDoRe_arxivqa", "ViDoRe_esg_reports_v2_multilingual", "VisRAG_ChartQA")
 IMAGE_TASKS = ("ImageNet-1K", "OK-VQA", "MSCOCO_i2t", "MSCOCO_t2i", "WebQA", "RefCOCO-Matching", "CIRR")
+VIDEO_TASKS = ("MSR-VTT", "MSVD", "DiDeMo")
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 COLOURS = ((250, 250, 245), (235, 245, 255), (255, 245, 230), (240, 255, 240))
 
@@ -150,11 +157,49 @@ def write_image_task(root: Path, task: str, *, num_queries: int = 6, seed: int =
     return directory
 
 
-def write_world(root: Path, tasks=TASKS, seed: int = 0, bad: bool = False, image_tasks=IMAGE_TASKS) -> Path:
+def _write_frames(folder: Path, video: int, num_frames: int = 12, size: int = 32) -> None:
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    colour = ((200, 40, 40), (40, 160, 40), (40, 40, 200), (200, 160, 40))[video % 4]
+    for f in range(num_frames):
+        img = Image.new("RGB", (size, size), (245, 245, 245))
+        x = (f * 2 if video % 2 == 0 else size - 8 - f * 2) % (size - 8)
+        ImageDraw.Draw(img).rectangle((x, 12, x + 7, 19), fill=colour)
+        img.save(folder / f"frame_{f + 1:04d}.png")
+
+
+def write_video_task(root: Path, task: str, *, num_videos: int = 5) -> Path:
+    """One video retrieval task: its parquet as the hub has it and its frame folders."""
+    import pyarrow as pa
+
+    from llave_ds.eval.mmeb_v2_video import SPECS
+
+    spec = SPECS[task]
+    names = [f"video{v}" for v in range(num_videos)]
+    for v, name in enumerate(names):
+        _write_frames(Path(root) / "video-tasks" / "frames" / "video_ret" / task / name, v)
+    captions = [f"a {('red', 'green', 'blue', 'yellow')[v % 4]} square moving {('right', 'left')[v % 2]}"
+                for v in range(num_videos)]
+    if task == "MSVD":
+        rows = [{"video_id": n, "video": f"{n}.avi", "caption": [c, c + " again"]} for n, c in zip(names, captions)]
+    elif task == "DiDeMo":
+        rows = [{"video": f"videos/{n}.mp4", "caption": c} for n, c in zip(names, captions)]
+    else:
+        rows = [{"video_id": n, "video": f"{n}.mp4", "caption": c} for n, c in zip(names, captions)]
+    directory = Path(root) / spec.repo / (spec.config or "data")
+    _write(directory, spec.split, rows, pa.Table.from_pylist(rows).schema)
+    return directory
+
+
+def write_world(root: Path, tasks=TASKS, seed: int = 0, bad: bool = False, image_tasks=IMAGE_TASKS,
+                video_tasks=VIDEO_TASKS) -> Path:
     for task in tasks:
         write_task(root, task, seed=seed, bad=bad)
     for task in image_tasks:
         write_image_task(root, task, seed=seed)
+    for task in video_tasks:
+        write_video_task(root, task)
     return Path(root)
 
 

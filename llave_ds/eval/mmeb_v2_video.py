@@ -1,0 +1,187 @@
+"""MMEB-V2's video retrieval tasks (MSR-VTT, MSVD, DiDeMo, VATEX, YouCook2) read as users
+download them, with the frames the official loaders pick.
+
+The spec (TIGER-AI-Lab/VLM2Vec, commit 6e1e1d4): ``src/data/eval_dataset/{msrvtt,msvd,didemo,
+vatex,youcook2}_dataset.py`` (columns, instructions, video names), ``dataset_hf_path.py``
+(hub dataset, config, split), ``experiments/public/eval/video.yaml`` (frame folders, 8 frames,
+64 saved, ``eval_type: global``) and ``src/utils/vision_utils/vision_utils.py`` (the frames):
+
+* each row is one query, the caption (MSVD, VATEX: the first of the list) after the task's
+  instruction; its one relevant candidate is the row's video, named by the video's name;
+  every query is ranked against every video of the task;
+* a video is its frame folder ``<frame root>/<video name>/`` (images in natural name order;
+  the official ``frame_root``: ``video-tasks/frames/video_ret/<task>/`` under ``--data``), of
+  which 8 frames are taken at ``numpy.linspace(0, n - 1, 8)`` (all of them when the folder has
+  fewer; our video pipeline then repeats frames in order up to the model's ``video_frames``);
+  without a folder the video file under ``video-tasks/videos/video_ret/<task>/`` is read as
+  the official ``save_frames`` would extract it (64 frames at ``floor(i * total / 64)``), then
+  the same 8 are taken;
+* candidate text ``<video> Understand the content of the provided video.``.
+
+A row whose video has neither a frame folder nor a file is an error naming the task, row and
+the two places looked at (the official code raises ``FileNotFoundError`` there too).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from llave_ds.eval.mmeb_v2_tasks import TASKS, V2Task
+from llave_ds.media.side import Side
+from llave_ds.media.video import list_frame_files, read_video
+
+VIDEO = "<|video_1|>"
+CANDIDATE_TEXT = VIDEO + " Understand the content of the provided video."
+NUM_FRAMES, MAX_FRAMES_SAVED = 8, 64
+
+
+@dataclass(frozen=True)
+class RetrievalSpec:
+    repo: str
+    config: Optional[str]
+    split: str
+    instruction: str
+    caption: str           # the caption column
+    first_caption: bool    # the column holds a list: its first caption is the query
+    video: str             # the column naming the video file ("" : the id column + ".mp4")
+    name: str              # the column naming the video ("" : the video file's stem)
+
+
+SPECS: Dict[str, RetrievalSpec] = {
+    "MSR-VTT": RetrievalSpec("VLM2Vec/MSR-VTT", "test_1k", "test",
+                             "Find a video that contains the following visual content:", "caption", False,
+                             "video", "video_id"),
+    "MSVD": RetrievalSpec("VLM2Vec/MSVD", None, "test", "Find the video snippet that corresponds to the given summary:",
+                          "caption", True, "video", "video_id"),
+    "DiDeMo": RetrievalSpec("VLM2Vec/DiDeMo", None, "test", "Find a video that includes the following described scenes:",
+                            "caption", False, "video", ""),
+    "VATEX": RetrievalSpec("VLM2Vec/VATEX", None, "test", "Select a video that fits the description provided:",
+                           "enCap", True, "", "videoID"),
+    "YouCook2": RetrievalSpec("lmms-lab/YouCook2", None, "val",
+                              "Find a video that demonstrates the following action while making a recipe:",
+                              "sentence", False, "video_path", "id"),
+}
+
+
+class VideoTaskError(ValueError):
+    """A video task that cannot be read; the message names task, file, row and field."""
+
+
+def official_frame_indices(total: int, num_frames: int = NUM_FRAMES) -> List[int]:
+    """``process_video_frames``: ``numpy.linspace(0, total - 1, num_frames)`` as int; every
+    frame when the folder has fewer than ``num_frames``."""
+    if total <= 0:
+        return []
+    if num_frames > total:
+        return list(range(total))
+    return np.linspace(0, total - 1, num_frames, dtype=int).tolist()
+
+
+def task_dir(root: Path, task: str) -> Path:
+    spec = SPECS.get(task)
+    if spec is None:
+        raise VideoTaskError(f"MMEB-V2 task {task}: reading it is not built yet (issue 26)")
+    bases = [Path(root) / spec.repo, Path(root) / spec.repo.split("/")[-1], Path(root) / task]
+    for base in bases:
+        for sub in ([spec.config] if spec.config else []) + ["data", "."]:
+            if list((base / sub).glob(f"{spec.split}-*.parquet")):
+                return base / sub
+    raise VideoTaskError(f"MMEB-V2 task {task}: no download found; looked for {spec.split}-*.parquet in "
+                         f"{', '.join(str(b) for b in bases)} (and their {spec.config or 'data'}/ folders; "
+                         f"download {spec.repo} there)")
+
+
+@dataclass
+class VideoTask:
+    task: V2Task
+    query_texts: List[str]
+    infos: List[dict]
+    pool_ids: List[str]
+    sources: Dict[str, Tuple[str, str]]      # video name -> (frame folder, video file)
+    source: str
+    skipped: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def queries(self) -> "_Texts":
+        return _Texts(self.query_texts)
+
+    @property
+    def candidates(self) -> "VideoDataset":
+        return VideoDataset(self)
+
+
+def load_video_task(root: Path, task: str, image_root: Optional[str] = None) -> VideoTask:
+    """Read ``task`` (module docstring); ``image_root`` replaces ``--data`` as the root of
+    ``video-tasks/`` when given."""
+    import pyarrow.parquet as pq
+
+    spec, directory = SPECS[task], task_dir(root, task)
+    media_root = Path(image_root) if image_root else Path(root)
+    frames_root = media_root / "video-tasks" / "frames" / "video_ret" / task
+    videos_root = media_root / "video-tasks" / "videos" / "video_ret" / task
+    texts, infos, sources = [], [], {}
+    for f in sorted(directory.glob(f"{spec.split}-*.parquet")):
+        table = pq.read_table(f)
+        needed = [c for c in (spec.caption, spec.video, spec.name) if c]
+        missing = [c for c in needed if c not in table.column_names]
+        if missing:
+            raise VideoTaskError(f"MMEB-V2 task {task}: {f} has no column {', '.join(missing)} "
+                                 f"(columns: {', '.join(table.column_names)})")
+        for i, row in enumerate(table.to_pylist()):
+            caption = row[spec.caption]
+            if spec.first_caption:
+                if not caption:
+                    raise VideoTaskError(f"MMEB-V2 task {task}: {f} row {i}: {spec.caption} is empty")
+                caption = caption[0]
+            file = os.path.basename(row[spec.video]) if spec.video else f"{row[spec.name]}.mp4"
+            name = str(row[spec.name]) if spec.name else os.path.splitext(file)[0]
+            texts.append(f"{spec.instruction} {caption}")
+            infos.append({"cand_names": [name], "label_name": name})
+            sources.setdefault(name, (str(frames_root / name), str(videos_root / file)))
+    if not texts:
+        raise VideoTaskError(f"MMEB-V2 task {task}: no rows in {directory}")
+    return VideoTask(TASKS[task], texts, infos, list(sources), sources, f"{spec.repo} ({directory})")
+
+
+def official_clip(folder: str, file: str, where: str) -> List:
+    """The frames the official loader gives the model (module docstring), as PIL images."""
+    if os.path.isdir(folder) and list_frame_files(folder):
+        frames = list(read_video(folder).frames)
+    elif os.path.isfile(file):
+        frames = list(read_video(file, None, max_frames=MAX_FRAMES_SAVED).frames)
+    else:
+        raise FileNotFoundError(f"{where}: neither a frame folder {folder} nor a video file {file}")
+    return [frames[i] for i in official_frame_indices(len(frames))]
+
+
+class _Texts(torch.utils.data.Dataset):
+    def __init__(self, texts: List[str]):
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> Side:
+        return Side(self.texts[i])
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """The task's videos as sides, each clip read when its batch is asked for."""
+
+    def __init__(self, vt: VideoTask):
+        self.names, self.sources, self.task = vt.pool_ids, vt.sources, vt.task.name
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> Side:
+        where = f"MMEB-V2 task {self.task}: video {self.names[i]!r}"
+        try:
+            return Side(CANDIDATE_TEXT, video=official_clip(*self.sources[self.names[i]], where))
+        except (ValueError, OSError) as exc:  # reported by the main process, without a worker traceback
+            return Side(CANDIDATE_TEXT, error=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,64 @@
+"""MMEB-V2 video retrieval tasks (issue 26): the official frame rule, the reader on the
+download layout (per-task columns, frame folders), clear errors, and ``--modalities video``
+end to end with a tiny model (rankings equal to a brute-force ranking of the same embeddings)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from llave_ds.eval import mmeb_v2_video as video
+from llave_ds.toy import synthetic_mmeb_v2
+
+
+def test_official_frame_rule():
+    assert video.official_frame_indices(64) == [0, 9, 18, 27, 36, 45, 54, 63]   # linspace(0, 63, 8) as int
+    assert video.official_frame_indices(12) == [0, 1, 3, 4, 6, 7, 9, 11]
+    assert video.official_frame_indices(8) == list(range(8))
+    assert video.official_frame_indices(5) == list(range(5))                     # fewer: every frame
+    assert video.official_frame_indices(0) == []
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return synthetic_mmeb_v2.write_world(tmp_path_factory.mktemp("v2video") / "data", tasks=(), image_tasks=())
+
+
+def test_reader_on_the_download_layout(world):
+    msvd = video.load_video_task(world, "MSVD")
+    assert msvd.query_texts[0] == "Find the video snippet that corresponds to the given summary: a red square moving right"
+    assert msvd.infos[0] == {"cand_names": ["video0"], "label_name": "video0"} and msvd.pool_ids[:2] == ["video0", "video1"]
+    didemo = video.load_video_task(world, "DiDeMo")             # the name comes from the file
+    assert didemo.pool_ids[0] == "video0"
+    side = didemo.candidates[0]
+    assert side.error is None and len(side.video) == 8 and side.text == video.CANDIDATE_TEXT
+    with pytest.raises(video.VideoTaskError, match=r"VATEX: no download found; looked for test-\*.parquet"):
+        video.load_video_task(world, "VATEX")
+    with pytest.raises(video.VideoTaskError, match="K700: reading it is not built yet"):
+        video.task_dir(world, "K700")
+
+
+def test_a_missing_video_is_one_clear_error(world, tmp_path):
+    vt = video.load_video_task(world, "MSR-VTT", image_root=str(tmp_path))   # frames looked for elsewhere
+    side = vt.candidates[0]
+    assert "MMEB-V2 task MSR-VTT: video 'video0': neither a frame folder" in side.error
+
+
+def test_video_retrieval_end_to_end(world, tmp_path, capsys):
+    from llave_ds.eval.cli import main
+    from llave_ds.model.embedder import LlaveEmbedder
+    from llave_ds.toy.tiny import build_tiny_model_dir
+
+    model = str(build_tiny_model_dir(tmp_path / "tiny", "qwen2_vl", seed=7))
+    scores = tmp_path / "scores"
+    assert main(["--benchmark", "mmeb-v2", "--model", model, "--data", str(world), "--scores-dir", str(scores),
+                 "--modalities", "video", "--batch-size", "2", "--num-workers", "0", "--no-progress"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["num_tasks"] == 3 and 0 <= last["video"] <= 1
+    t = video.load_video_task(world, "MSR-VTT")
+    preds = [json.loads(x) for x in (scores / "MSR-VTT_pred.jsonl").read_text().splitlines()]
+    emb = LlaveEmbedder.from_pretrained(model, device="cpu")
+    q = emb.encode_sides([t.queries[i] for i in range(len(t.queries))], role="query", progress=False).numpy()
+    c = emb.encode_sides([t.candidates[i] for i in range(len(t.candidates))], role="target", progress=False).numpy()
+    assert [p["prediction"] for p in preds] == [[t.pool_ids[i] for i in np.argsort(-row)] for row in q @ c.T]

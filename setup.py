@@ -14,7 +14,7 @@ setup(
     packages=find_packages(include=["llave_ds", "llave_ds.*"]) + ["llave_ds.configs", "llave_ds.ds_configs"],
     package_dir={"llave_ds.configs": "configs", "llave_ds.ds_configs": "ds_configs"},
     include_package_data=True,
-    package_data={"llave_ds.data": ["*.json"], "llave_ds.configs": ["*.yaml"],
+    package_data={"llave_ds.data": ["*.json"], "llave_ds.eval": ["*.json"], "llave_ds.configs": ["*.yaml"],
                   "llave_ds.ds_configs": ["*.json"]},
     # Wide ranges on purpose: users on GPU clusters bring their own CUDA torch build.
     # CI and the README commands pin exact versions through constraints.txt.

@@ -27,7 +27,7 @@ def world(tmp_path_factory):
 
 def test_reader_on_the_download_layout(world):
     msvd = video.load_video_task(world, "MSVD")
-    assert msvd.query_texts[0] == "Find the video snippet that corresponds to the given summary: a red square moving right"
+    assert msvd.query_items[0][0] == "Find the video snippet that corresponds to the given summary: a red square moving right"
     assert msvd.infos[0] == {"cand_names": ["video0"], "label_name": "video0"} and msvd.pool_ids[:2] == ["video0", "video1"]
     didemo = video.load_video_task(world, "DiDeMo")             # the name comes from the file
     assert didemo.pool_ids[0] == "video0"
@@ -35,8 +35,23 @@ def test_reader_on_the_download_layout(world):
     assert side.error is None and len(side.video) == 8 and side.text == video.CANDIDATE_TEXT
     with pytest.raises(video.VideoTaskError, match=r"VATEX: no download found; looked for test-\*.parquet"):
         video.load_video_task(world, "VATEX")
-    with pytest.raises(video.VideoTaskError, match="K700: reading it is not built yet"):
-        video.task_dir(world, "K700")
+    with pytest.raises(video.VideoTaskError, match="MVBench: reading it is not built yet"):
+        video.task_dir(world, "MVBench")
+
+
+def test_classification_pools_are_the_official_label_lists(world):
+    labels = video.official_labels()["labels"]
+    assert {k: len(v) for k, v in labels.items()} == {"K700": 700, "SmthSmthV2": 174, "UCF101": 101, "HMDB51": 51,
+                                                       "Breakfast": 10}
+    hmdb = video.load_video_task(world, "HMDB51")
+    # the rows' labels first (row order), then the rest of the official list: every label a candidate
+    assert hmdb.pool_ids[:3] == labels["HMDB51"][:3] and sorted(hmdb.pool_ids) == sorted(labels["HMDB51"])
+    assert hmdb.query_items[0] == ("<|video_1|> " + video.official_labels()["instructions"]["HMDB51"], "1000")
+    assert hmdb.infos[1] == {"cand_names": [labels["HMDB51"][1]], "label_name": labels["HMDB51"][1]}
+    assert len(hmdb.queries[0].video) == 8 and hmdb.candidates[0].video is None
+    ssv2 = video.load_video_task(world, "SmthSmthV2")   # local: each row's own options
+    assert len(ssv2.infos[0]["cand_names"]) == 4 and ssv2.infos[0]["label_name"] in ssv2.infos[0]["cand_names"]
+    assert len(ssv2.pool_ids) < 174
 
 
 def test_a_missing_video_is_one_clear_error(world, tmp_path):
@@ -55,7 +70,7 @@ def test_video_retrieval_end_to_end(world, tmp_path, capsys):
     assert main(["--benchmark", "mmeb-v2", "--model", model, "--data", str(world), "--scores-dir", str(scores),
                  "--modalities", "video", "--batch-size", "2", "--num-workers", "0", "--no-progress"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["num_tasks"] == 3 and 0 <= last["video"] <= 1
+    assert last["num_tasks"] == 5 and 0 <= last["video"] <= 1
     t = video.load_video_task(world, "MSR-VTT")
     preds = [json.loads(x) for x in (scores / "MSR-VTT_pred.jsonl").read_text().splitlines()]
     emb = LlaveEmbedder.from_pretrained(model, device="cpu")

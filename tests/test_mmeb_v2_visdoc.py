@@ -106,9 +106,9 @@ def test_eval_writes_official_files_ranks_like_brute_force_and_resumes(model_dir
     after = {p.name: p.stat().st_mtime_ns for p in scores.glob("*_score.json")}
     assert after["ViDoRe_arxivqa_score.json"] == mtimes["ViDoRe_arxivqa_score.json"]
     assert "VisRAG_ChartQA_score.json" in after
-    # reading video classification is not built: a clear refusal when named
-    assert _eval(model_dir, world, scores, "--tasks", "K700") == 2
-    assert "reading MMEB-V2 K700 is not built yet" in capsys.readouterr().err
+    # reading video QA is not built: a clear refusal when named
+    assert _eval(model_dir, world, scores, "--tasks", "MVBench") == 2
+    assert "reading MMEB-V2 MVBench is not built yet" in capsys.readouterr().err
 
 
 def _ranked_predictions(rank, world_size, model_dir, root):

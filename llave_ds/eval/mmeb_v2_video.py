@@ -1,5 +1,6 @@
-"""MMEB-V2's video retrieval tasks (MSR-VTT, MSVD, DiDeMo, VATEX, YouCook2) read as users
-download them, with the frames the official loaders pick.
+"""MMEB-V2's video retrieval tasks (MSR-VTT, MSVD, DiDeMo, VATEX, YouCook2) and video
+classification tasks (K700, SmthSmthV2, HMDB51, UCF101, Breakfast) read as users download them,
+with the frames the official loaders pick.
 
 The spec (TIGER-AI-Lab/VLM2Vec, commit 6e1e1d4): ``src/data/eval_dataset/{msrvtt,msvd,didemo,
 vatex,youcook2}_dataset.py`` (columns, instructions, video names), ``dataset_hf_path.py``
@@ -18,6 +19,14 @@ vatex,youcook2}_dataset.py`` (columns, instructions, video names), ``dataset_hf_
   the same 8 are taken;
 * candidate text ``<video> Understand the content of the provided video.``.
 
+Classification (``video_classification_datasets.py``, ``ssv2_dataset.py``): each row's video
+(``video_id``; frames under ``video-tasks/frames/video_cls/<K700|SSv2|HMDB51|UCF101|Breakfast>/``)
+after the task's instruction is the query; its label (``pos_text``) the relevant candidate.
+K700, HMDB51, UCF101 and Breakfast rank against every label of the official label list
+(``mmeb_v2_video_labels.json``, taken from ``video_classification_utils.py``: the pool is the
+labels of the rows in row order, then the rest of the list); SmthSmthV2 ranks each query
+against its own ``neg_text`` options, on the first 1,000 rows (``num_sample_per_subset``).
+
 A row whose video has neither a frame folder nor a file is an error naming the task, row and
 the two places looked at (the official code raises ``FileNotFoundError`` there too).
 """
@@ -26,7 +35,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -68,6 +77,33 @@ SPECS: Dict[str, RetrievalSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class ClassificationSpec:
+    repo: str
+    frames: str            # the folder under video-tasks/{frames,videos}/video_cls/
+    max_rows: Optional[int] = None
+    options: bool = False  # SmthSmthV2: each row's own neg_text options (local), not the label list
+    split: str = "test"
+    config: Optional[str] = None
+
+
+CLASSIFICATION: Dict[str, ClassificationSpec] = {
+    "K700": ClassificationSpec("VLM2Vec/Kinetics-700", "K700"),
+    "SmthSmthV2": ClassificationSpec("VLM2Vec/SmthSmthV2", "SSv2", max_rows=1000, options=True),
+    "HMDB51": ClassificationSpec("VLM2Vec/HMDB51", "HMDB51"),
+    "UCF101": ClassificationSpec("VLM2Vec/UCF101", "UCF101"),
+    "Breakfast": ClassificationSpec("VLM2Vec/Breakfast", "Breakfast"),
+}
+LABELS_FILE = Path(__file__).with_name("mmeb_v2_video_labels.json")
+
+
+def official_labels() -> dict:
+    """``{"labels": {task: [...]}, "instructions": {task: str}}`` (the official lists)."""
+    import json
+
+    return json.loads(LABELS_FILE.read_text(encoding="utf-8"))
+
+
 class VideoTaskError(ValueError):
     """A video task that cannot be read; the message names task, file, row and field."""
 
@@ -83,7 +119,7 @@ def official_frame_indices(total: int, num_frames: int = NUM_FRAMES) -> List[int
 
 
 def task_dir(root: Path, task: str) -> Path:
-    spec = SPECS.get(task)
+    spec = SPECS.get(task) or CLASSIFICATION.get(task)
     if spec is None:
         raise VideoTaskError(f"MMEB-V2 task {task}: reading it is not built yet (issue 26)")
     bases = [Path(root) / spec.repo, Path(root) / spec.repo.split("/")[-1], Path(root) / task]
@@ -98,54 +134,93 @@ def task_dir(root: Path, task: str) -> Path:
 
 @dataclass
 class VideoTask:
+    """One task, ready to encode: queries and the candidate pool as (text, video name or None)
+    items, the videos' sources, and the official info records."""
     task: V2Task
-    query_texts: List[str]
+    query_items: List[Tuple[str, Optional[str]]]
     infos: List[dict]
     pool_ids: List[str]
+    pool_items: List[Tuple[str, Optional[str]]]
     sources: Dict[str, Tuple[str, str]]      # video name -> (frame folder, video file)
     source: str
     skipped: Dict[str, int] = field(default_factory=dict)
 
     @property
-    def queries(self) -> "_Texts":
-        return _Texts(self.query_texts)
+    def queries(self) -> "VideoSideDataset":
+        return VideoSideDataset(self.query_items, self.sources, self.task.name)
 
     @property
-    def candidates(self) -> "VideoDataset":
-        return VideoDataset(self)
+    def candidates(self) -> "VideoSideDataset":
+        return VideoSideDataset(self.pool_items, self.sources, self.task.name)
+
+
+def _rows(task: str, directory: Path, split: str, needed: Sequence[str]):
+    import pyarrow.parquet as pq
+
+    for f in sorted(directory.glob(f"{split}-*.parquet")):
+        table = pq.read_table(f)
+        missing = [c for c in needed if c and c not in table.column_names]
+        if missing:
+            raise VideoTaskError(f"MMEB-V2 task {task}: {f} has no column {', '.join(missing)} "
+                                 f"(columns: {', '.join(table.column_names)})")
+        for i, row in enumerate(table.to_pylist()):
+            yield f, i, row
 
 
 def load_video_task(root: Path, task: str, image_root: Optional[str] = None) -> VideoTask:
     """Read ``task`` (module docstring); ``image_root`` replaces ``--data`` as the root of
     ``video-tasks/`` when given."""
-    import pyarrow.parquet as pq
-
-    spec, directory = SPECS[task], task_dir(root, task)
     media_root = Path(image_root) if image_root else Path(root)
+    if task in CLASSIFICATION:
+        return _load_classification(root, task, media_root)
+    spec, directory = SPECS[task], task_dir(root, task)
     frames_root = media_root / "video-tasks" / "frames" / "video_ret" / task
     videos_root = media_root / "video-tasks" / "videos" / "video_ret" / task
-    texts, infos, sources = [], [], {}
-    for f in sorted(directory.glob(f"{spec.split}-*.parquet")):
-        table = pq.read_table(f)
-        needed = [c for c in (spec.caption, spec.video, spec.name) if c]
-        missing = [c for c in needed if c not in table.column_names]
-        if missing:
-            raise VideoTaskError(f"MMEB-V2 task {task}: {f} has no column {', '.join(missing)} "
-                                 f"(columns: {', '.join(table.column_names)})")
-        for i, row in enumerate(table.to_pylist()):
-            caption = row[spec.caption]
-            if spec.first_caption:
-                if not caption:
-                    raise VideoTaskError(f"MMEB-V2 task {task}: {f} row {i}: {spec.caption} is empty")
-                caption = caption[0]
-            file = os.path.basename(row[spec.video]) if spec.video else f"{row[spec.name]}.mp4"
-            name = str(row[spec.name]) if spec.name else os.path.splitext(file)[0]
-            texts.append(f"{spec.instruction} {caption}")
-            infos.append({"cand_names": [name], "label_name": name})
-            sources.setdefault(name, (str(frames_root / name), str(videos_root / file)))
-    if not texts:
+    queries, infos, sources = [], [], {}
+    for f, i, row in _rows(task, directory, spec.split, (spec.caption, spec.video, spec.name)):
+        caption = row[spec.caption]
+        if spec.first_caption:
+            if not caption:
+                raise VideoTaskError(f"MMEB-V2 task {task}: {f} row {i}: {spec.caption} is empty")
+            caption = caption[0]
+        file = os.path.basename(row[spec.video]) if spec.video else f"{row[spec.name]}.mp4"
+        name = str(row[spec.name]) if spec.name else os.path.splitext(file)[0]
+        queries.append((f"{spec.instruction} {caption}", None))
+        infos.append({"cand_names": [name], "label_name": name})
+        sources.setdefault(name, (str(frames_root / name), str(videos_root / file)))
+    if not queries:
         raise VideoTaskError(f"MMEB-V2 task {task}: no rows in {directory}")
-    return VideoTask(TASKS[task], texts, infos, list(sources), sources, f"{spec.repo} ({directory})")
+    return VideoTask(TASKS[task], queries, infos, list(sources), [(CANDIDATE_TEXT, n) for n in sources], sources,
+                     f"{spec.repo} ({directory})")
+
+
+def _load_classification(root: Path, task: str, media_root: Path) -> VideoTask:
+    spec, directory = CLASSIFICATION[task], task_dir(root, task)
+    official = official_labels()
+    text = VIDEO + " " + official["instructions"][task]
+    frames_root = media_root / "video-tasks" / "frames" / "video_cls" / spec.frames
+    videos_root = media_root / "video-tasks" / "videos" / "video_cls" / spec.frames
+    queries, infos, sources, pool = [], [], {}, {}
+    needed = ("video_id", "pos_text") + (("neg_text",) if spec.options else ())
+    for f, i, row in _rows(task, directory, spec.split, needed):
+        if spec.max_rows is not None and len(queries) >= spec.max_rows:
+            break
+        name = str(row["video_id"])
+        sources.setdefault(name, (str(frames_root / name), str(videos_root / f"{name}.mp4")))
+        queries.append((text, name))
+        names = list(row["neg_text"]) if spec.options else [row["pos_text"]]
+        if not names:
+            raise VideoTaskError(f"MMEB-V2 task {task}: {f} row {i}: no options in neg_text")
+        infos.append({"cand_names": names, "label_name": row["pos_text"]})
+        for n in names:
+            pool.setdefault(n, None)
+    if not queries:
+        raise VideoTaskError(f"MMEB-V2 task {task}: no rows in {directory}")
+    if not spec.options:  # the rest of the official label list after the rows' own labels
+        for label in official["labels"][task]:
+            pool.setdefault(label, None)
+    return VideoTask(TASKS[task], queries, infos, list(pool), [(n, None) for n in pool], sources,
+                     f"{spec.repo} ({directory})")
 
 
 def official_clip(folder: str, file: str, where: str) -> List:
@@ -159,29 +234,21 @@ def official_clip(folder: str, file: str, where: str) -> List:
     return [frames[i] for i in official_frame_indices(len(frames))]
 
 
-class _Texts(torch.utils.data.Dataset):
-    def __init__(self, texts: List[str]):
-        self.texts = texts
+class VideoSideDataset(torch.utils.data.Dataset):
+    """(text, video name or None) items as sides, each clip read when its batch is asked for."""
+
+    def __init__(self, items: Sequence[Tuple[str, Optional[str]]], sources: Dict[str, Tuple[str, str]], task: str):
+        self.items, self.sources, self.task = list(items), sources, task
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.items)
 
     def __getitem__(self, i: int) -> Side:
-        return Side(self.texts[i])
-
-
-class VideoDataset(torch.utils.data.Dataset):
-    """The task's videos as sides, each clip read when its batch is asked for."""
-
-    def __init__(self, vt: VideoTask):
-        self.names, self.sources, self.task = vt.pool_ids, vt.sources, vt.task.name
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, i: int) -> Side:
-        where = f"MMEB-V2 task {self.task}: video {self.names[i]!r}"
+        text, name = self.items[i]
+        if name is None:
+            return Side(text)
+        where = f"MMEB-V2 task {self.task}: video {name!r}"
         try:
-            return Side(CANDIDATE_TEXT, video=official_clip(*self.sources[self.names[i]], where))
+            return Side(text, video=official_clip(*self.sources[name], where))
         except (ValueError, OSError) as exc:  # reported by the main process, without a worker traceback
-            return Side(CANDIDATE_TEXT, error=f"{type(exc).__name__}: {exc}")
+            return Side(text, error=f"{type(exc).__name__}: {exc}")

@@ -20,11 +20,12 @@ official columns (``qry_inst``, ``qry_text``, ``qry_img_path``, ``tgt_inst``, ``
 (``IMAGE_TASKS``): classification, QA, i2t, t2i without and with captions, grounding with
 captions (several objects of one image) and without.
 
-Videos (retrieval): ``ROOT/VLM2Vec/<task>/[<config>/]test-00000-of-00001.parquet`` with each
-task's own columns (MSR-VTT's ``video_id`` / ``video`` / ``caption``, MSVD's caption lists,
-DiDeMo's names from the file) and the frame folders the official eval reads,
-``ROOT/video-tasks/frames/video_ret/<task>/<video name>/frame_0001.png ...`` (a square moving
-across 12 frames, one direction and colour per video).
+Videos: ``ROOT/VLM2Vec/<task>/[<config>|data]/test-00000-of-00001.parquet`` with each task's own
+columns (retrieval: MSR-VTT's ``video_id`` / ``video`` / ``caption``, MSVD's caption lists,
+DiDeMo's names from the file; classification: HMDB51's ``video_id`` / ``pos_text`` from the
+official labels, SmthSmthV2's ``neg_text`` options) and the frame folders the official eval reads,
+``ROOT/video-tasks/frames/video_{ret,cls}/<task folder>/<video>/frame_0001.png ...`` (a square
+moving across 12 frames, one direction and colour per video).
 
 Same seed -> the same files.
 """
@@ -40,7 +41,7 @@ from llave_ds.eval.mmeb_v2_visdoc import SOURCES
 
 TASKS = ("ViDoRe_arxivqa", "ViDoRe_esg_reports_v2_multilingual", "VisRAG_ChartQA")
 IMAGE_TASKS = ("ImageNet-1K", "OK-VQA", "MSCOCO_i2t", "MSCOCO_t2i", "WebQA", "RefCOCO-Matching", "CIRR")
-VIDEO_TASKS = ("MSR-VTT", "MSVD", "DiDeMo")
+VIDEO_TASKS = ("MSR-VTT", "MSVD", "DiDeMo", "HMDB51", "SmthSmthV2")
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 COLOURS = ((250, 250, 245), (235, 245, 255), (255, 245, 230), (240, 255, 240))
 
@@ -173,8 +174,10 @@ def write_video_task(root: Path, task: str, *, num_videos: int = 5) -> Path:
     """One video retrieval task: its parquet as the hub has it and its frame folders."""
     import pyarrow as pa
 
-    from llave_ds.eval.mmeb_v2_video import SPECS
+    from llave_ds.eval.mmeb_v2_video import CLASSIFICATION, SPECS
 
+    if task in CLASSIFICATION:
+        return _write_classification_task(root, task, num_videos)
     spec = SPECS[task]
     names = [f"video{v}" for v in range(num_videos)]
     for v, name in enumerate(names):
@@ -188,6 +191,30 @@ def write_video_task(root: Path, task: str, *, num_videos: int = 5) -> Path:
     else:
         rows = [{"video_id": n, "video": f"{n}.mp4", "caption": c} for n, c in zip(names, captions)]
     directory = Path(root) / spec.repo / (spec.config or "data")
+    _write(directory, spec.split, rows, pa.Table.from_pylist(rows).schema)
+    return directory
+
+
+def _write_classification_task(root: Path, task: str, num_videos: int) -> Path:
+    """HMDB51-like rows (``video_id``, ``pos_text`` from the official label list) or SmthSmthV2's
+    (with ``neg_text``: the truth and three other labels, in a shuffled order)."""
+    import pyarrow as pa
+
+    from llave_ds.eval.mmeb_v2_video import CLASSIFICATION, official_labels
+
+    spec = CLASSIFICATION[task]
+    labels = official_labels()["labels"][task]
+    rows = []
+    for v in range(num_videos):
+        name = str(1000 + v)
+        _write_frames(Path(root) / "video-tasks" / "frames" / "video_cls" / spec.frames / name, v)
+        row = {"video_id": name, "pos_text": labels[v % 3]}
+        if spec.options:
+            options = [labels[(v % 3 + k) % len(labels)] for k in range(4)]
+            random.Random(v).shuffle(options)
+            row["neg_text"] = options
+        rows.append(row)
+    directory = Path(root) / spec.repo / "data"
     _write(directory, spec.split, rows, pa.Table.from_pylist(rows).schema)
     return directory
 

@@ -199,6 +199,9 @@ def test_command_summarizes_an_official_output_directory(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "llave_ds.eval", "--benchmark", "mmeb-v2", "--modalities", "audio",
                           "--scores-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown MMEB-V2 modality audio" in bad.stderr
+    few = subprocess.run([sys.executable, "-m", "llave_ds.eval", "--benchmark", "mmeb-v2", "--pred-top-k", "5",
+                          "--scores-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert few.returncode == 2 and "keep at least the top 10" in few.stderr
     nodir = subprocess.run([sys.executable, "-m", "llave_ds.eval", "--benchmark", "mmeb-v2"],
                            capture_output=True, text=True, timeout=120)
     assert nodir.returncode == 2 and "--scores-dir" in nodir.stderr

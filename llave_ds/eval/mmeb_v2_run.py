@@ -115,6 +115,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"llave-ds eval: {exc}", file=sys.stderr)
         return 2
+    if args.pred_top_k is not None and args.pred_top_k < 10:
+        print(f"llave-ds eval: --pred-top-k {args.pred_top_k}: keep at least the top 10 (the metrics read them, and "
+              f"--rescore-preds scores from the file)", file=sys.stderr)
+        return 2
     if not args.scores_dir:
         print("llave-ds eval: --benchmark mmeb-v2 needs --scores-dir (where the per-task <task>_score.json and "
               "<task>_pred.jsonl are written, or read for the summary)", file=sys.stderr)

@@ -132,3 +132,23 @@ def test_two_ranks_encode_and_rank_like_one(model_dir, world):
         np.testing.assert_allclose(q, q1, atol=1e-5)
         np.testing.assert_allclose(c, c1, atol=1e-5)
         assert [r["prediction"] for r in records] == [r["prediction"] for r in single]
+
+
+def _encode_with_one_bad_page(rank, world_size, model_dir, root):
+    from llave_ds.eval.encoding import embed_dataset
+    from llave_ds.model.embedder import LlaveEmbedder
+
+    vt = visdoc.load_visdoc_task(root, "ViDoRe_arxivqa")
+    vt.pages[vt.pool_ids[-1]] = {"bytes": b"not a png", "path": "x.png"}   # on the last rank's shard only
+    try:
+        embed_dataset(LlaveEmbedder.from_pretrained(model_dir, device="cpu"), vt.candidates, role="target", desc="c",
+                      batch_size=2, progress=False, num_workers=0, where="pages: ")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_bad_input_on_one_rank_fails_every_rank_without_a_hang(model_dir, world):
+    outcomes = run_distributed(_encode_with_one_bad_page, 2, model_dir, world, timeout_s=240, collective_timeout_s=60)
+    for out in outcomes:
+        assert out.value is not None and out.value.startswith("rank 1: pages: MMEB-V2 task ViDoRe_arxivqa: corpus-id")

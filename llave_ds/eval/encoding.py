@@ -36,8 +36,9 @@ def embed_dataset(embedder, dataset: Sequence[Any], *, role: str, desc: str, bat
     ``error`` is set stops the run with ``where`` and the error) as ``role``.
 
     With several ranks each rank embeds its contiguous shard (`shard_range`) and one gather
-    puts them back in order on every rank: every rank runs exactly one gather per call, also
-    with an empty shard, so ranks never wait on each other's counts."""
+    puts them back in order on every rank: every rank runs exactly the same two collectives per
+    call (agree on errors, gather), also with an empty shard, so ranks never wait on each
+    other; bad input on any rank is raised on every rank, naming the rank."""
     from tqdm.auto import tqdm
 
     rank, world = distributed.rank(), distributed.world_size()
@@ -48,15 +49,25 @@ def embed_dataset(embedder, dataset: Sequence[Any], *, role: str, desc: str, bat
         _Shard(dataset, start, stop), batch_size=batch_size, shuffle=False, num_workers=num_workers,
         collate_fn=_as_list, prefetch_factor=2 if num_workers else None)
     out = torch.empty(stop - start, embedder.dim, dtype=torch.float32)
-    done = 0
-    for sides in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, disable=not (progress and rank == 0)):
-        bad = next((s.error for s in sides if getattr(s, "error", None)), None)
-        if bad:
-            raise ValueError(f"{where}{bad}")
-        emb = embedder.encode_sides(sides, role=role, batch_size=len(sides), progress=False)
-        out[done:done + len(sides)] = emb.float().cpu()
-        done += len(sides)
+    done, error = 0, None
+    try:
+        for sides in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, disable=not (progress and rank == 0)):
+            bad = next((s.error for s in sides if getattr(s, "error", None)), None)
+            if bad:
+                raise ValueError(f"{where}{bad}")
+            emb = embedder.encode_sides(sides, role=role, batch_size=len(sides), progress=False)
+            out[done:done + len(sides)] = emb.float().cpu()
+            done += len(sides)
+    except ValueError as exc:  # a bad input on this rank's shard
+        if world == 1:
+            raise
+        error = str(exc)
     if world > 1:
+        # Why: a rank that stopped on bad input would leave the others waiting in the gather
+        # below until the collective timeout; the ranks agree first and all raise the same error.
+        errors = [f"rank {r}: {e}" for r, e in enumerate(all_gather_objects(error)) if e is not None]
+        if errors:
+            raise ValueError("; ".join(errors))
         gathered, _ = all_gather_rows(out.to(embedder.device), GatherMode.STOP_GRAD)
         out = gathered.cpu()
     return out

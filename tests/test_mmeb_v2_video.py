@@ -70,10 +70,39 @@ def test_video_retrieval_end_to_end(world, tmp_path, capsys):
     assert main(["--benchmark", "mmeb-v2", "--model", model, "--data", str(world), "--scores-dir", str(scores),
                  "--modalities", "video", "--batch-size", "2", "--num-workers", "0", "--no-progress"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["num_tasks"] == 5 and 0 <= last["video"] <= 1
+    assert last["num_tasks"] == 9 and 0 <= last["video"] <= 1
     t = video.load_video_task(world, "MSR-VTT")
     preds = [json.loads(x) for x in (scores / "MSR-VTT_pred.jsonl").read_text().splitlines()]
     emb = LlaveEmbedder.from_pretrained(model, device="cpu")
     q = emb.encode_sides([t.queries[i] for i in range(len(t.queries))], role="query", progress=False).numpy()
     c = emb.encode_sides([t.candidates[i] for i in range(len(t.candidates))], role="target", progress=False).numpy()
     assert [p["prediction"] for p in preds] == [[t.pool_ids[i] for i in np.argsort(-row)] for row in q @ c.T]
+
+
+def test_qa_rows_are_written_as_the_official_parsers_write_them():
+    head = f"<|video_1|> {video.QA_PROMPT} "
+    text, folder, names, shown, answer = video.qa_row("NExTQA", {"video": 42, "question": "why?", "answer": 1,
+                                                                 **{f"a{i}": f"o{i}" for i in range(5)}})
+    assert text == head + "why?\nOptions:\n(A) o0\n(B) o1\n(C) o2\n(D) o3\n(E) o4"
+    assert (folder, names, shown, answer) == ("42", ["o0", "o1", "o2", "o3", "o4"], ["o0", "o1", "o2", "o3", "o4"], "o1")
+    text, folder, names, shown, answer = video.qa_row("EgoSchema", {"video_idx": "v", "question": "what?",
+                                                                    "answer": "2", "option": ["A. x y", "B. z", "C. w"]})
+    assert text == head + "what?A. x y B. z C. w"     # the official join: no space after the question
+    assert names == ["A. x y", "B. z", "C. w"] and shown == ["x y", "z", "w"] and answer == "C. w"
+    text, _, names, shown, answer = video.qa_row("Video-MME", {"videoID": "v", "question": "Q?", "answer": "B",
+                                                               "options": ["A. one", "B. two"]})
+    assert text == head + "Q?\nA. one\nB. two" and answer == "B. two" and shown == ["one", "two"]
+    text, folder, names, _, answer = video.qa_row("ActivityNetQA", {"video_name": "abc", "question": "is it red",
+                                                                    "answer": "no"})
+    assert text == head + "is it red? (A) yes; (B) no." and folder == "v_abc" and names == ["yes", "no"]
+
+
+def test_qa_tasks_on_the_download_layout(world, tmp_path):
+    ego = video.load_video_task(world, "EgoSchema")
+    assert ego.infos[0] == {"cand_names": ["A. up", "B. down", "C. left", "D. right"], "label_name": "D. right"}
+    assert ego.pool_items[0] == ("up", None) and ego.query_items[0][1] == "egoschema0"
+    assert len(ego.queries[0].video) == 8 and ego.candidates[0].video is None
+    anet = video.load_video_task(world, "ActivityNetQA")
+    assert anet.pool_ids == ["yes", "no"] and anet.query_items[0][1] == "v_activitynetqa0"
+    missing = video.load_video_task(world, "NExTQA", image_root=str(tmp_path)).queries[0]
+    assert "no frame folder" in missing.error and "frame folders only" in missing.error

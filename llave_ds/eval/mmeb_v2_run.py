@@ -7,8 +7,8 @@ and summarise a directory of score files (ours or the official eval's).
   encoded (queries and the page pool spread over the ranks under torchrun / srun) and scored;
   a killed run re-encodes only the tasks without a matching score file. Encoding is built for
   the image tasks (`llave_ds.eval.mmeb_v2_image`), the visual-document tasks
-  (`llave_ds.eval.mmeb_v2_visdoc`) and the video retrieval and classification tasks
-  (`llave_ds.eval.mmeb_v2_video`); the video QA and moment-retrieval tasks are not yet (left
+  (`llave_ds.eval.mmeb_v2_visdoc`) and the video retrieval, classification and QA tasks
+  (`llave_ds.eval.mmeb_v2_video`); MVBench and the moment-retrieval tasks are not yet (left
   out with a warning, or an error when named).
 * ``--scores-dir DIR`` alone: the summary only (``--rescore-preds``: score each
   ``<task>_pred.jsonl`` again first).
@@ -45,7 +45,7 @@ def reader(task: V2Task):
         return mmeb_v2_image.task_dir, mmeb_v2_image.load_image_task
     if task.modality == "visdoc":
         return mmeb_v2_visdoc.task_dir, mmeb_v2_visdoc.load_visdoc_task
-    if task.name in mmeb_v2_video.SPECS or task.name in mmeb_v2_video.CLASSIFICATION:
+    if task.name in mmeb_v2_video.READABLE:
         return mmeb_v2_video.task_dir, mmeb_v2_video.load_video_task
     return None
 
@@ -127,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         not_built = [t.name for t in tasks if reader(t) is None]
         if not_built and args.tasks:
-            print(f"llave-ds eval: reading MMEB-V2 {', '.join(not_built)} is not built yet (issue 26: the video "
-                  f"QA and moment-retrieval tasks); --scores-dir alone summarises score files from "
+            print(f"llave-ds eval: reading MMEB-V2 {', '.join(not_built)} is not built yet (issue 26: MVBench and "
+                  f"the moment-retrieval tasks); --scores-dir alone summarises score files from "
                   f"elsewhere", file=sys.stderr)
             return 2
         if not_built:

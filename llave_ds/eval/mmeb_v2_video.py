@@ -1,6 +1,7 @@
-"""MMEB-V2's video retrieval tasks (MSR-VTT, MSVD, DiDeMo, VATEX, YouCook2) and video
-classification tasks (K700, SmthSmthV2, HMDB51, UCF101, Breakfast) read as users download them,
-with the frames the official loaders pick.
+"""MMEB-V2's video retrieval tasks (MSR-VTT, MSVD, DiDeMo, VATEX, YouCook2), video
+classification tasks (K700, SmthSmthV2, HMDB51, UCF101, Breakfast) and four video QA tasks
+(NExTQA, EgoSchema, Video-MME, ActivityNetQA) read as users download them, with the frames the
+official loaders pick.
 
 The spec (TIGER-AI-Lab/VLM2Vec, commit 6e1e1d4): ``src/data/eval_dataset/{msrvtt,msvd,didemo,
 vatex,youcook2}_dataset.py`` (columns, instructions, video names), ``dataset_hf_path.py``
@@ -18,6 +19,13 @@ vatex,youcook2}_dataset.py`` (columns, instructions, video names), ``dataset_hf_
   the official ``save_frames`` would extract it (64 frames at ``floor(i * total / 64)``), then
   the same 8 are taken;
 * candidate text ``<video> Understand the content of the provided video.``.
+
+QA (``nextqa``, ``egoschema``, ``videomme``, ``activitynetqa_dataset.py``): the query is the
+video (frames under ``video-tasks/frames/video_qa/<task>/<video>/``; ActivityNetQA's folders
+are ``v_<name>``) with the official prompt, the question and the options written as each parser
+writes them (`qa_row`); each query ranks its own options (``local``), named as the parser names
+them (EgoSchema / Video-MME: the lettered option, encoded without its letter). Only frame folders
+are read for QA: the official code extracts missing ones from the files with its own cv2 rule.
 
 Classification (``video_classification_datasets.py``, ``ssv2_dataset.py``): each row's video
 (``video_id``; frames under ``video-tasks/frames/video_cls/<K700|SSv2|HMDB51|UCF101|Breakfast>/``)
@@ -96,12 +104,63 @@ CLASSIFICATION: Dict[str, ClassificationSpec] = {
 }
 LABELS_FILE = Path(__file__).with_name("mmeb_v2_video_labels.json")
 
+QA_PROMPT = ("Given a video and a question, select the most accurate answer from the provided candidates. "
+             "Return only the exact text of your chosen answer. Question: ")
+
+
+@dataclass(frozen=True)
+class QASpec:
+    repo: str
+    config: Optional[str]
+    columns: Tuple[str, ...]
+    split: str = "test"
+
+
+QA: Dict[str, QASpec] = {   # nextqa / egoschema / videomme / activitynetqa_dataset.py
+    "NExTQA": QASpec("VLM2Vec/NExTQA", "MC", ("video", "question", "answer", "a0", "a1", "a2", "a3", "a4")),
+    "EgoSchema": QASpec("VLM2Vec/EgoSchema", "Subset", ("video_idx", "question", "answer", "option")),
+    "Video-MME": QASpec("VLM2Vec/Video-MME", None, ("videoID", "question", "answer", "options")),
+    "ActivityNetQA": QASpec("VLM2Vec/ActivityNetQA", None, ("video_name", "question", "answer")),
+}
+
+
+def _strip_letter(option: str) -> str:
+    """``"B. a red car"`` -> ``"a red car"`` (the official ``o[o.find('. '):].strip('. ')``)."""
+    return option[option.find(". "):].strip(". ")
+
+
+def qa_row(task: str, row: dict) -> Tuple[str, str, List[str], List[str], str]:
+    """(query text, video folder name, candidate names, candidate texts, the answer's name) of
+    one row, as the task's official parser builds them (``<|video_1|>`` for the video token)."""
+    def query(body: str) -> str:       # process_query: token, prompt, question
+        return f"{VIDEO} {QA_PROMPT} {body}"
+
+    if task == "NExTQA":
+        options = [row[f"a{i}"] for i in range(5)]
+        text = query(row["question"]) + "\nOptions:\n" + "".join(
+            f"({chr(ord('A') + i)}) {o}\n" for i, o in enumerate(options))
+        return text.rstrip(), str(row["video"]), options, options, options[int(row["answer"])]
+    if task == "EgoSchema":
+        options = list(row["option"])
+        return (query(row["question"] + " ".join(options)), str(row["video_idx"]), options,
+                [_strip_letter(o) for o in options], options[int(row["answer"])])
+    if task == "Video-MME":
+        options = list(row["options"])
+        answer = options["ABCD".index(row["answer"])]
+        return (query(row["question"] + "\n" + "\n".join(options)), str(row["videoID"]), options,
+                [_strip_letter(o) for o in options], answer)
+    options = ["yes", "no"]                     # ActivityNetQA
+    return query(row["question"] + "? (A) yes; (B) no."), f"v_{row['video_name']}", options, options, row["answer"]
+
 
 def official_labels() -> dict:
     """``{"labels": {task: [...]}, "instructions": {task: str}}`` (the official lists)."""
     import json
 
     return json.loads(LABELS_FILE.read_text(encoding="utf-8"))
+
+
+READABLE = frozenset(SPECS) | frozenset(CLASSIFICATION) | frozenset(QA)   # the video tasks read here
 
 
 class VideoTaskError(ValueError):
@@ -119,7 +178,7 @@ def official_frame_indices(total: int, num_frames: int = NUM_FRAMES) -> List[int
 
 
 def task_dir(root: Path, task: str) -> Path:
-    spec = SPECS.get(task) or CLASSIFICATION.get(task)
+    spec = SPECS.get(task) or CLASSIFICATION.get(task) or QA.get(task)
     if spec is None:
         raise VideoTaskError(f"MMEB-V2 task {task}: reading it is not built yet (issue 26)")
     bases = [Path(root) / spec.repo, Path(root) / spec.repo.split("/")[-1], Path(root) / task]
@@ -173,6 +232,8 @@ def load_video_task(root: Path, task: str, image_root: Optional[str] = None) -> 
     media_root = Path(image_root) if image_root else Path(root)
     if task in CLASSIFICATION:
         return _load_classification(root, task, media_root)
+    if task in QA:
+        return _load_qa(root, task, media_root)
     spec, directory = SPECS[task], task_dir(root, task)
     frames_root = media_root / "video-tasks" / "frames" / "video_ret" / task
     videos_root = media_root / "video-tasks" / "videos" / "video_ret" / task
@@ -223,12 +284,38 @@ def _load_classification(root: Path, task: str, media_root: Path) -> VideoTask:
                      f"{spec.repo} ({directory})")
 
 
+def _load_qa(root: Path, task: str, media_root: Path) -> VideoTask:
+    spec, directory = QA[task], task_dir(root, task)
+    frames_root = media_root / "video-tasks" / "frames" / "video_qa" / task
+    queries, infos, sources, pool = [], [], {}, {}
+    for f, i, row in _rows(task, directory, spec.split, spec.columns):
+        try:
+            text, video_name, names, texts, answer = qa_row(task, row)
+        except (IndexError, ValueError, TypeError) as exc:
+            raise VideoTaskError(f"MMEB-V2 task {task}: {f} row {i}: the answer does not name an option "
+                                 f"({type(exc).__name__}: {exc})") from None
+        if answer not in names:
+            raise VideoTaskError(f"MMEB-V2 task {task}: {f} row {i}: answer {answer!r} is not an option")
+        sources.setdefault(video_name, (str(frames_root / video_name), ""))
+        queries.append((text, video_name))
+        infos.append({"cand_names": names, "label_name": answer})
+        for name, shown in zip(names, texts):
+            pool.setdefault(name, shown)
+    if not queries:
+        raise VideoTaskError(f"MMEB-V2 task {task}: no rows in {directory}")
+    return VideoTask(TASKS[task], queries, infos, list(pool), [(shown, None) for shown in pool.values()], sources,
+                     f"{spec.repo} ({directory})")
+
+
 def official_clip(folder: str, file: str, where: str) -> List:
     """The frames the official loader gives the model (module docstring), as PIL images."""
     if os.path.isdir(folder) and list_frame_files(folder):
         frames = list(read_video(folder).frames)
-    elif os.path.isfile(file):
+    elif file and os.path.isfile(file):
         frames = list(read_video(file, None, max_frames=MAX_FRAMES_SAVED).frames)
+    elif not file:  # the QA tasks: the official cv2 extraction from files is not reproduced
+        raise FileNotFoundError(f"{where}: no frame folder {folder} (QA videos are read from frame folders only: "
+                                f"extract them as the official eval does)")
     else:
         raise FileNotFoundError(f"{where}: neither a frame folder {folder} nor a video file {file}")
     return [frames[i] for i in official_frame_indices(len(frames))]

@@ -23,9 +23,10 @@ captions (several objects of one image) and without.
 Videos: ``ROOT/VLM2Vec/<task>/[<config>|data]/test-00000-of-00001.parquet`` with each task's own
 columns (retrieval: MSR-VTT's ``video_id`` / ``video`` / ``caption``, MSVD's caption lists,
 DiDeMo's names from the file; classification: HMDB51's ``video_id`` / ``pos_text`` from the
-official labels, SmthSmthV2's ``neg_text`` options) and the frame folders the official eval reads,
-``ROOT/video-tasks/frames/video_{ret,cls}/<task folder>/<video>/frame_0001.png ...`` (a square
-moving across 12 frames, one direction and colour per video).
+official labels, SmthSmthV2's ``neg_text`` options; QA: NExTQA, EgoSchema, Video-MME and
+ActivityNetQA rows asking where the square goes) and the frame folders the official eval reads,
+``ROOT/video-tasks/frames/video_{ret,cls,qa}/<task folder>/<video>/frame_0001.png ...`` (a
+square moving across 12 frames, one direction and colour per video).
 
 Same seed -> the same files.
 """
@@ -41,7 +42,8 @@ from llave_ds.eval.mmeb_v2_visdoc import SOURCES
 
 TASKS = ("ViDoRe_arxivqa", "ViDoRe_esg_reports_v2_multilingual", "VisRAG_ChartQA")
 IMAGE_TASKS = ("ImageNet-1K", "OK-VQA", "MSCOCO_i2t", "MSCOCO_t2i", "WebQA", "RefCOCO-Matching", "CIRR")
-VIDEO_TASKS = ("MSR-VTT", "MSVD", "DiDeMo", "HMDB51", "SmthSmthV2")
+VIDEO_TASKS = ("MSR-VTT", "MSVD", "DiDeMo", "HMDB51", "SmthSmthV2", "NExTQA", "EgoSchema", "Video-MME",
+               "ActivityNetQA")
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 COLOURS = ((250, 250, 245), (235, 245, 255), (255, 245, 230), (240, 255, 240))
 
@@ -174,10 +176,12 @@ def write_video_task(root: Path, task: str, *, num_videos: int = 5) -> Path:
     """One video retrieval task: its parquet as the hub has it and its frame folders."""
     import pyarrow as pa
 
-    from llave_ds.eval.mmeb_v2_video import CLASSIFICATION, SPECS
+    from llave_ds.eval.mmeb_v2_video import CLASSIFICATION, QA, SPECS
 
     if task in CLASSIFICATION:
         return _write_classification_task(root, task, num_videos)
+    if task in QA:
+        return _write_qa_task(root, task, num_videos)
     spec = SPECS[task]
     names = [f"video{v}" for v in range(num_videos)]
     for v, name in enumerate(names):
@@ -215,6 +219,43 @@ def _write_classification_task(root: Path, task: str, num_videos: int) -> Path:
             row["neg_text"] = options
         rows.append(row)
     directory = Path(root) / spec.repo / "data"
+    _write(directory, spec.split, rows, pa.Table.from_pylist(rows).schema)
+    return directory
+
+
+def _write_qa_task(root: Path, task: str, num_videos: int) -> Path:
+    """Rows in the task's own columns (NExTQA's a0..a4 and an answer index, EgoSchema's lettered
+    ``option`` list, Video-MME's ``options`` and answer letter, ActivityNetQA's yes/no) and their
+    frame folders (ActivityNetQA's named ``v_<name>``)."""
+    import pyarrow as pa
+
+    from llave_ds.eval.mmeb_v2_video import QA
+
+    directions = ("right", "left")
+    rows = []
+    for v in range(num_videos):
+        name = f"{task.lower().replace('-', '')}{v}"
+        folder = f"v_{name}" if task == "ActivityNetQA" else name
+        _write_frames(Path(root) / "video-tasks" / "frames" / "video_qa" / task / folder, v)
+        truth = directions[v % 2]
+        options = ["up", "down", "left", "right"]
+        if task == "NExTQA":
+            rows.append({"video": name, "question": "where does the square go?", "answer": options.index(truth),
+                         "qid": v, "type": "TN", **{f"a{i}": o for i, o in enumerate(options + ["nowhere"])}})
+        elif task == "EgoSchema":
+            lettered = [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)]
+            rows.append({"video_idx": name, "question": "where does the square go?",
+                         "answer": str(options.index(truth)), "question_idx": f"q{v}", "option": lettered})
+        elif task == "Video-MME":
+            lettered = [f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)]
+            rows.append({"videoID": name, "question": "Where does the square go?", "options": lettered,
+                         "answer": "ABCD"[options.index(truth)], "question_id": f"q{v}", "domain": "toy",
+                         "sub_category": "motion"})
+        else:
+            rows.append({"video_name": name, "question": f"does the square move {truth}", "answer": "yes",
+                         "question_id": f"q{v}"})
+    spec = QA[task]
+    directory = Path(root) / spec.repo / (spec.config or "data")
     _write(directory, spec.split, rows, pa.Table.from_pylist(rows).schema)
     return directory
 

@@ -70,7 +70,7 @@ def test_video_retrieval_end_to_end(world, tmp_path, capsys):
     assert main(["--benchmark", "mmeb-v2", "--model", model, "--data", str(world), "--scores-dir", str(scores),
                  "--modalities", "video", "--batch-size", "2", "--num-workers", "0", "--no-progress"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["num_tasks"] == 9 and 0 <= last["video"] <= 1
+    assert last["num_tasks"] == 10 and 0 <= last["video"] <= 1
     t = video.load_video_task(world, "MSR-VTT")
     preds = [json.loads(x) for x in (scores / "MSR-VTT_pred.jsonl").read_text().splitlines()]
     emb = LlaveEmbedder.from_pretrained(model, device="cpu")
@@ -106,3 +106,14 @@ def test_qa_tasks_on_the_download_layout(world, tmp_path):
     assert anet.pool_ids == ["yes", "no"] and anet.query_items[0][1] == "v_activitynetqa0"
     missing = video.load_video_task(world, "NExTQA", image_root=str(tmp_path)).queries[0]
     assert "no frame folder" in missing.error and "frame folders only" in missing.error
+
+
+def test_moment_retrieval_candidates_are_the_clip_folders(world, tmp_path):
+    qv = video.load_video_task(world, "QVHighlight")
+    assert qv.query_items[0] == (f"<|video_1|> {video.MOMENT_QUERY} the square moving right", "moment0/query")
+    assert qv.infos[0] == {"cand_names": ["moment0/negative_0", "moment0/negative_1", "moment0/negative_2",
+                                          "moment0/positive_0"], "label_name": "moment0/positive_0"}
+    assert len(qv.queries[0].video) == 8 and len(qv.candidates[0].video) == 4     # a 4-frame clip: all of it
+    assert qv.task.eval_type == "local"
+    with pytest.raises(video.VideoTaskError, match=r"QVHighlight: .* row 0: .*moment0 needs a query/ frame folder"):
+        video.load_video_task(world, "QVHighlight", image_root=str(tmp_path))

@@ -7,9 +7,8 @@ and summarise a directory of score files (ours or the official eval's).
   encoded (queries and the page pool spread over the ranks under torchrun / srun) and scored;
   a killed run re-encodes only the tasks without a matching score file. Encoding is built for
   the image tasks (`llave_ds.eval.mmeb_v2_image`), the visual-document tasks
-  (`llave_ds.eval.mmeb_v2_visdoc`) and the video retrieval, classification and QA tasks
-  (`llave_ds.eval.mmeb_v2_video`); MVBench and the moment-retrieval tasks are not yet (left
-  out with a warning, or an error when named).
+  (`llave_ds.eval.mmeb_v2_visdoc`) and the video tasks (`llave_ds.eval.mmeb_v2_video`) but
+  MVBench and MomentSeeker (left out with a warning, or an error when named).
 * ``--scores-dir DIR`` alone: the summary only (``--rescore-preds``: score each
   ``<task>_pred.jsonl`` again first).
 
@@ -128,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         not_built = [t.name for t in tasks if reader(t) is None]
         if not_built and args.tasks:
             print(f"llave-ds eval: reading MMEB-V2 {', '.join(not_built)} is not built yet (issue 26: MVBench and "
-                  f"the moment-retrieval tasks); --scores-dir alone summarises score files from "
+                  f"MomentSeeker); --scores-dir alone summarises score files from "
                   f"elsewhere", file=sys.stderr)
             return 2
         if not_built:

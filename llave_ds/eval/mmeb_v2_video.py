@@ -1,7 +1,7 @@
 """MMEB-V2's video retrieval tasks (MSR-VTT, MSVD, DiDeMo, VATEX, YouCook2), video
-classification tasks (K700, SmthSmthV2, HMDB51, UCF101, Breakfast) and four video QA tasks
-(NExTQA, EgoSchema, Video-MME, ActivityNetQA) read as users download them, with the frames the
-official loaders pick.
+classification tasks (K700, SmthSmthV2, HMDB51, UCF101, Breakfast), four video QA tasks
+(NExTQA, EgoSchema, Video-MME, ActivityNetQA) and two moment-retrieval tasks (QVHighlight,
+Charades-STA) read as users download them, with the frames the official loaders pick.
 
 The spec (TIGER-AI-Lab/VLM2Vec, commit 6e1e1d4): ``src/data/eval_dataset/{msrvtt,msvd,didemo,
 vatex,youcook2}_dataset.py`` (columns, instructions, video names), ``dataset_hf_path.py``
@@ -26,6 +26,12 @@ are ``v_<name>``) with the official prompt, the question and the options written
 writes them (`qa_row`); each query ranks its own options (``local``), named as the parser names
 them (EgoSchema / Video-MME: the lettered option, encoded without its letter). Only frame folders
 are read for QA: the official code extracts missing ones from the files with its own cv2 rule.
+
+Moment retrieval (``moment_retrieval_datasets.py``): the query is the row's video
+(``video-tasks/frames/video_mret/<task>/<video>/query/``) with "Find the clip that corresponds
+to the described scene in the given video:" and the row's ``query``; its candidates are the
+clip folders beside ``query/``, the ``positive*`` one relevant (`_load_moments` for how we name
+and order them); frame folders only.
 
 Classification (``video_classification_datasets.py``, ``ssv2_dataset.py``): each row's video
 (``video_id``; frames under ``video-tasks/frames/video_cls/<K700|SSv2|HMDB51|UCF101|Breakfast>/``)
@@ -160,7 +166,19 @@ def official_labels() -> dict:
     return json.loads(LABELS_FILE.read_text(encoding="utf-8"))
 
 
-READABLE = frozenset(SPECS) | frozenset(CLASSIFICATION) | frozenset(QA)   # the video tasks read here
+# moment retrieval (moment_retrieval_datasets.py): task -> hub dataset (default config, split test)
+MOMENTS: Dict[str, str] = {"QVHighlight": "VLM2Vec/QVHighlight", "Charades-STA": "VLM2Vec/Charades-STA"}
+MOMENT_QUERY = "Find the clip that corresponds to the described scene in the given video:"
+
+
+@dataclass(frozen=True)
+class MomentSpec:
+    repo: str
+    config: Optional[str] = None
+    split: str = "test"
+
+
+READABLE = frozenset(SPECS) | frozenset(CLASSIFICATION) | frozenset(QA) | frozenset(MOMENTS)
 
 
 class VideoTaskError(ValueError):
@@ -178,7 +196,8 @@ def official_frame_indices(total: int, num_frames: int = NUM_FRAMES) -> List[int
 
 
 def task_dir(root: Path, task: str) -> Path:
-    spec = SPECS.get(task) or CLASSIFICATION.get(task) or QA.get(task)
+    spec = (SPECS.get(task) or CLASSIFICATION.get(task) or QA.get(task)
+            or (MomentSpec(MOMENTS[task]) if task in MOMENTS else None))
     if spec is None:
         raise VideoTaskError(f"MMEB-V2 task {task}: reading it is not built yet (issue 26)")
     bases = [Path(root) / spec.repo, Path(root) / spec.repo.split("/")[-1], Path(root) / task]
@@ -234,6 +253,8 @@ def load_video_task(root: Path, task: str, image_root: Optional[str] = None) -> 
         return _load_classification(root, task, media_root)
     if task in QA:
         return _load_qa(root, task, media_root)
+    if task in MOMENTS:
+        return _load_moments(root, task, media_root)
     spec, directory = SPECS[task], task_dir(root, task)
     frames_root = media_root / "video-tasks" / "frames" / "video_ret" / task
     videos_root = media_root / "video-tasks" / "videos" / "video_ret" / task
@@ -307,15 +328,47 @@ def _load_qa(root: Path, task: str, media_root: Path) -> VideoTask:
                      f"{spec.repo} ({directory})")
 
 
+def _load_moments(root: Path, task: str, media_root: Path) -> VideoTask:
+    """Each row's video (``<frame root>/<video>/query/``) with the scene described is the query;
+    its candidates are the clip folders beside ``query/`` (the one named ``positive*`` relevant),
+    named ``<video>/<clip>`` (the official names are the clip folders' absolute paths, which no
+    two machines share) and taken in sorted order (the official ``os.listdir`` order is the file
+    system's)."""
+    directory = task_dir(root, task)
+    frames_root = media_root / "video-tasks" / "frames" / "video_mret" / task
+    queries, infos, sources, pool = [], [], {}, {}
+    for f, i, row in _rows(task, directory, "test", ("query", "video_path")):
+        video_name = os.path.splitext(os.path.basename(row["video_path"]))[0]
+        folder = frames_root / video_name
+        clips = sorted(c.name for c in folder.iterdir() if c.is_dir() and c.name != "query") if folder.is_dir() else []
+        positives = [c for c in clips if c.startswith("positive")]
+        if not clips or not positives or not (folder / "query").is_dir():
+            raise VideoTaskError(f"MMEB-V2 task {task}: {f} row {i}: {folder} needs a query/ frame folder and clip "
+                                 f"folders, one named positive* (found: {', '.join(clips) or 'nothing'}); moment "
+                                 f"clips are read from frame folders only")
+        query_key = f"{video_name}/query"
+        sources.setdefault(query_key, (str(folder / "query"), ""))
+        queries.append((f"{VIDEO} {MOMENT_QUERY} {row['query']}", query_key))
+        names = [f"{video_name}/{c}" for c in clips]
+        infos.append({"cand_names": names, "label_name": f"{video_name}/{positives[-1]}"})
+        for name, clip in zip(names, clips):
+            sources.setdefault(name, (str(folder / clip), ""))
+            pool.setdefault(name, None)
+    if not queries:
+        raise VideoTaskError(f"MMEB-V2 task {task}: no rows in {directory}")
+    return VideoTask(TASKS[task], queries, infos, list(pool), [(CANDIDATE_TEXT, n) for n in pool], sources,
+                     f"{MOMENTS[task]} ({directory})")
+
+
 def official_clip(folder: str, file: str, where: str) -> List:
     """The frames the official loader gives the model (module docstring), as PIL images."""
     if os.path.isdir(folder) and list_frame_files(folder):
         frames = list(read_video(folder).frames)
     elif file and os.path.isfile(file):
         frames = list(read_video(file, None, max_frames=MAX_FRAMES_SAVED).frames)
-    elif not file:  # the QA tasks: the official cv2 extraction from files is not reproduced
-        raise FileNotFoundError(f"{where}: no frame folder {folder} (QA videos are read from frame folders only: "
-                                f"extract them as the official eval does)")
+    elif not file:  # QA and moment retrieval: the official extraction from files is not reproduced
+        raise FileNotFoundError(f"{where}: no frame folder {folder} (QA and moment-retrieval videos are read from "
+                                f"frame folders only: extract them as the official eval does)")
     else:
         raise FileNotFoundError(f"{where}: neither a frame folder {folder} nor a video file {file}")
     return [frames[i] for i in official_frame_indices(len(frames))]

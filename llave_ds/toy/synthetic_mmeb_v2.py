@@ -24,9 +24,11 @@ Videos: ``ROOT/VLM2Vec/<task>/[<config>|data]/test-00000-of-00001.parquet`` with
 columns (retrieval: MSR-VTT's ``video_id`` / ``video`` / ``caption``, MSVD's caption lists,
 DiDeMo's names from the file; classification: HMDB51's ``video_id`` / ``pos_text`` from the
 official labels, SmthSmthV2's ``neg_text`` options; QA: NExTQA, EgoSchema, Video-MME and
-ActivityNetQA rows asking where the square goes) and the frame folders the official eval reads,
-``ROOT/video-tasks/frames/video_{ret,cls,qa}/<task folder>/<video>/frame_0001.png ...`` (a
-square moving across 12 frames, one direction and colour per video).
+ActivityNetQA rows asking where the square goes; moment retrieval: QVHighlight's ``query`` /
+``video_path`` with a ``query/`` folder and positive / negative clip folders per video) and the
+frame folders the official eval reads,
+``ROOT/video-tasks/frames/video_{ret,cls,qa,mret}/<task folder>/<video>/...`` (a square moving
+across the frames, one direction and colour per video).
 
 Same seed -> the same files.
 """
@@ -43,7 +45,7 @@ from llave_ds.eval.mmeb_v2_visdoc import SOURCES
 TASKS = ("ViDoRe_arxivqa", "ViDoRe_esg_reports_v2_multilingual", "VisRAG_ChartQA")
 IMAGE_TASKS = ("ImageNet-1K", "OK-VQA", "MSCOCO_i2t", "MSCOCO_t2i", "WebQA", "RefCOCO-Matching", "CIRR")
 VIDEO_TASKS = ("MSR-VTT", "MSVD", "DiDeMo", "HMDB51", "SmthSmthV2", "NExTQA", "EgoSchema", "Video-MME",
-               "ActivityNetQA")
+               "ActivityNetQA", "QVHighlight")
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 COLOURS = ((250, 250, 245), (235, 245, 255), (255, 245, 230), (240, 255, 240))
 
@@ -176,12 +178,14 @@ def write_video_task(root: Path, task: str, *, num_videos: int = 5) -> Path:
     """One video retrieval task: its parquet as the hub has it and its frame folders."""
     import pyarrow as pa
 
-    from llave_ds.eval.mmeb_v2_video import CLASSIFICATION, QA, SPECS
+    from llave_ds.eval.mmeb_v2_video import CLASSIFICATION, MOMENTS, QA, SPECS
 
     if task in CLASSIFICATION:
         return _write_classification_task(root, task, num_videos)
     if task in QA:
         return _write_qa_task(root, task, num_videos)
+    if task in MOMENTS:
+        return _write_moment_task(root, task, num_videos)
     spec = SPECS[task]
     names = [f"video{v}" for v in range(num_videos)]
     for v, name in enumerate(names):
@@ -257,6 +261,27 @@ def _write_qa_task(root: Path, task: str, num_videos: int) -> Path:
     spec = QA[task]
     directory = Path(root) / spec.repo / (spec.config or "data")
     _write(directory, spec.split, rows, pa.Table.from_pylist(rows).schema)
+    return directory
+
+
+def _write_moment_task(root: Path, task: str, num_videos: int) -> Path:
+    """Rows (``query``, ``video_path``) and, per video, the frame folders the official eval reads:
+    ``query/`` (the whole video), ``positive_0/`` and three ``negative_<k>/`` clips."""
+    import pyarrow as pa
+
+    from llave_ds.eval.mmeb_v2_video import MOMENTS
+
+    rows = []
+    for v in range(num_videos):
+        name = f"moment{v}"
+        base = Path(root) / "video-tasks" / "frames" / "video_mret" / task / name
+        _write_frames(base / "query", v)
+        _write_frames(base / "positive_0", v, num_frames=4)
+        for k in range(3):
+            _write_frames(base / f"negative_{k}", v + k + 1, num_frames=4)
+        rows.append({"query": f"the square moving {('right', 'left')[v % 2]}", "video_path": f"videos/{name}.mp4"})
+    directory = Path(root) / MOMENTS[task] / "data"
+    _write(directory, "test", rows, pa.Table.from_pylist(rows).schema)
     return directory
 
 

@@ -70,7 +70,7 @@ def test_video_retrieval_end_to_end(world, tmp_path, capsys):
     assert main(["--benchmark", "mmeb-v2", "--model", model, "--data", str(world), "--scores-dir", str(scores),
                  "--modalities", "video", "--batch-size", "2", "--num-workers", "0", "--no-progress"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["num_tasks"] == 10 and 0 <= last["video"] <= 1
+    assert last["num_tasks"] == 11 and 0 <= last["video"] <= 1
     t = video.load_video_task(world, "MSR-VTT")
     preds = [json.loads(x) for x in (scores / "MSR-VTT_pred.jsonl").read_text().splitlines()]
     emb = LlaveEmbedder.from_pretrained(model, device="cpu")
@@ -117,3 +117,14 @@ def test_moment_retrieval_candidates_are_the_clip_folders(world, tmp_path):
     assert qv.task.eval_type == "local"
     with pytest.raises(video.VideoTaskError, match=r"QVHighlight: .* row 0: .*moment0 needs a query/ frame folder"):
         video.load_video_task(world, "QVHighlight", image_root=str(tmp_path))
+
+
+def test_moment_seeker_queries_of_three_kinds_and_several_positives(world):
+    ms = video.load_video_task(world, "MomentSeeker")
+    texts = [t for t, _ in ms.query_items]
+    assert texts[0] == f"{video.SEEKER_QUERY['text']} the square moving right" and ms.query_items[0][1] is None
+    assert texts[1].startswith("<|image_1|> " + video.SEEKER_QUERY["image"]) and ms.queries[1].image is not None
+    assert texts[2].startswith("<|video_1|> " + video.SEEKER_QUERY["video"]) and len(ms.queries[2].video) == 8
+    assert ms.infos[1]["label_name"] == ["video_frames/src1_clip_0", "video_frames/src1_clip_1"]   # two relevant
+    assert ms.infos[1]["cand_names"][:2] == ms.infos[1]["label_name"] and len(ms.infos[1]["cand_names"]) == 5
+    assert ms.candidates[0].text == video.SEEKER_CANDIDATE_TEXT and len(ms.candidates[0].video) == 6

@@ -8,7 +8,7 @@ and summarise a directory of score files (ours or the official eval's).
   a killed run re-encodes only the tasks without a matching score file. Encoding is built for
   the image tasks (`llave_ds.eval.mmeb_v2_image`), the visual-document tasks
   (`llave_ds.eval.mmeb_v2_visdoc`) and the video tasks (`llave_ds.eval.mmeb_v2_video`) but
-  MVBench and MomentSeeker (left out with a warning, or an error when named).
+  MVBench (left out with a warning, or an error when named).
 * ``--scores-dir DIR`` alone: the summary only (``--rescore-preds``: score each
   ``<task>_pred.jsonl`` again first).
 
@@ -126,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         not_built = [t.name for t in tasks if reader(t) is None]
         if not_built and args.tasks:
-            print(f"llave-ds eval: reading MMEB-V2 {', '.join(not_built)} is not built yet (issue 26: MVBench and "
-                  f"MomentSeeker); --scores-dir alone summarises score files from "
+            print(f"llave-ds eval: reading MMEB-V2 {', '.join(not_built)} is not built yet (issue 26: "
+                  f"MVBench); --scores-dir alone summarises score files from "
                   f"elsewhere", file=sys.stderr)
             return 2
         if not_built:

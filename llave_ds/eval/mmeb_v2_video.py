@@ -1,7 +1,7 @@
 """MMEB-V2's video retrieval tasks (MSR-VTT, MSVD, DiDeMo, VATEX, YouCook2), video
 classification tasks (K700, SmthSmthV2, HMDB51, UCF101, Breakfast), four video QA tasks
-(NExTQA, EgoSchema, Video-MME, ActivityNetQA) and two moment-retrieval tasks (QVHighlight,
-Charades-STA) read as users download them, with the frames the official loaders pick.
+(NExTQA, EgoSchema, Video-MME, ActivityNetQA) and the moment-retrieval tasks (QVHighlight,
+Charades-STA, MomentSeeker) read as users download them, with the frames the official loaders pick.
 
 The spec (TIGER-AI-Lab/VLM2Vec, commit 6e1e1d4): ``src/data/eval_dataset/{msrvtt,msvd,didemo,
 vatex,youcook2}_dataset.py`` (columns, instructions, video names), ``dataset_hf_path.py``
@@ -26,6 +26,9 @@ are ``v_<name>``) with the official prompt, the question and the options written
 writes them (`qa_row`); each query ranks its own options (``local``), named as the parser names
 them (EgoSchema / Video-MME: the lettered option, encoded without its letter). Only frame folders
 are read for QA: the official code extracts missing ones from the files with its own cv2 rule.
+
+MomentSeeker (``momentseeker_dataset.py``): text, text + image or text + video-segment queries,
+several relevant clips per query; `_load_moment_seeker`.
 
 Moment retrieval (``moment_retrieval_datasets.py``): the query is the row's video
 (``video-tasks/frames/video_mret/<task>/<video>/query/``) with "Find the clip that corresponds
@@ -55,6 +58,7 @@ import numpy as np
 import torch
 
 from llave_ds.eval.mmeb_v2_tasks import TASKS, V2Task
+from llave_ds.media.image import load_image
 from llave_ds.media.side import Side
 from llave_ds.media.video import list_frame_files, read_video
 
@@ -178,7 +182,15 @@ class MomentSpec:
     split: str = "test"
 
 
-READABLE = frozenset(SPECS) | frozenset(CLASSIFICATION) | frozenset(QA) | frozenset(MOMENTS)
+# MomentSeeker (momentseeker_dataset.py): text, text + image or text + video queries
+SEEKER_REPO = "VLM2Vec/MomentSeeker"
+SEEKER_QUERY = {"text": "Find the clip that corresponds to the given text:",
+                "image": "Select the video clip that aligns with the given text and image:",
+                "video": "Find the clip that corresponds to the given sentence and video segment:"}
+SEEKER_CANDIDATE_TEXT = VIDEO + " Understand the content of the provided video clip."
+IMAGE_SOURCE = "<image>"   # a sources entry (path, IMAGE_SOURCE) is an image, not a video
+
+READABLE = frozenset(SPECS) | frozenset(CLASSIFICATION) | frozenset(QA) | frozenset(MOMENTS) | {"MomentSeeker"}
 
 
 class VideoTaskError(ValueError):
@@ -197,7 +209,8 @@ def official_frame_indices(total: int, num_frames: int = NUM_FRAMES) -> List[int
 
 def task_dir(root: Path, task: str) -> Path:
     spec = (SPECS.get(task) or CLASSIFICATION.get(task) or QA.get(task)
-            or (MomentSpec(MOMENTS[task]) if task in MOMENTS else None))
+            or (MomentSpec(MOMENTS[task]) if task in MOMENTS else None)
+            or (MomentSpec(SEEKER_REPO) if task == "MomentSeeker" else None))
     if spec is None:
         raise VideoTaskError(f"MMEB-V2 task {task}: reading it is not built yet (issue 26)")
     bases = [Path(root) / spec.repo, Path(root) / spec.repo.split("/")[-1], Path(root) / task]
@@ -219,7 +232,7 @@ class VideoTask:
     infos: List[dict]
     pool_ids: List[str]
     pool_items: List[Tuple[str, Optional[str]]]
-    sources: Dict[str, Tuple[str, str]]      # video name -> (frame folder, video file)
+    sources: Dict[str, Tuple[str, str]]      # video name -> (frame folder, video file); or (image path, IMAGE_SOURCE)
     source: str
     skipped: Dict[str, int] = field(default_factory=dict)
 
@@ -255,6 +268,8 @@ def load_video_task(root: Path, task: str, image_root: Optional[str] = None) -> 
         return _load_qa(root, task, media_root)
     if task in MOMENTS:
         return _load_moments(root, task, media_root)
+    if task == "MomentSeeker":
+        return _load_moment_seeker(root, media_root)
     spec, directory = SPECS[task], task_dir(root, task)
     frames_root = media_root / "video-tasks" / "frames" / "video_ret" / task
     videos_root = media_root / "video-tasks" / "videos" / "video_ret" / task
@@ -360,6 +375,47 @@ def _load_moments(root: Path, task: str, media_root: Path) -> VideoTask:
                      f"{MOMENTS[task]} ({directory})")
 
 
+def clip_key(path: str) -> str:
+    """The official clip folder name: ``a/b.mp4`` -> ``a_b``."""
+    return path.replace("/", "_").split(".mp4")[0]
+
+
+def _load_moment_seeker(root: Path, media_root: Path) -> VideoTask:
+    """MomentSeeker: a query is text, text with an image (``<frame root>/query_<file>.jpg``) or
+    text with a video segment (``<frame root>/video_frames/<clip key>/``), after the matching
+    instruction; its candidates are its positive clips (all relevant) then its negatives, each
+    a frame folder ``video_frames/<clip key>/`` named by that relative path (the official name is
+    its absolute path)."""
+    task = "MomentSeeker"
+    directory = task_dir(root, task)
+    frames_root = media_root / "video-tasks" / "frames" / "video_mret" / task
+    queries, infos, sources, pool = [], [], {}, {}
+    for f, i, row in _rows(task, directory, "test", ("query", "positive_frames", "negative_frames", "input_frames")):
+        given = row["input_frames"] or ""
+        if given.endswith(".mp4"):
+            key = f"video_frames/{clip_key(given)}"
+            sources.setdefault(key, (str(frames_root / key), ""))
+            queries.append((f"{VIDEO} {SEEKER_QUERY['video']} {row['query']}", key))
+        elif given.endswith(".jpg"):
+            key = f"query_{given}"
+            sources.setdefault(key, (str(frames_root / key), IMAGE_SOURCE))
+            queries.append((f"<|image_1|> {SEEKER_QUERY['image']} {row['query']}", key))
+        else:
+            queries.append((f"{SEEKER_QUERY['text']} {row['query']}", None))
+        positives = [f"video_frames/{clip_key(e['output_path'])}" for e in row["positive_frames"] or []]
+        negatives = [f"video_frames/{clip_key(e['output_path'])}" for e in row["negative_frames"] or []]
+        if not positives:
+            raise VideoTaskError(f"MMEB-V2 task {task}: {f} row {i}: no positive_frames")
+        infos.append({"cand_names": positives + negatives, "label_name": positives})
+        for name in positives + negatives:
+            sources.setdefault(name, (str(frames_root / name), ""))
+            pool.setdefault(name, None)
+    if not queries:
+        raise VideoTaskError(f"MMEB-V2 task {task}: no rows in {directory}")
+    return VideoTask(TASKS[task], queries, infos, list(pool), [(SEEKER_CANDIDATE_TEXT, n) for n in pool], sources,
+                     f"{SEEKER_REPO} ({directory})")
+
+
 def official_clip(folder: str, file: str, where: str) -> List:
     """The frames the official loader gives the model (module docstring), as PIL images."""
     if os.path.isdir(folder) and list_frame_files(folder):
@@ -389,6 +445,9 @@ class VideoSideDataset(torch.utils.data.Dataset):
             return Side(text)
         where = f"MMEB-V2 task {self.task}: video {name!r}"
         try:
-            return Side(text, video=official_clip(*self.sources[name], where))
+            path, kind = self.sources[name]
+            if kind == IMAGE_SOURCE:
+                return Side(text, load_image(path), image_path=path)
+            return Side(text, video=official_clip(path, kind, where))
         except (ValueError, OSError) as exc:  # reported by the main process, without a worker traceback
             return Side(text, error=f"{type(exc).__name__}: {exc}")

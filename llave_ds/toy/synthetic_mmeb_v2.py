@@ -25,7 +25,8 @@ columns (retrieval: MSR-VTT's ``video_id`` / ``video`` / ``caption``, MSVD's cap
 DiDeMo's names from the file; classification: HMDB51's ``video_id`` / ``pos_text`` from the
 official labels, SmthSmthV2's ``neg_text`` options; QA: NExTQA, EgoSchema, Video-MME and
 ActivityNetQA rows asking where the square goes; moment retrieval: QVHighlight's ``query`` /
-``video_path`` with a ``query/`` folder and positive / negative clip folders per video) and the
+``video_path`` with a ``query/`` folder and positive / negative clip folders per video;
+MomentSeeker's text, image and video-segment queries with their clips) and the
 frame folders the official eval reads,
 ``ROOT/video-tasks/frames/video_{ret,cls,qa,mret}/<task folder>/<video>/...`` (a square moving
 across the frames, one direction and colour per video).
@@ -45,7 +46,7 @@ from llave_ds.eval.mmeb_v2_visdoc import SOURCES
 TASKS = ("ViDoRe_arxivqa", "ViDoRe_esg_reports_v2_multilingual", "VisRAG_ChartQA")
 IMAGE_TASKS = ("ImageNet-1K", "OK-VQA", "MSCOCO_i2t", "MSCOCO_t2i", "WebQA", "RefCOCO-Matching", "CIRR")
 VIDEO_TASKS = ("MSR-VTT", "MSVD", "DiDeMo", "HMDB51", "SmthSmthV2", "NExTQA", "EgoSchema", "Video-MME",
-               "ActivityNetQA", "QVHighlight")
+               "ActivityNetQA", "QVHighlight", "MomentSeeker")
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 COLOURS = ((250, 250, 245), (235, 245, 255), (255, 245, 230), (240, 255, 240))
 
@@ -186,6 +187,8 @@ def write_video_task(root: Path, task: str, *, num_videos: int = 5) -> Path:
         return _write_qa_task(root, task, num_videos)
     if task in MOMENTS:
         return _write_moment_task(root, task, num_videos)
+    if task == "MomentSeeker":
+        return _write_moment_seeker(root, num_videos)
     spec = SPECS[task]
     names = [f"video{v}" for v in range(num_videos)]
     for v, name in enumerate(names):
@@ -281,6 +284,38 @@ def _write_moment_task(root: Path, task: str, num_videos: int) -> Path:
             _write_frames(base / f"negative_{k}", v + k + 1, num_frames=4)
         rows.append({"query": f"the square moving {('right', 'left')[v % 2]}", "video_path": f"videos/{name}.mp4"})
     directory = Path(root) / MOMENTS[task] / "data"
+    _write(directory, "test", rows, pa.Table.from_pylist(rows).schema)
+    return directory
+
+
+def _write_moment_seeker(root: Path, num_videos: int) -> Path:
+    """MomentSeeker rows: text, text + image and text + video-segment queries in turn, one or two
+    positive clips and three negatives each, as ``video_frames/<clip>/`` folders (at most 8 frames,
+    as the official extraction saves) and ``query_<name>.jpg`` images."""
+    import pyarrow as pa
+
+    from llave_ds.eval.mmeb_v2_video import SEEKER_REPO, clip_key
+
+    base = Path(root) / "video-tasks" / "frames" / "video_mret" / "MomentSeeker"
+    rows = []
+    for v in range(num_videos):
+        clips = [f"src{v}/clip_{k}.mp4" for k in range(5)]
+        for k, clip in enumerate(clips):
+            _write_frames(base / "video_frames" / clip_key(clip), v + k, num_frames=6)
+        kind = ("text", "image", "video")[v % 3]
+        given = ""
+        if kind == "image":
+            given = f"still{v}.jpg"
+            base.mkdir(parents=True, exist_ok=True)
+            (base / f"query_{given}").write_bytes(render_page(WORDS[v], v, size=32))
+        elif kind == "video":
+            given = f"whole{v}/full.mp4"
+            _write_frames(base / "video_frames" / clip_key(given), v, num_frames=8)
+        positives = clips[:2] if v % 2 else clips[:1]
+        rows.append({"query": f"the square moving {('right', 'left')[v % 2]}", "input_frames": given,
+                     "positive_frames": [{"output_path": c} for c in positives],
+                     "negative_frames": [{"output_path": c} for c in clips[len(positives):len(positives) + 3]]})
+    directory = Path(root) / SEEKER_REPO / "data"
     _write(directory, "test", rows, pa.Table.from_pylist(rows).schema)
     return directory
 

@@ -94,3 +94,12 @@ def check_cached_second_pass(model, ref, formatter, images: list, tau: float = 0
         atol = 1e-6 * max(1.0, float(want[name].abs().max()))
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
     return set(want)
+
+
+def brute_force_embeddings(embedder, task):
+    """(queries, candidates) of an MMEB-V2 task's datasets, embedded one process, in order,
+    without the sharded encoder: the reference the evaluation's rankings are checked against."""
+    def embed(dataset, role):
+        return embedder.encode_sides([dataset[i] for i in range(len(dataset))], role=role, progress=False).numpy()
+
+    return embed(task.queries, "query"), embed(task.candidates, "target")

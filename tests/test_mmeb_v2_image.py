@@ -10,6 +10,7 @@ import pytest
 
 from llave_ds.eval import mmeb_v2_image as image
 from llave_ds.toy import synthetic_mmeb_v2
+from tests.multimodal import brute_force_embeddings
 
 IMG = image.IMAGE
 
@@ -83,8 +84,7 @@ def test_image_tasks_end_to_end(world, tmp_path, capsys):
     t = image.load_image_task(world, "WebQA")
     preds = [json.loads(x) for x in (scores / "WebQA_pred.jsonl").read_text().splitlines()]
     emb = LlaveEmbedder.from_pretrained(model, device="cpu")
-    q = emb.encode_sides([t.queries[i] for i in range(len(t.queries))], role="query", progress=False).numpy()
-    c = emb.encode_sides([t.candidates[i] for i in range(len(t.candidates))], role="target", progress=False).numpy()
+    q, c = brute_force_embeddings(emb, t)
     lookup = dict(zip(t.pool_ids, c))
     for p, qe, info in zip(preds, q, t.infos):
         names = info["cand_names"]

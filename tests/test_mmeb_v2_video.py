@@ -10,6 +10,7 @@ import pytest
 
 from llave_ds.eval import mmeb_v2_video as video
 from llave_ds.toy import synthetic_mmeb_v2
+from tests.multimodal import brute_force_embeddings
 
 
 def test_official_frame_rule():
@@ -74,8 +75,7 @@ def test_video_retrieval_end_to_end(world, tmp_path, capsys):
     t = video.load_video_task(world, "MSR-VTT")
     preds = [json.loads(x) for x in (scores / "MSR-VTT_pred.jsonl").read_text().splitlines()]
     emb = LlaveEmbedder.from_pretrained(model, device="cpu")
-    q = emb.encode_sides([t.queries[i] for i in range(len(t.queries))], role="query", progress=False).numpy()
-    c = emb.encode_sides([t.candidates[i] for i in range(len(t.candidates))], role="target", progress=False).numpy()
+    q, c = brute_force_embeddings(emb, t)
     assert [p["prediction"] for p in preds] == [[t.pool_ids[i] for i in np.argsort(-row)] for row in q @ c.T]
 
 

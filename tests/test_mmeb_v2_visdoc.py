@@ -14,6 +14,7 @@ import pytest
 from llave_ds.eval import mmeb_v2_visdoc as visdoc
 from llave_ds.toy import synthetic_mmeb_v2
 from tests.distributed_harness import run_distributed
+from tests.multimodal import brute_force_embeddings
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +92,8 @@ def test_eval_writes_official_files_ranks_like_brute_force_and_resumes(model_dir
     # brute force: the same embedder, every query against every page, numpy's sort
     vt = visdoc.load_visdoc_task(world, task)
     emb = LlaveEmbedder.from_pretrained(model_dir, device="cpu")
-    q = emb.encode_sides([visdoc.QueryDataset(vt.query_texts)[i] for i in range(6)], role="query", progress=False)
-    pages = visdoc.PageDataset(vt)
-    c = emb.encode_sides([pages[i] for i in range(len(pages))], role="target", progress=False)
-    want = [[vt.pool_ids[i] for i in np.argsort(-row)] for row in (q.numpy() @ c.numpy().T)]
+    q, c = brute_force_embeddings(emb, vt)
+    want = [[vt.pool_ids[i] for i in np.argsort(-row)] for row in (q @ c.T)]
     assert [p["prediction"] for p in preds] == want
     assert [p["rel_scores"] for p in preds] == [info["rel_scores"] for info in vt.infos]
     # a re-run encodes nothing; removing one score file re-encodes that task only

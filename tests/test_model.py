@@ -46,6 +46,16 @@ def grads(model):
     return {n: p.grad for n, p in model.named_parameters()}
 
 
+def assert_same_grads(reference, model):
+    """Every parameter's gradient of ``model`` equals ``reference``'s (None where it is None; fp32)."""
+    ref, got = grads(reference), grads(model)
+    for name, g in ref.items():
+        if g is None:
+            assert got[name] is None, name
+        else:
+            torch.testing.assert_close(got[name], g, atol=1e-6, rtol=1e-5)
+
+
 # Qwen3-VL's DeepStack mergers project intermediate tower features into the LM like the
 # main merger: projectors, trained with it.
 QWEN_PROJECTORS = (".visual.merger.", ".visual.deepstack_merger_list.")
@@ -210,21 +220,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dirs, mode):
     checkpointed.train()
     backward_on(reference, batch)
     backward_on(checkpointed, batch)
-    ref, got = grads(reference), grads(checkpointed)
-    for name, g in ref.items():
-        if g is None:
-            assert got[name] is None, name
-        else:
-            torch.testing.assert_close(got[name], g, atol=1e-6, rtol=1e-5)
+    assert_same_grads(reference, checkpointed)
 
 
 @pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_selective_checkpointing_recomputes_every_kth_layer_with_the_same_gradients(tiny_dirs, backbone):
     """checkpoint_every=2: layers 0, 2, ... run their forward again in the backward, the others
     once; the gradients are those of the model without checkpointing (fp32)."""
-    model, processor = load(tiny_dirs, backbone)
+    reference, processor = load(tiny_dirs, backbone)
     batch = InputFormatter(processor, backbone)(image_sides(), "query")
-    reference, _ = load(tiny_dirs, backbone)
     checkpointed, _ = load(tiny_dirs, backbone, gradient_checkpointing="non_reentrant", checkpoint_every=2)
     layers = decoder_layers(checkpointed.base_hf_model)
     calls = [0] * len(layers)
@@ -239,12 +243,7 @@ def test_selective_checkpointing_recomputes_every_kth_layer_with_the_same_gradie
         h.remove()
     assert [layer.gradient_checkpointing for layer in layers] == [i % 2 == 0 for i in range(len(layers))]
     assert calls == [2 if i % 2 == 0 else 1 for i in range(len(layers))]
-    ref, got = grads(reference), grads(checkpointed)
-    for name, g in ref.items():
-        if g is None:
-            assert got[name] is None, name
-        else:
-            torch.testing.assert_close(got[name], g, atol=1e-6, rtol=1e-5)
+    assert_same_grads(reference, checkpointed)
 
 
 def test_model_config_validation_and_auto_attention(tiny_dirs, caplog):

@@ -5,8 +5,10 @@ ways ranks agree before encoding: rank 0 decides and shares (`rank0_then_shared`
 rank loads and all fail together (`load_on_every_rank`)."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import multiprocessing
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -107,3 +109,26 @@ def load_on_every_rank(fn: Callable[[], Any]) -> Any:
     if errors:
         raise ValueError("; ".join(errors))
     return value
+
+
+@contextlib.contextmanager
+def eval_process_group(timeout_s: float = 1800) -> Iterator[None]:
+    """The process group of one ``llave-ds eval`` launch: started when launched with several
+    ranks (torchrun / srun), logging at INFO on rank 0 only, shut down however the body ends."""
+    multi = distributed.detect_env().world_size > 1
+    if multi:
+        distributed.init_distributed(timeout_s=timeout_s)
+    logging.basicConfig(level=logging.INFO if distributed.detect_env().rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        yield
+    finally:
+        if multi:
+            distributed.shutdown_distributed()
+
+
+def load_embedder(model: str, max_length: Optional[int] = None):
+    """The `LlaveEmbedder` of ``--model`` (``--max-length`` overriding its formatter's)."""
+    from llave_ds.model.embedder import LlaveEmbedder
+
+    return LlaveEmbedder.from_pretrained(model, **({"max_length": max_length} if max_length else {}))

@@ -30,7 +30,8 @@ import torch
 
 from llave_ds.core import distributed
 from llave_ds.data.mmeb_files import is_local_source
-from llave_ds.eval.encoding import embed_dataset, load_on_every_rank, rank0_then_shared
+from llave_ds.eval.encoding import (embed_dataset, eval_process_group, load_embedder, load_on_every_rank,
+                                    rank0_then_shared)
 from llave_ds.eval.mmeb_data import CANDIDATE, QUERY, EvalSubset, check_subset_names, load_eval_subsets, unique_items
 from llave_ds.eval.mmeb_metrics import (aggregate, candidate_scores, markdown_table, official_subsets,
                                         positive_and_hardest_negative, precision_at_1, similarity_gap_stats,
@@ -270,42 +271,37 @@ def plan_run(args: argparse.Namespace, scores_dir: Optional[Path]) -> EvalPlan:
 
 # ------------------------------------------------------------------------------- CLI
 
+def _evaluate_planned(args: argparse.Namespace) -> tuple:
+    """(result, plan, scores_dir) of the run on every rank: the plan decided on rank 0 from the
+    score files before any other collective and shared, the subsets to evaluate loaded on
+    every rank (all fail together), each written to its score file as it finishes."""
+    scores_dir = scores_dir_for(args)
+    plan: EvalPlan = rank0_then_shared(lambda: plan_run(args, scores_dir))
+    subsets = load_on_every_rank(lambda: load_eval_subsets(
+        args.data, plan.to_evaluate, split=args.split, image_root=args.image_root, max_rows=args.max_rows,
+        strict_empty=args.strict_empty) if plan.to_evaluate else {})
+    embedder = load_embedder(args.model, args.max_length) if subsets else None
+
+    def save(name: str, record: dict) -> None:
+        path = write_score_file(score_file(scores_dir, name), name, record, plan.fingerprints[name])
+        logger.info("%s: wrote %s", name, path)
+
+    result = evaluate(embedder, subsets, batch_size=args.batch_size, progress=not args.no_progress,
+                      num_workers=args.num_workers,
+                      tie_policy=args.tie_policy, stored=plan.stored, order=plan.names,
+                      on_result=save if scores_dir is not None else None)
+    return result, plan, scores_dir
+
+
 def run(args: argparse.Namespace) -> int:
     """The MMEB branch of ``llave-ds eval`` (`llave_ds.eval.cli` parses the arguments)."""
-    from llave_ds.model.embedder import LlaveEmbedder
-
     args.tie_policy = args.tie_policy or "first"
-
-    if distributed.detect_env().world_size > 1:
-        distributed.init_distributed(timeout_s=1800)
-    logging.basicConfig(level=logging.INFO if distributed.detect_env().rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
     try:
-        scores_dir = scores_dir_for(args)
-        # Decided on rank 0 from the score files, before any other collective, and shared.
-        plan: EvalPlan = rank0_then_shared(lambda: plan_run(args, scores_dir))
-        subsets = load_on_every_rank(lambda: load_eval_subsets(
-            args.data, plan.to_evaluate, split=args.split, image_root=args.image_root, max_rows=args.max_rows,
-            strict_empty=args.strict_empty) if plan.to_evaluate else {})
-        embedder = None
-        if subsets:
-            overrides = {"max_length": args.max_length} if args.max_length else {}
-            embedder = LlaveEmbedder.from_pretrained(args.model, **overrides)
-
-        def save(name: str, record: dict) -> None:
-            path = write_score_file(score_file(scores_dir, name), name, record, plan.fingerprints[name])
-            logger.info("%s: wrote %s", name, path)
-
-        result = evaluate(embedder, subsets, batch_size=args.batch_size, progress=not args.no_progress,
-                          num_workers=args.num_workers,
-                          tie_policy=args.tie_policy, stored=plan.stored, order=plan.names,
-                          on_result=save if scores_dir is not None else None)
+        with eval_process_group():
+            result, plan, scores_dir = _evaluate_planned(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"llave-ds eval: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if distributed.detect_env().world_size > 1:
-            distributed.shutdown_distributed()
     if distributed.detect_env().rank != 0:
         return 0
     summary = result["summary"]

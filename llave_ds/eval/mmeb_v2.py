@@ -127,6 +127,21 @@ def write_task_results(out_dir: Path, task: V2Task, records: Sequence[dict], *,
     return scores
 
 
+def parquet_rows(task: str, files: Sequence[Path], needed: Sequence[str], error=ValueError):
+    """``(file, row index, row)`` of a task's downloaded parquet files, each file checked for the
+    ``needed`` columns first (``error``, naming the task, file and the columns it has)."""
+    import pyarrow.parquet as pq
+
+    for f in files:
+        table = pq.read_table(f)
+        missing = [c for c in needed if c and c not in table.column_names]
+        if missing:
+            raise error(f"MMEB-V2 task {task}: {f} has no column {', '.join(missing)} "
+                        f"(columns: {', '.join(table.column_names)})")
+        for i, row in enumerate(table.to_pylist()):
+            yield f, i, row
+
+
 def read_pred_file(path: Path) -> List[dict]:
     """The records of a ``<task>_pred.jsonl`` (ours or the official code's); a bad line is a
     ValueError naming the file, the line and the missing field."""

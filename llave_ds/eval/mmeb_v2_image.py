@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from llave_ds.eval.mmeb_v2 import parquet_rows
 from llave_ds.eval.mmeb_v2_tasks import TASKS, V2Task
 from llave_ds.media.image import load_image
 from llave_ds.media.side import Side
@@ -127,31 +128,23 @@ class ImageTask:
 
 
 def load_image_task(root: Path, task: str, image_root: Optional[str] = None) -> ImageTask:
-    import pyarrow.parquet as pq
-
     v2, parser = TASKS[task], PARSERS[task]
     directory = task_dir(root, task)
     files = sorted(directory.glob("test-*.parquet")) or sorted(directory.glob("*.parquet"))
     image_root = str(image_root or Path(root) / "image-tasks")
     queries, infos, pool = [], [], {}
-    for f in files:
-        table = pq.read_table(f)
-        missing = [c for c in COLUMNS if c not in table.column_names]
-        if missing:
-            raise ImageTaskError(f"MMEB-V2 task {task}: {f} has no column {', '.join(missing)} "
-                                 f"(columns: {', '.join(table.column_names)})")
-        for i, row in enumerate(table.to_pylist()):
-            cands = candidates(parser, row)
-            if not cands:
-                raise ImageTaskError(f"MMEB-V2 task {task}: {f} row {i}: no candidates (tgt_text / tgt_img_path)")
-            text, has_image = query_text(parser, task, row)
-            if has_image and not row["qry_img_path"]:
-                raise ImageTaskError(f"MMEB-V2 task {task}: {f} row {i}: qry_img_path is empty")
-            queries.append((text, row["qry_img_path"] if has_image else None))
-            names = [name for name, _, _ in cands]
-            infos.append({"cand_names": names, "label_name": names[0]})
-            for name, shown, path in cands:
-                pool.setdefault(name, (shown, path))
+    for f, i, row in parquet_rows(task, files, COLUMNS, ImageTaskError):
+        cands = candidates(parser, row)
+        if not cands:
+            raise ImageTaskError(f"MMEB-V2 task {task}: {f} row {i}: no candidates (tgt_text / tgt_img_path)")
+        text, has_image = query_text(parser, task, row)
+        if has_image and not row["qry_img_path"]:
+            raise ImageTaskError(f"MMEB-V2 task {task}: {f} row {i}: qry_img_path is empty")
+        queries.append((text, row["qry_img_path"] if has_image else None))
+        names = [name for name, _, _ in cands]
+        infos.append({"cand_names": names, "label_name": names[0]})
+        for name, shown, path in cands:
+            pool.setdefault(name, (shown, path))
     return ImageTask(v2, queries, infos, list(pool), list(pool.values()), image_root, f"{HUB} ({directory})")
 
 

@@ -27,7 +27,8 @@ from typing import Any, Dict, List, Optional
 
 from llave_ds.core import distributed
 from llave_ds.eval import mmeb_v2_image, mmeb_v2_video, mmeb_v2_visdoc
-from llave_ds.eval.encoding import embed_dataset, load_on_every_rank, rank0_then_shared
+from llave_ds.eval.encoding import (embed_dataset, eval_process_group, load_embedder, load_on_every_rank,
+                                    rank0_then_shared)
 from llave_ds.eval.mmeb_v2 import (markdown_table, prediction_records, read_score_dir, rescore_task, score_file,
                                    summarize, write_report, write_task_results)
 from llave_ds.eval.mmeb_v2_tasks import MODALITIES, TASKS, V2Task, tasks_of
@@ -81,14 +82,11 @@ def plan_tasks(args: argparse.Namespace, tasks: List[V2Task], scores_dir: Path) 
 
 
 def _encode_tasks(args: argparse.Namespace, plan: Dict[str, Any], scores_dir: Path) -> None:
-    from llave_ds.model.embedder import LlaveEmbedder
-
     loaded = load_on_every_rank(lambda: [reader(TASKS[name])[1](Path(args.data), name, args.image_root)
                                          for name in plan["encode"]])
     if not loaded:
         return
-    overrides = {"max_length": args.max_length} if args.max_length else {}
-    embedder = LlaveEmbedder.from_pretrained(args.model, **overrides)
+    embedder = load_embedder(args.model, args.max_length)
     progress = not args.no_progress
     for vt in loaded:
         name = vt.task.name
@@ -164,21 +162,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _encode(args: argparse.Namespace, tasks: List[V2Task], scores_dir: Path) -> Optional[int]:
-    if distributed.detect_env().world_size > 1:
-        distributed.init_distributed(timeout_s=1800)
-    logging.basicConfig(level=logging.INFO if distributed.detect_env().rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
     try:
-        if distributed.rank() == 0:
-            scores_dir.mkdir(parents=True, exist_ok=True)
-        plan = rank0_then_shared(lambda: plan_tasks(args, tasks, scores_dir))
-        if plan["absent"]:
-            logger.info("not in %s (skipped): %s", args.data, ", ".join(plan["absent"]))
-        _encode_tasks(args, plan, scores_dir)
+        with eval_process_group():
+            if distributed.rank() == 0:
+                scores_dir.mkdir(parents=True, exist_ok=True)
+            plan = rank0_then_shared(lambda: plan_tasks(args, tasks, scores_dir))
+            if plan["absent"]:
+                logger.info("not in %s (skipped): %s", args.data, ", ".join(plan["absent"]))
+            _encode_tasks(args, plan, scores_dir)
     except (ValueError, FileNotFoundError) as exc:
         print(f"llave-ds eval: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if distributed.detect_env().world_size > 1:
-            distributed.shutdown_distributed()
     return None

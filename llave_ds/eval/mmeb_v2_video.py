@@ -57,6 +57,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from llave_ds.eval.mmeb_v2 import parquet_rows
 from llave_ds.eval.mmeb_v2_tasks import TASKS, V2Task
 from llave_ds.media.image import load_image
 from llave_ds.media.side import Side
@@ -246,16 +247,7 @@ class VideoTask:
 
 
 def _rows(task: str, directory: Path, split: str, needed: Sequence[str]):
-    import pyarrow.parquet as pq
-
-    for f in sorted(directory.glob(f"{split}-*.parquet")):
-        table = pq.read_table(f)
-        missing = [c for c in needed if c and c not in table.column_names]
-        if missing:
-            raise VideoTaskError(f"MMEB-V2 task {task}: {f} has no column {', '.join(missing)} "
-                                 f"(columns: {', '.join(table.column_names)})")
-        for i, row in enumerate(table.to_pylist()):
-            yield f, i, row
+    return parquet_rows(task, sorted(directory.glob(f"{split}-*.parquet")), needed, VideoTaskError)
 
 
 def load_video_task(root: Path, task: str, image_root: Optional[str] = None) -> VideoTask:

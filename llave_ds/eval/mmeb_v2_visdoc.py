@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from llave_ds.eval.mmeb_v2 import parquet_rows
 from llave_ds.eval.mmeb_v2_tasks import TASKS, V2Task
 from llave_ds.media.side import Side
 
@@ -88,22 +89,12 @@ def task_dir(root: Path, task: str) -> Path:
 
 
 def _read_config(directory: Path, config: str, split: str, task: str) -> List[Dict[str, Any]]:
-    import pyarrow.parquet as pq
-
     folder = directory / config
     files = sorted(folder.glob(f"{split}-*.parquet")) or sorted(folder.glob("*.parquet"))
     if not files:
         raise VisdocDataError(f"MMEB-V2 task {task}: no {config} parquet files in {folder} (expected "
                               f"{split}-00000-of-0000N.parquet)")
-    rows: List[Dict[str, Any]] = []
-    for f in files:
-        table = pq.read_table(f)
-        missing = [c for c in CONFIG_COLUMNS[config] if c not in table.column_names]
-        if missing:
-            raise VisdocDataError(f"MMEB-V2 task {task}: {f} has no column {', '.join(missing)} "
-                                  f"(columns: {', '.join(table.column_names)})")
-        rows.extend(table.to_pylist())
-    return rows
+    return [row for _, _, row in parquet_rows(task, files, CONFIG_COLUMNS[config], VisdocDataError)]
 
 
 @dataclass

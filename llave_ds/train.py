@@ -351,6 +351,11 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
     eng.attach_deepspeed_comm()
     model, processor = load_embedding_model(
         cfg.model, deepspeed_config=build_time_ds_config(ds_config, cfg.deepspeed.param_persistence))
+    # Matryoshka sizes against the model's width, before any step (the same on every rank)
+    try:
+        cfg.objective.matryoshka(model.hidden_size)
+    except ValueError as exc:
+        raise ValueError(f"objective: {exc} (model {cfg.model.path})") from None
     # -- memory plan: "auto" checkpointing / persistence from the memory model (same on all ranks:
     # a function of the config, the model and the device kind only) -------------------------
     negatives = cfg.data.num_hard_negatives if cfg.data.use_hard_negatives else 0

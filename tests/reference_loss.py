@@ -45,3 +45,26 @@ def reference_loss(q, t, tau, alpha, symmetric, hard=None, delta=None):
     n = q.shape[0]
     return reference_loss_sum(q, t, range(n), tau, alpha, symmetric, hard, delta) / (
         n * (2 if symmetric else 1))
+
+
+def prefix_normalised(x, size):
+    """The first ``size`` coordinates of each row over their Euclidean length (written out)."""
+    head = x[..., :size]
+    return head / torch.sqrt((head * head).sum(dim=-1, keepdim=True))
+
+
+def reference_matryoshka_loss_sum(q, t, rows, tau, alpha, symmetric, sizes, hard=None, delta=None):
+    """sum_d w_d * reference_loss_sum on each size's re-normalised prefix; ``sizes`` is
+    [(size, weight)]."""
+    total = 0.0
+    for size, weight in sizes:
+        total = total + weight * reference_loss_sum(
+            prefix_normalised(q, size), prefix_normalised(t, size), rows, tau, alpha, symmetric,
+            None if hard is None else prefix_normalised(hard, size), delta)
+    return total
+
+
+def reference_matryoshka_loss(q, t, tau, alpha, symmetric, sizes, hard=None, delta=None):
+    n = q.shape[0]
+    return reference_matryoshka_loss_sum(q, t, range(n), tau, alpha, symmetric, sizes, hard, delta) / (
+        n * (2 if symmetric else 1))

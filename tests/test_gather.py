@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from llave_ds.core.gather import GatherMode, RankMismatchError, all_gather_rows
 from llave_ds.core.objective import hardness_weighted_loss
 from tests.distributed_harness import run_distributed
-from tests.reference_loss import reference_loss, reference_loss_sum
+from tests.reference_loss import (prefix_normalised, reference_loss, reference_loss_sum, reference_matryoshka_loss,
+                                  reference_matryoshka_loss_sum)
 
 D = 8
 # name, per-rank sizes (W = len), symmetric, hard negatives K, delta, mode
@@ -130,6 +131,64 @@ def test_stop_grad_differs_from_exact():
         exact, stop = out.value
         torch.testing.assert_close(exact["loss"], stop["loss"])
         assert (exact["gt"] - stop["gt"]).abs().max() > 1e-6
+
+
+MATRYOSHKA = [(2, 0.5), (5, 1.0), (D, 1.0)]
+MATRYOSHKA_SCENARIOS = [   # name, per-rank sizes, symmetric, K, delta, mode
+    ("m_sym_exact_hard_fn", (4, 3), True, 2, 0.9, "exact"),
+    ("m_qt_stopgrad", (3, 3), False, 1, None, "stop_grad"),
+]
+
+
+def _run_matryoshka(rank, world):
+    results = {}
+    for i, (name, sizes, symmetric, k, delta, mode) in enumerate(MATRYOSHKA_SCENARIOS):
+        q, t, hard = global_batch(sizes, k, delta, seed=300 + i)
+        lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        leaves = [x[lo:hi].clone().requires_grad_(True) for x in (q, t)]
+        hl = hard[lo:hi].clone().requires_grad_(True) if k else None
+        out = hardness_weighted_loss(*leaves, temperature=TAU, alpha=ALPHA, symmetric=symmetric, hard_negatives=hl,
+                                     false_negative_threshold=delta, gather_mode=mode, matryoshka=MATRYOSHKA)
+        out.loss.backward()
+        results[name] = dict(loss=out.loss.detach(), grads=[x.grad for x in leaves] + ([hl.grad] if k else []),
+                             stats=out.stats())
+    return results
+
+
+def test_matryoshka_two_ranks_equal_one_big_rank():
+    """Matryoshka sizes over 2 gloo ranks (gathered once, at full width): loss, per-size losses
+    and every gradient equal the naive reference on the global batch. The reference also
+    re-normalises the full width, which removes the radial part of that term's gradient; the
+    embedder's normalisation removes it downstream of ours, so ours is compared projected."""
+    outcomes = run_distributed(_run_matryoshka, 2, timeout_s=120)
+    for i, (name, sizes, symmetric, k, delta, mode) in enumerate(MATRYOSHKA_SCENARIOS):
+        q, t, hard = global_batch(sizes, k, delta, seed=300 + i)
+        n, dirs = sum(sizes), 2 if symmetric else 1
+        for rank, out in enumerate(outcomes):
+            got = out.value[name]
+            lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+            leaves = [x.clone().requires_grad_(True) for x in (q, t)] + ([hard.clone().requires_grad_(True)] if k else [])
+            if mode == "exact":
+                ref = reference_matryoshka_loss(leaves[0], leaves[1], TAU, ALPHA, symmetric, MATRYOSHKA,
+                                                leaves[2] if k else None, delta)
+            else:
+                def mixed(x):
+                    return torch.cat([x[:lo].detach(), x[lo:hi], x[hi:].detach()])
+                ref = reference_matryoshka_loss_sum(mixed(leaves[0]), mixed(leaves[1]), range(lo, hi), TAU, ALPHA,
+                                                    symmetric, MATRYOSHKA, mixed(leaves[2]) if k else None,
+                                                    delta) / (n * dirs)
+            ref.backward()
+            want_loss = reference_matryoshka_loss(q, t, TAU, ALPHA, symmetric, MATRYOSHKA, hard, delta)
+            torch.testing.assert_close(got["loss"], want_loss, rtol=1e-10, atol=1e-10, msg=f"{name} rank {rank}")
+            for g, leaf in zip(got["grads"], leaves):
+                x = leaf.detach()[lo:hi]
+                radial_free = g - (g * x).sum(-1, keepdim=True) * x        # the normalisation's projection
+                torch.testing.assert_close(radial_free, leaf.grad[lo:hi], rtol=1e-8, atol=1e-12,
+                                           msg=f"{name} rank {rank}: gradients")
+            for size, _ in MATRYOSHKA:
+                one = reference_matryoshka_loss(q, t, TAU, ALPHA, symmetric, [(size, 1.0)], hard, delta)
+                assert abs(got["stats"][f"loss_d{size}"] - float(one)) < 1e-5 * float(one), (name, size)
+    assert prefix_normalised(q, D).sub(q).abs().max() < 1e-12   # the rows are unit vectors
 
 
 def _run_same_data_two_modes(rank, world):

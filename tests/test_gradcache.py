@@ -17,10 +17,11 @@ import torch
 from llave_ds.core.gradcache import ROW_INDEX, GradCacheConfig, GradCacheError, TorchStepBackend, gradcache_step
 from llave_ds.core.objective import ObjectiveConfig
 from tests.distributed_harness import run_distributed
-from tests.reference_loss import reference_loss, reference_loss_sum
+from tests.reference_loss import reference_loss, reference_loss_sum, reference_matryoshka_loss
 from tests.toy_models import D_IN, ToyEncoder
 
 STEPS, LR, TAU, ALPHA = 3, 1e-2, 0.1, 4.0
+MATRYOSHKA_DIMS, MATRYOSHKA_WEIGHTS = (2, 4, "full"), [0.5, 1.0, 1.0]
 TOL = 1e-5
 
 
@@ -41,6 +42,7 @@ class Scenario:
     # Rows shuffled into chunks of uneven sizes, each carrying its ROW_INDEX (what token-budget
     # chunking does); needs dropout 0 (the masks depend on a chunk's rows).
     shuffled: bool = False
+    matryoshka: tuple = ()  # ObjectiveConfig.matryoshka_dims; () = off
 
 
 def step_inputs(step: int, n: int, k: int):
@@ -78,7 +80,9 @@ def rank_chunks(sc: Scenario, step: int, rank: int):
 
 
 def objective_of(sc: Scenario) -> ObjectiveConfig:
-    return ObjectiveConfig(temperature=TAU, alpha=ALPHA, symmetric=sc.symmetric, gather_mode=sc.mode)
+    return ObjectiveConfig(temperature=TAU, alpha=ALPHA, symmetric=sc.symmetric, gather_mode=sc.mode,
+                           matryoshka_dims=list(sc.matryoshka) or None, matryoshka_weights=MATRYOSHKA_WEIGHTS
+                           if sc.matryoshka else None)
 
 
 def ds_config(stage: int) -> dict:
@@ -138,7 +142,11 @@ def reference_training(sc: Scenario, world: int):
                 parts[key] += [model(**c) for c in chunks]
         q, t = torch.cat(parts["q"]).double(), torch.cat(parts["t"]).double()
         hard = torch.cat(parts["n"]).double().view(n, k, -1) if k else None
-        if sc.mode == "exact":
+        if sc.matryoshka:  # exact mode only: each size's prefix of the model's unit vectors
+            assert sc.mode == "exact"
+            sizes = [(q.shape[1] if d == "full" else d, w) for d, w in zip(sc.matryoshka, MATRYOSHKA_WEIGHTS)]
+            loss = reference_matryoshka_loss(q, t, TAU, ALPHA, sc.symmetric, sizes, hard)
+        elif sc.mode == "exact":
             loss = reference_loss(q, t, TAU, ALPHA, sc.symmetric, hard)
         else:  # stop_grad: each rank's rows, every other rank's embeddings constant
             loss = 0.0
@@ -153,7 +161,8 @@ def reference_training(sc: Scenario, world: int):
         loss.backward()
         norms.append(float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm()))
         opt.step()
-        losses.append(float(reference_loss(q.detach(), t.detach(), TAU, ALPHA, sc.symmetric,
+        losses.append(float(loss.detach()) if sc.matryoshka else
+                      float(reference_loss(q.detach(), t.detach(), TAU, ALPHA, sc.symmetric,
                                            hard.detach() if k else None)))
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
     return params, losses, norms
@@ -197,6 +206,19 @@ def test_gradcache_under_zero_equals_plain_torch_global_batch(stage):
     errors = run_and_compare(scenarios)
     bad = {k: v for k, v in errors.items() if not v <= TOL}
     assert not bad, f"max |param/loss error| above {TOL}: {bad}"
+
+
+def test_matryoshka_gradcache_under_zero_equals_plain_torch():
+    """Matryoshka sizes on (only the loss changes: the two passes are the same): ZeRO-2 and
+    ZeRO-3, uneven ranks and chunks, hard negatives, against plain torch on the global batch."""
+    scenarios = [
+        Scenario("z2_matryoshka", stage=2, sizes=(5, 3), query_chunk=2, target_chunk=3, dropout=0.0,
+                 matryoshka=MATRYOSHKA_DIMS),
+        Scenario("z3_matryoshka_qt", stage=3, query_chunk=1, target_chunk=2, symmetric=False, negatives=2,
+                 matryoshka=MATRYOSHKA_DIMS),
+    ]
+    errors = run_and_compare(scenarios)
+    assert max(errors.values()) <= TOL, errors
 
 
 def test_uneven_ranks_and_chunk_counts_are_padded_and_exact():

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llave_ds.core.objective import ObjectiveConfig, hardness_weighted_loss, weighted_logits
-from tests.reference_loss import reference_loss
+from llave_ds.core.objective import ObjectiveConfig, _direction, hardness_weighted_loss, weighted_logits
+from tests.reference_loss import reference_loss, reference_matryoshka_loss
 
 
 def unit(*shape, seed=0, dtype=torch.float64):
@@ -148,3 +148,110 @@ def test_config_validation(field, value, msg):
     cfg = ObjectiveConfig(**{field: value})
     with pytest.raises(ValueError, match=msg):
         cfg.validate()
+
+
+# --------------------------------------------------------------------------- Matryoshka
+
+MATRYOSHKA_CASES = [
+    # sizes [(size, weight)], tau, alpha, symmetric, hard negatives K, false-negative delta
+    ([(4, 1.0), (8, 1.0), (16, 1.0)], 0.02, 9.0, True, 0, None),
+    ([(2, 0.5), (6, 2.0), (16, 1.0)], 0.05, 4.0, False, 2, None),
+    ([(3, 1.0), (16, 0.25)], 0.1, 6.0, True, 1, 0.8),
+    ([(5, 1.0), (9, 1.0)], 0.07, 0.0, False, 3, 0.8),  # no full size; InfoNCE
+]
+
+
+@pytest.mark.parametrize("sizes,tau,alpha,symmetric,k,delta", MATRYOSHKA_CASES)
+def test_matryoshka_matches_float64_reference(sizes, tau, alpha, symmetric, k, delta):
+    """Every size's own re-normalised prefix, its own hardness weights and filter, weighted
+    and summed: loss, gradients and the per-size losses against the naive reference. The
+    leaves are raw (unnormalised) embeddings, as a model produces them: ours are normalised
+    by F.normalize (as the embedder does) then truncated; the reference normalises each
+    prefix of the raw rows by hand."""
+    b, d = 6, 16
+    g = torch.Generator().manual_seed(11)
+    q, t = 3 * torch.randn(b, d, generator=g, dtype=torch.float64), torch.randn(b, d, generator=g, dtype=torch.float64)
+    hard = torch.randn(b, k, d, generator=g, dtype=torch.float64) if k else None
+    if delta is not None:  # near-copies: false negatives at every size
+        t[4] = t[1] + 0.02 * t[4]
+        hard[2, 0] = 2 * t[2] + 0.02 * hard[2, 0]
+    args = [leaf(q), leaf(t)] + ([leaf(hard)] if k else [])
+    out = hardness_weighted_loss(F.normalize(args[0], dim=-1), F.normalize(args[1], dim=-1), temperature=tau,
+                                 alpha=alpha, symmetric=symmetric,
+                                 hard_negatives=F.normalize(args[2], dim=-1) if k else None,
+                                 false_negative_threshold=delta, matryoshka=sizes)
+    out.loss.backward()
+    ref_args = [leaf(q), leaf(t)] + ([leaf(hard)] if k else [])
+    ref = reference_matryoshka_loss(ref_args[0], ref_args[1], tau, alpha, symmetric, sizes,
+                                    ref_args[2] if k else None, delta)
+    ref.backward()
+    torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=1e-10)
+    for got, want in zip(args, ref_args):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-12)
+    for size, _ in sizes:
+        one = reference_matryoshka_loss(q, t, tau, alpha, symmetric, [(size, 1.0)], hard, delta)
+        assert math.isclose(out.stats()[f"loss_d{size}"], float(one), rel_tol=1e-6)
+
+
+def test_matryoshka_off_is_the_plain_loss_bit_for_bit():
+    """Off (the default), the loss is the two directions' sums over the global row count, as
+    before Matryoshka existed; the full width alone with weight 1 is the same bits."""
+    q, t, hard = unit(6, 16, seed=14, dtype=torch.float32), unit(6, 16, seed=15, dtype=torch.float32), \
+        unit(6, 2, 16, seed=16, dtype=torch.float32)
+    runs = []
+    for sizes in (None, [(16, 1.0)]):
+        a, b, h = leaf(q), leaf(t), leaf(hard)
+        out = hardness_weighted_loss(a, b, hard_negatives=h, false_negative_threshold=0.9, matryoshka=sizes)
+        out.loss.backward()
+        runs.append((out.loss.detach(), a.grad, b.grad, h.grad, out.stats()))
+    a, b, h = leaf(q), leaf(t), leaf(hard)
+    rows = torch.arange(6)
+    plain = (_direction(a, b, rows, h, 0.02, 9.0, 0.9)[0] + _direction(b, a, rows, None, 0.02, 9.0, 0.9)[0]) / 12
+    plain.backward()
+    for got in runs:
+        for x, y in zip(got[:4], (plain.detach(), a.grad, b.grad, h.grad)):
+            assert torch.equal(x, y)
+    assert "loss_d16" not in runs[0][4] and runs[1][4]["loss_d16"] == pytest.approx(runs[1][4]["loss"])
+
+
+def test_matryoshka_weights_select_sizes_and_stats_are_the_largest_size():
+    q, t = unit(6, 16, seed=17), unit(6, 16, seed=18)
+    small = hardness_weighted_loss(F.normalize(q[:, :4], dim=-1), F.normalize(t[:, :4], dim=-1))
+    only_small = hardness_weighted_loss(q, t, matryoshka=[(4, 1.0), (16, 0.0)])
+    torch.testing.assert_close(only_small.loss, small.loss, rtol=1e-12, atol=1e-12)
+    full = hardness_weighted_loss(q, t)
+    both = hardness_weighted_loss(q, t, matryoshka=[(4, 1.0), (16, 1.0)])
+    torch.testing.assert_close(both.loss, small.loss + full.loss, rtol=1e-12, atol=1e-12)
+    for name in ("positive_similarity", "hardest_negative_similarity", "accuracy"):
+        torch.testing.assert_close(getattr(only_small, name), getattr(full, name))
+
+
+@pytest.mark.parametrize("dims,weights,msg", [
+    ([64, 32], None, "must increase"),
+    (["full", 64], None, r"matryoshka_dims\[0\] must be a positive integer or 'full' \(last only\)"),
+    ([0, 64], None, r"matryoshka_dims\[0\]"),
+    ([], None, "non-empty list"),
+    ([64, "x"], None, r"matryoshka_dims\[1\]"),
+    ([64, 128], [1.0], "one weight per size"),
+    ([64, 128], [0.0, 0.0], "not all 0"),
+    ([64, 128], [1.0, -1.0], ">= 0"),
+    (None, [1.0], "matryoshka_dims is not"),
+])
+def test_matryoshka_config_validation(dims, weights, msg):
+    cfg = ObjectiveConfig(matryoshka_dims=dims, matryoshka_weights=weights)
+    with pytest.raises(ValueError, match=msg):
+        cfg.validate()
+
+
+def test_matryoshka_config_resolves_against_the_width():
+    cfg = ObjectiveConfig(matryoshka_dims=["64", "128", "full"], matryoshka_weights=[1, 2, 1])
+    cfg.validate()                       # a comma-list override's strings are sizes
+    assert cfg.matryoshka_dims == [64, 128, "full"]
+    assert cfg.matryoshka(256) == [(64, 1.0), (128, 2.0), (256, 1.0)]
+    assert ObjectiveConfig().matryoshka(256) is None
+    with pytest.raises(ValueError, match="at most 100"):
+        cfg.matryoshka(100)
+    with pytest.raises(ValueError, match="appear once"):
+        cfg.matryoshka(128)              # "full" would repeat 128
+    with pytest.raises(ValueError, match="do not fit embeddings of width 16"):
+        hardness_weighted_loss(unit(3, 16), unit(3, 16), matryoshka=[(32, 1.0)])

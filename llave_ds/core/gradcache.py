@@ -258,7 +258,8 @@ def gradcache_step(backend: StepBackend, query_chunks: Sequence[Chunk],
         query, target, temperature=objective.temperature, alpha=objective.alpha,
         symmetric=objective.symmetric, hard_negatives=hard,
         false_negative_threshold=objective.false_negative_threshold,
-        gather_mode=objective.gather_mode if is_distributed() else None)
+        gather_mode=objective.gather_mode if is_distributed() else None,
+        matryoshka=objective.matryoshka(query.shape[1]))
     # The objective's loss is this rank's share of the global mean, so these gradients
     # are exactly the global-batch loss's gradients w.r.t. this rank's embeddings.
     output.loss.backward()

@@ -79,6 +79,29 @@ def test_a_perfect_embedder_scores_one_and_a_collapsed_one_zero(split_file):
     assert np.isclose(collapsed["similarity"]["std"], 0.0)
 
 
+def test_dims_score_each_prefix_from_the_same_embeddings(split_file, capsys):
+    """``dims=[2, "full"]``: the full size is the plain result; size 2 is the metrics of the
+    first two coordinates re-normalised by hand (video c's one-hot has no mass there: it
+    scores 0 against every caption and ranks last, strict ties)."""
+    from llave_ds.eval.retrieval_metrics import retrieval_metrics
+
+    split = load_retrieval_split(str(split_file))
+    result = evaluate_video_retrieval(StandIn(split.videos), split, progress=False, dims=[2, "full"])
+    assert list(result["by_dim"]) == ["2", "3"]
+    assert result["by_dim"]["3"]["t2v"] == result["t2v"] and result["by_dim"]["3"]["v2t"] == result["v2t"]
+    stand_in = StandIn(split.videos)
+    t = stand_in.encode_sides([type("S", (), {"text": c})() for c in split.captions], "query")[:, :2].numpy()
+    v = np.eye(3)[:, :2]
+    norm = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    want = retrieval_metrics(norm(t) @ norm(v).T, split.caption_to_video)
+    assert result["by_dim"]["2"]["t2v"] == want["t2v"] and result["by_dim"]["2"]["v2t"] == want["v2t"]
+    assert result["by_dim"]["2"]["t2v"]["R@1"] == pytest.approx(3 / 4)    # 'clip c' is lost at size 2
+    with pytest.raises(ValueError, match="at most 3"):
+        evaluate_video_retrieval(StandIn(split.videos), split, progress=False, dims=[4])
+    assert eval_main(["--benchmark", "mmeb-v2", "--scores-dir", "x", "--dims", "64,full"]) == 2
+    assert "--dims is not built for --benchmark mmeb-v2" in capsys.readouterr().err
+
+
 def test_cli_names_the_bad_split_file(tmp_path, capsys):
     missing = tmp_path / "nope.jsonl"
     code = eval_main(["--task", "video-retrieval", "--model", str(tmp_path), "--data", str(missing)])

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from llave_ds.core.objective import check_matryoshka
 from llave_ds.eval import mmeb, mmeb_v2_run, video_retrieval
 from llave_ds.training.run_dir import RunDir
 
@@ -29,6 +30,14 @@ def resolve_model_dir(path: str) -> str:
         return str(run.export_dir)
     raise ValueError(f"--model {path} is a training run directory without an export ({run.export_dir} has no "
                      f"config.json): export it first with `llave-ds export {path} --out DIR` and evaluate DIR")
+
+
+def _dims(text: str) -> list:
+    """``--dims 64,256,full`` -> [64, 256, "full"] (the rule: `check_matryoshka`)."""
+    try:
+        return check_matryoshka([part.strip() for part in text.split(",")], name="--dims")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "ones instead of encoding again (default: <out dir>/<out stem>_subsets with --out)")
     parser.add_argument("--rescore", action="store_true",
                         help="evaluate every subset again even when its score file matches")
+    parser.add_argument("--dims", type=_dims,
+                        help="Matryoshka sizes, e.g. 64,256,full: also score each prefix of the embedding "
+                             "(re-normalised) from the same encoding: P@1 per size (mmeb) or the retrieval metrics "
+                             "per size (video-retrieval)")
     parser.add_argument("--analysis-dir", help="also write the similarity histogram PNG and gap table here")
     parser.add_argument("--no-progress", action="store_true")
     video_retrieval.add_arguments(parser)
@@ -84,6 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.task == "mmeb-v2":
+        if getattr(args, "dims", None):
+            print("llave-ds eval: --dims is not built for --benchmark mmeb-v2 yet (it scores --task mmeb and "
+                  "video-retrieval)", file=sys.stderr)
+            return 2
         if args.model:
             try:
                 args.model = resolve_model_dir(args.model)

@@ -23,12 +23,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from llave_ds.core import distributed
+from llave_ds.core.objective import matryoshka_sizes, truncate
 from llave_ds.data.mmeb_files import is_local_source
 from llave_ds.eval.encoding import (embed_dataset, eval_process_group, load_embedder, load_on_every_rank,
                                     rank0_then_shared)
@@ -80,13 +81,20 @@ def embed_items(embedder, subset: EvalSubset, items, *, batch_size: int, progres
 
 
 def evaluate_subset(embedder, subset: EvalSubset, *, batch_size: int = 16, progress: bool = True,
-                    tie_policy: str = "first", num_workers: int = 2) -> dict:
+                    tie_policy: str = "first", num_workers: int = 2, sizes: Optional[Sequence[int]] = None) -> dict:
     """Encode and score one subset. Besides the score matrices (``scores``,
-    ``candidate_index``) returns ``record``: the JSON-able result a score file holds."""
+    ``candidate_index``) returns ``record``: the JSON-able result a score file holds.
+    ``sizes``: Matryoshka sizes also scored, from the same encoding (each size's prefix of
+    the embeddings, re-normalised): ``record["p_at_1_by_dim"]``."""
     items, query_index, candidate_index = unique_items(subset.rows)
     emb = embed_items(embedder, subset, items, batch_size=batch_size, progress=progress, num_workers=num_workers)
     scores = candidate_scores(emb.numpy(), query_index, candidate_index)
     hits = precision_at_1(scores, tie_policy=tie_policy, candidate_ids=candidate_index)
+    by_dim = {}
+    for size in sizes or ():
+        hits_d = precision_at_1(candidate_scores(truncate(emb, size).numpy(), query_index, candidate_index),
+                                tie_policy=tie_policy, candidate_ids=candidate_index)
+        by_dim[str(size)] = float(np.mean(hits_d)) if len(hits_d) else float("nan")
     gap = similarity_gap_stats(scores, candidate_ids=candidate_index)
     pos, neg, _ = positive_and_hardest_negative(scores, candidate_ids=candidate_index)
     record = {
@@ -96,15 +104,22 @@ def evaluate_subset(embedder, subset: EvalSubset, *, batch_size: int = 16, progr
         "per_query": {"hit": [bool(h) for h in hits], "pos": [float(v) for v in pos],
                       "hardest_neg": [float(v) if np.isfinite(v) else None for v in neg]},
     }
+    if sizes:
+        record["p_at_1_by_dim"] = by_dim
     return {**record, "gap": gap, "scores": scores, "candidate_index": candidate_index, "record": record}
 
 
 def evaluate(embedder, subsets: Mapping[str, EvalSubset], *, batch_size: int = 16, progress: bool = True,
              tie_policy: str = "first", stored: Optional[Mapping[str, Mapping[str, Any]]] = None,
              on_result: Optional[Callable[[str, dict], None]] = None,
-             order: Optional[Sequence[str]] = None, num_workers: int = 2) -> dict:
+             order: Optional[Sequence[str]] = None, num_workers: int = 2,
+             dims: Optional[Sequence[Union[int, str]]] = None) -> dict:
     """P@1 per subset and the MMEB aggregates; also returns per-subset gap statistics.
 
+    dims: Matryoshka sizes (``[64, 256, "full"]``, resolved against the embedder's width):
+        every subset is also scored at each size from the same encoding, and
+        ``summary["by_dim"]`` holds the aggregates per size (stored records must have them:
+        the CLI's score-file fingerprint includes the sizes).
     stored: results already known (name -> score-file record, see `read_score_file`): reported
         without encoding anything. embedder may be None when ``subsets`` is empty.
     on_result: called on rank 0 with ``(name, record)`` as soon as a subset is scored (the
@@ -119,9 +134,10 @@ def evaluate(embedder, subsets: Mapping[str, EvalSubset], *, batch_size: int = 1
     if overlap:
         raise ValueError(f"subset(s) {overlap} are both stored and to be evaluated")
     details: dict[str, dict] = {name: {**rec, "from_file": True} for name, rec in stored.items()}
+    sizes = [d for d, _ in matryoshka_sizes(dims, None, embedder.dim)] if dims and subsets else None
     for name, subset in subsets.items():
         res = evaluate_subset(embedder, subset, batch_size=batch_size, progress=progress, tie_policy=tie_policy,
-                              num_workers=num_workers)
+                              num_workers=num_workers, sizes=sizes)
         details[name] = {**res, "from_file": False}
         if distributed.rank() == 0:
             empty = res["empty_sides"]
@@ -141,7 +157,31 @@ def evaluate(embedder, subsets: Mapping[str, EvalSubset], *, batch_size: int = 1
     summary["num_embedded"] = {name: d["num_embedded"] for name, d in details.items()}
     summary["empty_sides"] = {name: d["empty_sides"] for name, d in details.items()}
     summary["already_scored"] = [name for name, d in details.items() if d["from_file"]]
+    if dims and details:
+        keys = list(next(iter(details.values()))["p_at_1_by_dim"])
+        summary["by_dim"] = {k: aggregate({name: d["p_at_1_by_dim"][k] for name, d in details.items()},
+                                          unknown="separate") for k in keys}
     return {"summary": summary, "details": details}
+
+
+def by_dim_table(summary: Mapping[str, Any], digits: int = 1) -> str:
+    """Markdown: P@1 x100 per Matryoshka size (columns) for the overall score, each category
+    with subsets, and each subset (rows; subsets without a category last, outside the overall)."""
+    by_dim = summary["by_dim"]
+    keys = list(by_dim)
+    first = by_dim[keys[0]]
+
+    def row(label, pick):
+        values = [pick(by_dim[k]) for k in keys]
+        return f"| {label} | " + " | ".join("–" if v is None else f"{v * 100:.{digits}f}" for v in values) + " |"
+
+    lines = ["| P@1 by embedding size | " + " | ".join(f"d={k}" for k in keys) + " |",
+             "|---" * (len(keys) + 1) + "|", row("**Overall**", lambda a: a["overall"])]
+    lines += [row(f"*{c}*", lambda a, c=c: a["by_category"][c]) for c, v in first["by_category"].items()
+              if v is not None]
+    lines += [row(n, lambda a, n=n: a["per_subset"][n]) for n in first["per_subset"]]
+    lines += [row(f"{n} (no category)", lambda a, n=n: a["other"][n]) for n in first.get("other", {})]
+    return "\n".join(lines) + "\n"
 
 
 def _gap_dict(gap: Any) -> dict:
@@ -226,7 +266,9 @@ def _options_fingerprint(args: argparse.Namespace) -> dict:
     image_root = args.image_root or (args.data if is_local_source(args.data, "auto") else None)
     return {"split": args.split, "max_rows": args.max_rows, "tie_policy": args.tie_policy,
             "max_length": args.max_length, "strict_empty": bool(getattr(args, "strict_empty", False)),
-            "image_root": os.path.abspath(os.path.expanduser(image_root)) if image_root else None}
+            "image_root": os.path.abspath(os.path.expanduser(image_root)) if image_root else None,
+            # only when given: score files written without --dims stay valid
+            **({"dims": list(args.dims)} if getattr(args, "dims", None) else {})}
 
 
 def plan_run(args: argparse.Namespace, scores_dir: Optional[Path]) -> EvalPlan:
@@ -289,6 +331,7 @@ def _evaluate_planned(args: argparse.Namespace) -> tuple:
     result = evaluate(embedder, subsets, batch_size=args.batch_size, progress=not args.no_progress,
                       num_workers=args.num_workers,
                       tie_policy=args.tie_policy, stored=plan.stored, order=plan.names,
+                      dims=getattr(args, "dims", None),
                       on_result=save if scores_dir is not None else None)
     return result, plan, scores_dir
 
@@ -308,6 +351,8 @@ def run(args: argparse.Namespace) -> int:
     summary["not_evaluated"] = plan.not_evaluated
     summary["scores_dir"] = str(scores_dir) if scores_dir is not None else None
     table = markdown_table(summary)
+    if "by_dim" in summary:
+        table += "\n" + by_dim_table(summary)
     if plan.not_evaluated:
         table += (f"\nNot evaluated (found in the data, not an official or synthetic subset; name it with "
                   f"--subsets to score it on its own): {', '.join(plan.not_evaluated)}.\n")

@@ -18,11 +18,12 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from llave_ds.core import distributed
+from llave_ds.core.objective import matryoshka_sizes, truncate
 from llave_ds.eval.retrieval_metrics import (DEFAULT_KS, DEFAULT_TIE_POLICY, RetrievalSplit, load_retrieval_split,
                                              markdown_table, retrieval_metrics, similarity_matrix)
 from llave_ds.media.side import Side
@@ -34,10 +35,11 @@ logger = logging.getLogger(__name__)
 def evaluate_video_retrieval(embedder, split: RetrievalSplit, *, batch_size: int = 16, progress: bool = True,
                              tie_policy: str = DEFAULT_TIE_POLICY, v2t_protocol: str = "caption",
                              text_instruction: Optional[str] = None, video_instruction: Optional[str] = None,
-                             ks=DEFAULT_KS) -> dict[str, Any]:
+                             ks=DEFAULT_KS, dims: Optional[Sequence[Union[int, str]]] = None) -> dict[str, Any]:
     """Embed the split's captions (query role) and videos (target role) and score both
     directions. ``*_instruction`` replace the export's recorded instructions for this run
-    (None: the recorded ones)."""
+    (None: the recorded ones). ``dims``: Matryoshka sizes (``[64, "full"]``) also scored from
+    the same embeddings (each prefix re-normalised): ``result["by_dim"][str(size)]``."""
     texts = embedder.encode_sides([Side(text=c, where=f"caption {i}: ") for i, c in enumerate(split.captions)],
                                   role="query", instruction=text_instruction, batch_size=batch_size,
                                   progress=progress)
@@ -47,9 +49,26 @@ def evaluate_video_retrieval(embedder, split: RetrievalSplit, *, batch_size: int
                                    progress=progress)
     sim = similarity_matrix(texts.numpy(), videos.numpy())
     result = retrieval_metrics(sim, split.caption_to_video, ks=ks, tie_policy=tie_policy, v2t_protocol=v2t_protocol)
+    if dims:
+        result["by_dim"] = {
+            str(size): retrieval_metrics(similarity_matrix(truncate(texts, size).numpy(), truncate(videos, size).numpy()),
+                                         split.caption_to_video, ks=ks, tie_policy=tie_policy, v2t_protocol=v2t_protocol)
+            for size, _ in matryoshka_sizes(dims, None, texts.shape[1])}
     result["split"] = split.source
     result["similarity"] = {"mean": float(np.mean(sim)), "std": float(np.std(sim))}
     return result
+
+
+def by_dim_table(result: Mapping[str, Any], digits: int = 1) -> str:
+    """Markdown: the recalls x100 and median rank of both directions per Matryoshka size."""
+    ks = result["ks"]
+    head = [f"{d} R@{k}" for d in ("t2v", "v2t") for k in ks] + ["t2v MdR", "v2t MdR"]
+    lines = ["| size | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for size, r in result["by_dim"].items():
+        cells = [f"{r[d][f'R@{k}'] * 100:.{digits}f}" for d in ("t2v", "v2t") for k in ks]
+        cells += [f"{r['t2v']['median_rank']:g}", f"{r['v2t']['median_rank']:g}"]
+        lines.append(f"| d={size} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,13 +102,15 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_video_retrieval(embedder, split, batch_size=args.batch_size,
                                           progress=not args.no_progress, tie_policy=tie_policy,
                                           v2t_protocol=args.v2t_protocol, text_instruction=args.text_instruction,
-                                          video_instruction=args.video_instruction)
+                                          video_instruction=args.video_instruction, dims=getattr(args, "dims", None))
     except (ValueError, FileNotFoundError) as exc:
         print(f"llave-ds eval: {exc}", file=sys.stderr)
         return 2
     result["task"] = "video-retrieval"
     result["model"] = str(args.model)
     table = markdown_table(result)
+    if "by_dim" in result:
+        table += "\n" + by_dim_table(result)
     print(table)
     if args.out:
         out = Path(args.out)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from llave_ds.eval import mmeb_v2_video as video
+from llave_ds.eval.mmeb_v2_tasks import TASKS
 from llave_ds.toy import synthetic_mmeb_v2
 from tests.multimodal import brute_force_embeddings
 
@@ -36,8 +37,9 @@ def test_reader_on_the_download_layout(world):
     assert side.error is None and len(side.video) == 8 and side.text == video.CANDIDATE_TEXT
     with pytest.raises(video.VideoTaskError, match=r"VATEX: no download found; looked for test-\*.parquet"):
         video.load_video_task(world, "VATEX")
-    with pytest.raises(video.VideoTaskError, match="MVBench: reading it is not built yet"):
-        video.task_dir(world, "MVBench")
+    assert video.READABLE == {t.name for t in TASKS.values() if t.modality == "video"}   # all 18
+    with pytest.raises(video.VideoTaskError, match="ImageNet-1K: not a video task"):
+        video.task_dir(world, "ImageNet-1K")
 
 
 def test_classification_pools_are_the_official_label_lists(world):
@@ -71,7 +73,10 @@ def test_video_retrieval_end_to_end(world, tmp_path, capsys):
     assert main(["--benchmark", "mmeb-v2", "--model", model, "--data", str(world), "--scores-dir", str(scores),
                  "--modalities", "video", "--batch-size", "2", "--num-workers", "0", "--no-progress"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["num_tasks"] == 11 and 0 <= last["video"] <= 1
+    assert last["num_tasks"] == 12 and 0 <= last["video"] <= 1
+    mvbench = [json.loads(x) for x in (scores / "MVBench_pred.jsonl").read_text().splitlines()]
+    assert len(mvbench) == 30 and mvbench[0]["label"] == ["(B) right"]
+    assert sorted(mvbench[0]["prediction"]) == ["(A) left", "(B) right", "(C) up"]   # its own options
     t = video.load_video_task(world, "MSR-VTT")
     preds = [json.loads(x) for x in (scores / "MSR-VTT_pred.jsonl").read_text().splitlines()]
     emb = LlaveEmbedder.from_pretrained(model, device="cpu")
@@ -128,3 +133,63 @@ def test_moment_seeker_queries_of_three_kinds_and_several_positives(world):
     assert ms.infos[1]["label_name"] == ["video_frames/src1_clip_0", "video_frames/src1_clip_1"]   # two relevant
     assert ms.infos[1]["cand_names"][:2] == ms.infos[1]["label_name"] and len(ms.infos[1]["cand_names"]) == 5
     assert ms.candidates[0].text == video.SEEKER_CANDIDATE_TEXT and len(ms.candidates[0].video) == 6
+
+
+def test_mvbench_rows_are_written_as_the_official_template_writes_them():
+    head = f"<|video_1|> {video.QA_PROMPT} "
+    text, key, names, answer = video.mvbench_row("action_antonym", {
+        "video": "166583.webm", "question": "What is the action performed by the person in the video?",
+        "candidates": ["Not sure", "Scattering something down", "Piling something up"],
+        "answer": "Piling something up"})
+    assert text == (head + "What is the action performed by the person in the video?\nOptions:\n"
+                    "(A) Not sure\n(B) Scattering something down\n(C) Piling something up")
+    assert key == "action_antonym/166583.webm"
+    assert names == ["(A) Not sure", "(B) Scattering something down", "(C) Piling something up"]
+    assert answer == "(C) Piling something up"
+    # the official loop keeps the last matching candidate; an answer that is none of them gets "@"
+    assert video.mvbench_row("s", {"video": "v.mp4", "question": "Q", "candidates": ["x", "y", "x"],
+                                   "answer": "x"})[3] == "(C) x"
+    assert video.mvbench_row("s", {"video": "v.mp4", "question": "Q", "candidates": ["x", "y"],
+                                   "answer": "z"})[3] == "(@) z"
+
+
+def test_mvbench_reads_the_twenty_sub_datasets_in_the_official_order(world, tmp_path):
+    mv = video.load_video_task(world, "MVBench")
+    assert mv.task.eval_type == "local" and len(mv.query_items) == 30      # 10 sub-datasets of 2 rows, 10 of 1
+    order = [key.split("/")[0] for _, key in mv.query_items]
+    assert order == [s for k, s in enumerate(video.MVBENCH_SUBSETS) for _ in range(1 + (k % 2 == 0))]
+    assert mv.query_items[0] == (f"<|video_1|> {video.QA_PROMPT} Where does the square go?\nOptions:\n"
+                                 "(A) left\n(B) right\n(C) up", "episodic_reasoning/clip0.mp4")
+    assert mv.query_items[1][1] == mv.query_items[0][1]                     # two questions, one video
+    assert mv.infos[2] == {"cand_names": ["(A) left", "(B) right", "(C) up", "(D) down"], "label_name": "(A) left"}
+    assert mv.pool_items[:2] == [("(A) left", None), ("(B) right", None)]
+    folder, file = mv.sources["action_sequence/clip1.mp4"]
+    assert folder == str(world / "video-tasks" / "frames" / "video_qa" / "MVBench" / "action_sequence" / "clip1.mp4")
+    assert file == ""                                                       # frame folders only
+    assert len(mv.queries[0].video) == 8 and mv.candidates[0].video is None  # 8 of the folder's 9 frames
+    missing = video.load_video_task(world, "MVBench", image_root=str(tmp_path)).queries[0]
+    assert "no frame folder" in missing.error and "MVBench/episodic_reasoning/clip0.mp4" in missing.error
+
+
+def test_mvbench_bad_downloads_are_clear_errors(tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    synthetic_mmeb_v2.write_video_task(tmp_path, "MVBench")
+    base = tmp_path / "VLM2Vec" / "MVBench"
+    pq.write_table(pa.Table.from_pylist([{"video": "a.mp4", "question": "Q", "candidates": ["x", "y"], "answer": "x"},
+                                         {"video": "a.mp4", "question": "Q", "candidates": ["x", "y"],
+                                          "answer": "z"}]), base / "state_change" / "train-00000-of-00001.parquet")
+    with pytest.raises(video.VideoTaskError, match=r"MVBench: sub-dataset state_change: .*state_change.*"
+                                                   r"train-00000-of-00001.parquet row 1: answer 'z' is not one of "
+                                                   r"the candidates \['x', 'y'\]"):
+        video.load_video_task(tmp_path, "MVBench")
+    shutil.rmtree(base / "action_sequence")
+    with pytest.raises(video.VideoTaskError, match=r"MVBench: sub-dataset action_sequence: no train-\*.parquet in "
+                                                   r".*VLM2Vec/MVBench/action_sequence"):
+        video.load_video_task(tmp_path, "MVBench")
+    shutil.rmtree(base)
+    with pytest.raises(video.VideoTaskError, match=r"MVBench: no download found; looked for <sub-dataset>/train-"):
+        video.task_dir(tmp_path, "MVBench")

@@ -105,9 +105,9 @@ def test_eval_writes_official_files_ranks_like_brute_force_and_resumes(model_dir
     after = {p.name: p.stat().st_mtime_ns for p in scores.glob("*_score.json")}
     assert after["ViDoRe_arxivqa_score.json"] == mtimes["ViDoRe_arxivqa_score.json"]
     assert "VisRAG_ChartQA_score.json" in after
-    # reading video QA is not built: a clear refusal when named
+    # a task named with --tasks that the download lacks: a clear refusal naming where it looked
     assert _eval(model_dir, world, scores, "--tasks", "MVBench") == 2
-    assert "reading MMEB-V2 MVBench is not built yet" in capsys.readouterr().err
+    assert "MMEB-V2 task MVBench: no download found; looked for <sub-dataset>/train-" in capsys.readouterr().err
 
 
 def _ranked_predictions(rank, world_size, model_dir, root):

@@ -5,10 +5,9 @@ and summarise a directory of score files (ours or the official eval's).
 * ``--model M --data ROOT --scores-dir DIR``: every selected task found under ``ROOT`` whose
   ``DIR/<task>_score.json`` does not match this model, download and options (fingerprint) is
   encoded (queries and the page pool spread over the ranks under torchrun / srun) and scored;
-  a killed run re-encodes only the tasks without a matching score file. Encoding is built for
-  the image tasks (`llave_ds.eval.mmeb_v2_image`), the visual-document tasks
-  (`llave_ds.eval.mmeb_v2_visdoc`) and the video tasks (`llave_ds.eval.mmeb_v2_video`) but
-  MVBench (left out with a warning, or an error when named).
+  a killed run re-encodes only the tasks without a matching score file. Every task is read:
+  the image tasks by `llave_ds.eval.mmeb_v2_image`, the visual-document tasks by
+  `llave_ds.eval.mmeb_v2_visdoc` and the video tasks by `llave_ds.eval.mmeb_v2_video`.
 * ``--scores-dir DIR`` alone: the summary only (``--rescore-preds``: score each
   ``<task>_pred.jsonl`` again first).
 
@@ -37,17 +36,14 @@ from llave_ds.eval.score_files import files_fingerprint, model_fingerprint
 logger = logging.getLogger(__name__)
 
 def reader(task: V2Task):
-    """(task_dir, load) of a task whose download we read, or None (not built yet): task_dir(root,
-    task) finds the download (an error naming where it looked), load(root, task, image_root)
-    reads it into an object with ``task``, ``queries``, ``candidates``, ``infos``, ``pool_ids``,
-    ``skipped`` and ``source``."""
+    """(task_dir, load) of a task: task_dir(root, task) finds the download (an error naming where
+    it looked), load(root, task, image_root) reads it into an object with ``task``, ``queries``,
+    ``candidates``, ``infos``, ``pool_ids``, ``skipped`` and ``source``."""
     if task.modality == "image":
         return mmeb_v2_image.task_dir, mmeb_v2_image.load_image_task
     if task.modality == "visdoc":
         return mmeb_v2_visdoc.task_dir, mmeb_v2_visdoc.load_visdoc_task
-    if task.name in mmeb_v2_video.READABLE:
-        return mmeb_v2_video.task_dir, mmeb_v2_video.load_video_task
-    return None
+    return mmeb_v2_video.task_dir, mmeb_v2_video.load_video_task
 
 
 def plan_tasks(args: argparse.Namespace, tasks: List[V2Task], scores_dir: Path) -> Dict[str, Any]:
@@ -122,20 +118,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     scores_dir = Path(args.scores_dir)
     if args.model:
-        not_built = [t.name for t in tasks if reader(t) is None]
-        if not_built and args.tasks:
-            print(f"llave-ds eval: reading MMEB-V2 {', '.join(not_built)} is not built yet (issue 26: "
-                  f"MVBench); --scores-dir alone summarises score files from "
-                  f"elsewhere", file=sys.stderr)
-            return 2
-        if not_built:
-            logger.warning("not encoded (reading them is not built yet): %s", ", ".join(not_built))
-        tasks_to_encode = [t for t in tasks if reader(t) is not None]
         if not args.data:
             print("llave-ds eval: --model needs --data (the directory the MMEB-V2 downloads are under)",
                   file=sys.stderr)
             return 2
-        status = _encode(args, tasks_to_encode, scores_dir)
+        status = _encode(args, tasks, scores_dir)
         if status is not None:
             return status
     elif not scores_dir.is_dir():

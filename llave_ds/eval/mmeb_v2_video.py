@@ -1,7 +1,8 @@
 """MMEB-V2's video retrieval tasks (MSR-VTT, MSVD, DiDeMo, VATEX, YouCook2), video
-classification tasks (K700, SmthSmthV2, HMDB51, UCF101, Breakfast), four video QA tasks
-(NExTQA, EgoSchema, Video-MME, ActivityNetQA) and the moment-retrieval tasks (QVHighlight,
-Charades-STA, MomentSeeker) read as users download them, with the frames the official loaders pick.
+classification tasks (K700, SmthSmthV2, HMDB51, UCF101, Breakfast), video QA tasks (NExTQA,
+EgoSchema, Video-MME, ActivityNetQA, MVBench) and the moment-retrieval tasks (QVHighlight,
+Charades-STA, MomentSeeker) read as users download them, with the frames the official loaders
+pick: all 18 of MMEB-V2's video tasks.
 
 The spec (TIGER-AI-Lab/VLM2Vec, commit 6e1e1d4): ``src/data/eval_dataset/{msrvtt,msvd,didemo,
 vatex,youcook2}_dataset.py`` (columns, instructions, video names), ``dataset_hf_path.py``
@@ -26,6 +27,21 @@ are ``v_<name>``) with the official prompt, the question and the options written
 writes them (`qa_row`); each query ranks its own options (``local``), named as the parser names
 them (EgoSchema / Video-MME: the lettered option, encoded without its letter). Only frame folders
 are read for QA: the official code extracts missing ones from the files with its own cv2 rule.
+
+MVBench (``mvbench_dataset.py``, ``load_hf_dataset_multiple_subset``): the twenty sub-datasets of
+``VLM2Vec/MVBench`` (one config each, split ``train``) read in the official ``subset_meta``
+order and concatenated (`MVBENCH_SUBSETS`; downloaded as ``VLM2Vec/MVBench/<subset>/``). The
+query is the row's video (``video-tasks/frames/video_qa/MVBench/<subset>/<video>/``, the folder
+named by the ``video`` column as it is, ``.mp4`` included) with the QA prompt, the question and
+the ``candidates`` lettered ``(A) ...`` one per line (``qa_template``, `mvbench_row`); the
+lettered options are the candidates' names and texts, ranked locally, the lettered answer the
+relevant one. The time bounds and fps-based frame picking in ``mvbench_dataset.py``
+(``get_index``, ``read_video``, ``read_gif``, ``read_frame``) are never called by its
+``data_prepare``: the official frames are the frame folder's, picked by ``process_video_frames``
+as for the other tasks, and so are ours (frame folders only: the official fallback that
+extracts a missing folder from the video with cv2, or copies TVQA's frames, is not reproduced).
+An answer that is none of the candidates is an error naming the sub-dataset, file and row (the
+official ``qa_template`` labels it ``(@) <answer>``, which no candidate can match).
 
 MomentSeeker (``momentseeker_dataset.py``): text, text + image or text + video-segment queries,
 several relevant clips per query; `_load_moment_seeker`.
@@ -164,6 +180,31 @@ def qa_row(task: str, row: dict) -> Tuple[str, str, List[str], List[str], str]:
     return query(row["question"] + "? (A) yes; (B) no."), f"v_{row['video_name']}", options, options, row["answer"]
 
 
+# MVBench (mvbench_dataset.py): the keys of subset_meta, the order the official code loads them in
+MVBENCH_REPO, MVBENCH_SPLIT = "VLM2Vec/MVBench", "train"
+MVBENCH_SUBSETS: Tuple[str, ...] = (
+    "episodic_reasoning", "action_sequence", "action_prediction", "action_antonym", "fine_grained_action",
+    "unexpected_action", "object_existence", "object_interaction", "object_shuffle", "moving_direction",
+    "action_localization", "scene_transition", "action_count", "moving_count", "moving_attribute", "state_change",
+    "fine_grained_pose", "character_order", "egocentric_navigation", "counterfactual_inference")
+
+
+def mvbench_row(subset: str, row: dict) -> Tuple[str, str, List[str], str]:
+    """(query text, video key ``<subset>/<video>``, the lettered options, the lettered answer) of
+    one MVBench row, as ``process_query`` and ``qa_template`` build them: the answer's letter is
+    that of the last candidate equal to it (the official loop does not stop at the first), ``@``
+    when none is (the official code's silent ``answer_idx`` -1; `load_video_task` refuses it)."""
+    text = f"{VIDEO} {QA_PROMPT} {row['question']}\nOptions:\n"
+    options, answer_idx = [], -1
+    for idx, candidate in enumerate(row["candidates"]):
+        options.append(f"({chr(ord('A') + idx)}) {candidate}")
+        text += options[-1] + "\n"
+        if candidate == row["answer"]:
+            answer_idx = idx
+    return (text.rstrip(), f"{subset}/{row['video']}", options,
+            f"({chr(ord('A') + answer_idx)}) {row['answer']}")
+
+
 def official_labels() -> dict:
     """``{"labels": {task: [...]}, "instructions": {task: str}}`` (the official lists)."""
     import json
@@ -191,7 +232,8 @@ SEEKER_QUERY = {"text": "Find the clip that corresponds to the given text:",
 SEEKER_CANDIDATE_TEXT = VIDEO + " Understand the content of the provided video clip."
 IMAGE_SOURCE = "<image>"   # a sources entry (path, IMAGE_SOURCE) is an image, not a video
 
-READABLE = frozenset(SPECS) | frozenset(CLASSIFICATION) | frozenset(QA) | frozenset(MOMENTS) | {"MomentSeeker"}
+READABLE = (frozenset(SPECS) | frozenset(CLASSIFICATION) | frozenset(QA) | frozenset(MOMENTS)
+            | {"MomentSeeker", "MVBench"})
 
 
 class VideoTaskError(ValueError):
@@ -209,11 +251,13 @@ def official_frame_indices(total: int, num_frames: int = NUM_FRAMES) -> List[int
 
 
 def task_dir(root: Path, task: str) -> Path:
+    if task == "MVBench":
+        return _mvbench_dir(root)
     spec = (SPECS.get(task) or CLASSIFICATION.get(task) or QA.get(task)
             or (MomentSpec(MOMENTS[task]) if task in MOMENTS else None)
             or (MomentSpec(SEEKER_REPO) if task == "MomentSeeker" else None))
     if spec is None:
-        raise VideoTaskError(f"MMEB-V2 task {task}: reading it is not built yet (issue 26)")
+        raise VideoTaskError(f"MMEB-V2 task {task}: not a video task (video tasks: {', '.join(sorted(READABLE))})")
     bases = [Path(root) / spec.repo, Path(root) / spec.repo.split("/")[-1], Path(root) / task]
     for base in bases:
         for sub in ([spec.config] if spec.config else []) + ["data", "."]:
@@ -222,6 +266,19 @@ def task_dir(root: Path, task: str) -> Path:
     raise VideoTaskError(f"MMEB-V2 task {task}: no download found; looked for {spec.split}-*.parquet in "
                          f"{', '.join(str(b) for b in bases)} (and their {spec.config or 'data'}/ folders; "
                          f"download {spec.repo} there)")
+
+
+def _mvbench_dir(root: Path) -> Path:
+    """The folder holding MVBench's sub-dataset folders (``<subset>/train-*.parquet``): the first
+    of ``VLM2Vec/MVBench`` and ``MVBench`` under ``root`` holding any; `_load_mvbench` wants all
+    twenty."""
+    bases = [Path(root) / MVBENCH_REPO, Path(root) / "MVBench"]
+    for base in bases:
+        if any(list((base / subset).glob(f"{MVBENCH_SPLIT}-*.parquet")) for subset in MVBENCH_SUBSETS):
+            return base
+    raise VideoTaskError(f"MMEB-V2 task MVBench: no download found; looked for <sub-dataset>/{MVBENCH_SPLIT}-*.parquet "
+                         f"in {', '.join(str(b) for b in bases)} (download {MVBENCH_REPO} there: one folder per "
+                         f"sub-dataset, {', '.join(MVBENCH_SUBSETS)})")
 
 
 @dataclass
@@ -262,6 +319,8 @@ def load_video_task(root: Path, task: str, image_root: Optional[str] = None) -> 
         return _load_moments(root, task, media_root)
     if task == "MomentSeeker":
         return _load_moment_seeker(root, media_root)
+    if task == "MVBench":
+        return _load_mvbench(root, media_root)
     spec, directory = SPECS[task], task_dir(root, task)
     frames_root = media_root / "video-tasks" / "frames" / "video_ret" / task
     videos_root = media_root / "video-tasks" / "videos" / "video_ret" / task
@@ -333,6 +392,38 @@ def _load_qa(root: Path, task: str, media_root: Path) -> VideoTask:
         raise VideoTaskError(f"MMEB-V2 task {task}: no rows in {directory}")
     return VideoTask(TASKS[task], queries, infos, list(pool), [(shown, None) for shown in pool.values()], sources,
                      f"{spec.repo} ({directory})")
+
+
+def _load_mvbench(root: Path, media_root: Path) -> VideoTask:
+    """MVBench: the twenty sub-datasets in `MVBENCH_SUBSETS` order, each a QA task of its own
+    rows (`mvbench_row`); a missing sub-dataset or an answer that is no candidate is an error."""
+    task, base = "MVBench", _mvbench_dir(root)
+    frames_root = media_root / "video-tasks" / "frames" / "video_qa" / task
+    queries, infos, sources, pool = [], [], {}, {}
+    for subset in MVBENCH_SUBSETS:
+        files = sorted((base / subset).glob(f"{MVBENCH_SPLIT}-*.parquet"))
+        if not files:
+            raise VideoTaskError(f"MMEB-V2 task {task}: sub-dataset {subset}: no {MVBENCH_SPLIT}-*.parquet in "
+                                 f"{base / subset} (the official code loads all {len(MVBENCH_SUBSETS)} sub-datasets "
+                                 f"of {MVBENCH_REPO}; download them all)")
+        for f, i, row in parquet_rows(task, files, ("video", "question", "candidates", "answer"), VideoTaskError):
+            try:
+                text, video_key, names, answer = mvbench_row(subset, row)
+            except TypeError as exc:
+                raise VideoTaskError(f"MMEB-V2 task {task}: sub-dataset {subset}: {f} row {i}: candidates is not a "
+                                     f"list ({type(exc).__name__}: {exc})") from None
+            if answer not in names:
+                raise VideoTaskError(f"MMEB-V2 task {task}: sub-dataset {subset}: {f} row {i}: answer "
+                                     f"{row['answer']!r} is not one of the candidates {row['candidates']!r}")
+            sources.setdefault(video_key, (str(frames_root / video_key), ""))
+            queries.append((text, video_key))
+            infos.append({"cand_names": names, "label_name": answer})
+            for name in names:
+                pool.setdefault(name, None)
+    if not queries:
+        raise VideoTaskError(f"MMEB-V2 task {task}: no rows in {base}")
+    return VideoTask(TASKS[task], queries, infos, list(pool), [(n, None) for n in pool], sources,
+                     f"{MVBENCH_REPO} ({base})")
 
 
 def _load_moments(root: Path, task: str, media_root: Path) -> VideoTask:

@@ -29,7 +29,11 @@ ActivityNetQA rows asking where the square goes; moment retrieval: QVHighlight's
 MomentSeeker's text, image and video-segment queries with their clips) and the
 frame folders the official eval reads,
 ``ROOT/video-tasks/frames/video_{ret,cls,qa,mret}/<task folder>/<video>/...`` (a square moving
-across the frames, one direction and colour per video).
+across the frames, one direction and colour per video). MVBench is its twenty sub-datasets,
+``ROOT/VLM2Vec/MVBench/<subset>/train-00000-of-00001.parquet``, one or two rows each (the two
+rows of a sub-dataset share its one video; the ones the official code has time bounds for carry
+``start`` / ``end``, which it does not use), frames under
+``video-tasks/frames/video_qa/MVBench/<subset>/<clip>.mp4/``.
 
 Same seed -> the same files.
 """
@@ -46,7 +50,7 @@ from llave_ds.eval.mmeb_v2_visdoc import SOURCES
 TASKS = ("ViDoRe_arxivqa", "ViDoRe_esg_reports_v2_multilingual", "VisRAG_ChartQA")
 IMAGE_TASKS = ("ImageNet-1K", "OK-VQA", "MSCOCO_i2t", "MSCOCO_t2i", "WebQA", "RefCOCO-Matching", "CIRR")
 VIDEO_TASKS = ("MSR-VTT", "MSVD", "DiDeMo", "HMDB51", "SmthSmthV2", "NExTQA", "EgoSchema", "Video-MME",
-               "ActivityNetQA", "QVHighlight", "MomentSeeker")
+               "ActivityNetQA", "MVBench", "QVHighlight", "MomentSeeker")
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 COLOURS = ((250, 250, 245), (235, 245, 255), (255, 245, 230), (240, 255, 240))
 
@@ -189,6 +193,8 @@ def write_video_task(root: Path, task: str, *, num_videos: int = 5) -> Path:
         return _write_moment_task(root, task, num_videos)
     if task == "MomentSeeker":
         return _write_moment_seeker(root, num_videos)
+    if task == "MVBench":
+        return _write_mvbench(root)
     spec = SPECS[task]
     names = [f"video{v}" for v in range(num_videos)]
     for v, name in enumerate(names):
@@ -265,6 +271,29 @@ def _write_qa_task(root: Path, task: str, num_videos: int) -> Path:
     directory = Path(root) / spec.repo / (spec.config or "data")
     _write(directory, spec.split, rows, pa.Table.from_pylist(rows).schema)
     return directory
+
+
+def _write_mvbench(root: Path) -> Path:
+    """MVBench's twenty sub-datasets: two rows in the even-numbered ones (one video, two questions),
+    one in the others; three or four ``candidates`` and the ``answer`` as one of their texts;
+    ``start`` / ``end`` where the official ``subset_meta`` has time bounds; 9-frame folders."""
+    import pyarrow as pa
+
+    from llave_ds.eval.mmeb_v2_video import MVBENCH_REPO, MVBENCH_SUBSETS
+
+    bounded = ("episodic_reasoning", "action_sequence", "action_prediction", "object_interaction",
+               "action_localization")
+    base = Path(root) / MVBENCH_REPO
+    for k, subset in enumerate(MVBENCH_SUBSETS):
+        clip = f"clip{k}.mp4"
+        _write_frames(Path(root) / "video-tasks" / "frames" / "video_qa" / "MVBench" / subset / clip, k, num_frames=9)
+        truth = ("right", "left")[k % 2]
+        candidates = ["left", "right", "up", "down"][:3 + k % 2]
+        questions = ["Where does the square go?", "Which way does the square move?"][:1 + (k % 2 == 0)]
+        rows = [{"video": clip, "question": q, "candidates": candidates, "answer": truth,
+                 **({"start": 0.5, "end": 3.0} if subset in bounded else {})} for q in questions]
+        _write(base / subset, "train", rows, pa.Table.from_pylist(rows).schema)
+    return base
 
 
 def _write_moment_task(root: Path, task: str, num_videos: int) -> Path:

@@ -165,8 +165,10 @@ def mean_std(values) -> dict:
 
 # ------------------------------------------------------------------------------- evaluation
 
-def evaluate_model(model_dir, data_root: Path, processing=None) -> dict:
-    """P@1 per subset, the hard-subset metrics, and the similarity arrays for histograms."""
+def evaluate_model(model_dir, data_root: Path, processing=None, dims=None) -> dict:
+    """P@1 per subset, the hard-subset metrics, and the similarity arrays for histograms;
+    with Matryoshka ``dims`` (``[8, 16, "full"]``) also ``by_dim``: P@1 and hard P@1 per size,
+    from the same encoding."""
     import numpy as np
 
     from llave_ds.eval.mmeb import evaluate
@@ -176,7 +178,7 @@ def evaluate_model(model_dir, data_root: Path, processing=None) -> dict:
 
     subsets = load_eval_subsets(str(data_root / "eval"), image_root=str(data_root))
     embedder = LlaveEmbedder.from_pretrained(str(model_dir), **(processing or {}))
-    result = evaluate(embedder, subsets, batch_size=64, progress=False, num_workers=0)
+    result = evaluate(embedder, subsets, batch_size=64, progress=False, num_workers=0, dims=dims)
     per_subset = result["summary"]["per_subset"]
     arrays = {}
     for name, d in result["details"].items():
@@ -186,7 +188,9 @@ def evaluate_model(model_dir, data_root: Path, processing=None) -> dict:
     hard = [n for n in HARD_SUBSETS if n in arrays]
     hard_pos = np.concatenate([arrays[n][0] for n in hard])
     hard_neg = np.concatenate([arrays[n][1] for n in hard])
-    return {"p_at_1": result["summary"]["overall"], "per_subset": per_subset,
+    by_dim = {size: {"p_at_1": r["overall"], "hard_p_at_1": float(np.mean([r["per_subset"][n] for n in hard]))}
+              for size, r in result["summary"].get("by_dim", {}).items()}
+    return {"p_at_1": result["summary"]["overall"], "per_subset": per_subset, **({"by_dim": by_dim} if dims else {}),
             "hard_p_at_1": float(np.mean([per_subset[n] for n in hard])),
             "hard_gap": float(np.mean(hard_pos - hard_neg)),
             "gap": float(np.mean(np.concatenate([a[0] - a[1] for a in arrays.values()]))),
@@ -260,9 +264,10 @@ def worker(jobs_file: str) -> int:
             unset_hf_deepspeed_config()
             gc.collect()
             dist.barrier()  # rank 0 wrote the export
-            res = evaluate_model(Path(cfg.run_dir) / "export", Path(spec["data_root"]))
+            res = evaluate_model(Path(cfg.run_dir) / "export", Path(spec["data_root"]), dims=spec.get("eval_dims"))
             if rank == 0:
-                _save_result(Path(job["result"]), res, {"key": job["key"], "train_s": train_s})
+                _save_result(Path(job["result"]), res, {"key": job["key"], "train_s": train_s,
+                                                        "eval_dims": spec.get("eval_dims")})
                 print(f"[ablation] {job['name']}: hard P@1 {res['hard_p_at_1']:.3f} hard gap "
                       f"{res['hard_gap']:+.4f} P@1 {res['p_at_1']:.3f} [{train_s:.0f} s]", flush=True)
             dist.barrier()
@@ -273,8 +278,9 @@ def worker(jobs_file: str) -> int:
 
 # ------------------------------------------------------------------------------- the driver
 
-def run_key(args, seed: int, alpha: float, gather: str, mult: int, divisor: int, model_dir: str) -> dict:
-    return {"seed": seed, "alpha": alpha, "gather_mode": gather, "global_batch": args.batch * mult,
+def run_key(args, seed: int, alpha: float, gather: str, mult: int, divisor: int, model_dir: str,
+            matryoshka=None) -> dict:
+    return {**({"matryoshka": list(matryoshka)} if matryoshka else {}), "seed": seed, "alpha": alpha, "gather_mode": gather, "global_batch": args.batch * mult,
             "steps": max(1, args.steps // divisor), "chunk": args.chunk, "ranks": args.ranks, "lr": args.lr,
             "zero": args.zero,
             "model": model_dir, "train_per_subset": args.train_per_subset,
@@ -283,7 +289,7 @@ def run_key(args, seed: int, alpha: float, gather: str, mult: int, divisor: int,
 
 def run_name(key: dict) -> str:
     return (f"s{key['seed']}_a{key['alpha']:g}_{key['gather_mode']}_b{key['global_batch']}"
-            f"_n{key['steps']}")
+            f"_n{key['steps']}" + (f"_m{'-'.join(map(str, key['matryoshka']))}" if key.get("matryoshka") else ""))
 
 
 def job_overrides(key: dict, data, run_dir: Path) -> list:
@@ -296,11 +302,15 @@ def job_overrides(key: dict, data, run_dir: Path) -> list:
            f"deepspeed.config={key['zero']}"]
     if key["lr"] is not None:
         out.append(f"optim.lr={key['lr']}")
+    if key.get("matryoshka"):
+        out.append(f"objective.matryoshka_dims=[{','.join(map(str, key['matryoshka']))}]")
     return out
 
 
-def run_phase(args, work: Path, data, keys: list) -> dict:
-    """Train + evaluate every key not already done (one torchrun launch); return name -> result."""
+def run_phase(args, work: Path, data, keys: list, eval_dims=None) -> dict:
+    """Train + evaluate every key not already done (one torchrun launch); return name -> result.
+    ``eval_dims``: Matryoshka sizes every export is also scored at (a stored result without
+    them is redone)."""
     from llave_ds.core.distributed import free_port
 
     todo, results = [], {}
@@ -312,7 +322,8 @@ def run_phase(args, work: Path, data, keys: list) -> dict:
                 done = json.loads(path.read_text())
             except ValueError:
                 done = None
-            if done is not None and done.get("key") == key and path.with_suffix(".npz").is_file():
+            if done is not None and done.get("key") == key and path.with_suffix(".npz").is_file() \
+                    and done.get("eval_dims") == eval_dims:
                 results[name] = done
                 continue
         run_dir = work / "runs" / name
@@ -322,7 +333,8 @@ def run_phase(args, work: Path, data, keys: list) -> dict:
     if todo:
         (work / "results").mkdir(parents=True, exist_ok=True)
         jobs_file = work / f"jobs_{hashlib.sha256(json.dumps(todo).encode()).hexdigest()[:12]}.json"
-        jobs_file.write_text(json.dumps({"config": str(CONFIG), "data_root": str(data[1]), "jobs": todo}, indent=1))
+        jobs_file.write_text(json.dumps({"config": str(CONFIG), "data_root": str(data[1]), "jobs": todo,
+                                         "eval_dims": eval_dims}, indent=1))
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks),
                "--master_port", str(free_port()), str(Path(__file__).resolve()), "--worker", str(jobs_file)]

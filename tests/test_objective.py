@@ -255,3 +255,36 @@ def test_matryoshka_config_resolves_against_the_width():
         cfg.matryoshka(128)              # "full" would repeat 128
     with pytest.raises(ValueError, match="do not fit embeddings of width 16"):
         hardness_weighted_loss(unit(3, 16), unit(3, 16), matryoshka=[(32, 1.0)])
+
+
+def test_matryoshka_equals_sentence_transformers_matryoshka_loss():
+    """An outside reference: sentence-transformers' ``MatryoshkaLoss`` around its
+    ``MultipleNegativesRankingLoss`` with LLaVE's weighting (``hardness_mode="all_negatives"``,
+    ``hardness_strength`` = alpha, ``scale`` = 1/tau), query->target with in-batch negatives,
+    which is where the two formulations coincide (its hardness is query->target only, and its
+    extra negatives join every query's denominator): loss and gradients of the raw rows."""
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+
+    class Rows(torch.nn.Module):  # a "model" whose embeddings are rows of one parameter
+        def __init__(self, table):
+            super().__init__()
+            self.table = torch.nn.Parameter(table)
+
+        def forward(self, features):
+            return {**features, "sentence_embedding": self.table[features["rows"]]}
+
+    b, d, tau, alpha = 6, 16, 0.05, 9.0
+    sizes = [(4, 0.5), (8, 1.0), (16, 2.0)]
+    rows = Rows(torch.randn(2 * b, d, generator=torch.Generator().manual_seed(21), dtype=torch.float64))
+    model = st.SentenceTransformer(modules=[rows], device="cpu")
+    inner = MultipleNegativesRankingLoss(model, scale=1 / tau, hardness_mode="all_negatives", hardness_strength=alpha)
+    theirs = MatryoshkaLoss(model, inner, matryoshka_dims=[s for s, _ in sizes], matryoshka_weights=[w for _, w in sizes])
+    want = theirs([{"rows": torch.arange(b)}, {"rows": torch.arange(b, 2 * b)}], None)
+    want.backward()
+    want_grad, rows.table.grad = rows.table.grad.clone(), None
+    e = F.normalize(rows.table, dim=-1)
+    got = hardness_weighted_loss(e[:b], e[b:], temperature=tau, alpha=alpha, symmetric=False, matryoshka=sizes)
+    got.loss.backward()
+    torch.testing.assert_close(got.loss, want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rows.table.grad, want_grad, rtol=1e-10, atol=1e-12)

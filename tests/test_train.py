@@ -48,6 +48,8 @@ def overrides_for(assets, run_dir, **extra) -> list[str]:
     ("objective.temprature=0.1", "Did you mean 'objective.temperature'"),
     ("schedule.kind=exponential", "schedule.kind"),
     ("model.gradient_checkpointing=sometimes", "gradient_checkpointing"),
+    ("objective.matryoshka_dims=[64,32]", "matryoshka_dims must increase"),
+    ("objective.matryoshka_weights=[1,2]", "matryoshka_dims is not"),
 ])
 def test_config_errors_are_clear(assets, tmp_path, override, message):
     with pytest.raises((ConfigError, ValueError), match=message):
@@ -165,6 +167,29 @@ def exported(run_dir: Path) -> dict[str, torch.Tensor]:
     for f in sorted((run_dir / "export").glob("*.safetensors")):
         tensors.update(load_file(str(f)))
     return tensors
+
+
+def test_matryoshka_run_logs_every_size_and_refuses_a_size_above_the_width(assets, tmp_path):
+    """One process, 2 steps with sizes 8, 16 and the full width (64): the metrics hold each
+    size's loss and the loss is their sum (weights 1); a size above the width stops the run
+    before any step with a message naming the sizes and the model."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+
+    def command(run_dir, dims):
+        return [sys.executable, "-m", "llave_ds.train", "--config", str(DEMO_CONFIG),
+                *overrides_for(assets, run_dir, **{"schedule.max_steps": 2, "checkpoint.every_steps": 0,
+                                                   "objective.matryoshka_dims": dims})]
+
+    bad = subprocess.run(command(tmp_path / "bad", "[16,128]"), env=env, capture_output=True, text=True, timeout=240)
+    assert bad.returncode != 0 and "for embeddings of width 64: each must be at most 64" in bad.stderr
+    assert assets["model"] in bad.stderr and not (tmp_path / "bad" / "metrics.jsonl").exists()
+    proc = subprocess.run(command(tmp_path / "ok", "[8,16,full]"), env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert r["loss"] == pytest.approx(r["loss_d8"] + r["loss_d16"] + r["loss_d64"], rel=1e-5)
 
 
 def test_preempted_and_resumed_run_equals_uninterrupted(assets, tmp_path):

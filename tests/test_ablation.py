@@ -72,3 +72,25 @@ def test_ablation_smoke_run_prints_table_and_json(tmp_path):
     for png in ("warm_start_spread.png", "ablation_histogram.png"):
         assert (tmp_path / "work" / png).read_bytes()[:4] == b"\x89PNG"
     assert len(list((tmp_path / "work" / "results").glob("*.json"))) == 2
+
+
+@pytest.mark.slow
+def test_matryoshka_benchmark_smoke_run(tmp_path):
+    """benchmarks/matryoshka.py: a plain and a Matryoshka run from the same warm start, both
+    scored at every size; the Matryoshka run trained with the sizes (its metrics log each
+    size's loss), the plain one without; the table, the figure and the JSON line last."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(SCRIPT.with_name("matryoshka.py")), "--seeds", "0", "--steps", "2", "--warm-steps", "3",
+           "--dims", "8", "32", "full", "--train-per-subset", "8", "--eval-per-subset", "2", "--batch", "8",
+           "--chunk", "4", "--work", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "matryoshka" and result["dims"] == [8, 32, "full"]
+    assert result["sizes"] == ["8", "32", "64"] and set(result["table"]) == {"plain", "matryoshka"}
+    assert "| 8 | " in proc.stdout and (tmp_path / "work" / "matryoshka_p_at_1.png").read_bytes()[:4] == b"\x89PNG"
+    runs = {p.name: p for p in (tmp_path / "work" / "runs").iterdir()}
+    assert sorted(runs) == ["s0_a9_exact_b8_n2", "s0_a9_exact_b8_n2_m8-32-full"]
+    logged = [json.loads(line) for line in (runs["s0_a9_exact_b8_n2_m8-32-full"] / "metrics.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (runs["s0_a9_exact_b8_n2"] / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss_d8" in r and "loss_d64" in r for r in logged) and not any("loss_d8" in r for r in plain)

@@ -109,6 +109,23 @@ def main(job_file: str, out_file: str) -> None:
             "embeddings": model.encode(inputs, prompt=prompt or None, convert_to_tensor=True),
             "input_ids": [row_features(model, x, prompt)["input_ids"] for x in inputs],
         })
+    truncate = job.get("truncate")
+    if truncate:  # Matryoshka sizes: truncate_dim at load (with and without normalising) and per call
+        inputs = [st_input(text, img) for text, img in job["cases"]]
+        enc = dict(convert_to_tensor=True, batch_size=16)
+        out["truncate"] = {}
+        for d in truncate["dims"]:
+            model = SentenceTransformer(job["exports"][truncate["export"]], device="cpu",
+                                        model_kwargs={"dtype": torch.float32}, truncate_dim=d)
+            raw = model.encode_query(inputs, **enc)
+            out["truncate"][d] = {
+                "dimension": model.get_embedding_dimension(),
+                "raw": raw,
+                "normalized": model.encode_query(inputs, normalize_embeddings=True, **enc),
+                "similarity": model.similarity(raw, raw),
+                "per_call": models[truncate["export"]].encode_query(inputs, truncate_dim=d, normalize_embeddings=True,
+                                                                    **enc),
+            }
     out["llave_ds_imported"] = sorted(m for m in sys.modules if m == "llave_ds" or m.startswith("llave_ds."))
     torch.save(out, out_file)
 

@@ -5,6 +5,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import json  # noqa: E402
+import logging  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -15,12 +17,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from llave_ds.toy import tiny  # noqa: E402
 from llave_ds.cli import main as cli_main  # noqa: E402
 from llave_ds.model.embedding import ModelConfig, load_embedding_model  # noqa: E402
 from llave_ds.model.formatter import InputFormatter, ProcessingConfig  # noqa: E402
+from llave_ds.toy import tiny  # noqa: E402
 from tests.multimodal import BACKBONES, Side, noise_image  # noqa: E402
-
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +190,102 @@ def test_encode_sides_and_argument_errors(tiny_dirs):
         embedder.encode(texts="a")
     with pytest.raises(EncodeError, match="no_such.png"):
         embedder.encode(texts=["a"], images=["/no/such/dir/no_such.png"], progress=False)
+
+
+# --------------------------------------------------------------------- Matryoshka sizes
+
+def unit_prefix(x: torch.Tensor, d: int) -> torch.Tensor:
+    """The first d dims of each row scaled to unit length, in float64 (not llave_ds's truncate)."""
+    prefix = x[:, :d].double()
+    return (prefix / prefix.pow(2).sum(dim=1, keepdim=True).sqrt()).float()
+
+
+def with_declared_dims(tiny_dir: Path, out: Path, dims) -> Path:
+    shutil.copytree(tiny_dir, out)
+    (out / "llave_embedding.json").write_text(json.dumps({"matryoshka_dims": dims}))
+    return out
+
+
+def embedder_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "llave_ds.model.embedder" and r.levelno == logging.WARNING]
+
+
+def test_dim_gives_the_first_dims_renormalised(tiny_dirs, images, tmp_path):
+    """from_pretrained(dim=d), encode(dim=d) and encode_sides(dim=d): the whole vector's first d
+    dims scaled back to unit length; the full width is the whole vector itself."""
+    from llave_ds import LlaveEmbedder
+
+    _, paths = images
+    out = with_declared_dims(tiny_dirs["qwen2_vl"], tmp_path / "exported", [16, 32, 64])
+    texts = ["<|image_1|>\nwhat is this?", "plain text row", None, "another text"]
+    imgs = [paths["a.png"], None, paths["b.png"], None]
+    full = LlaveEmbedder.from_pretrained(out, device="cpu")
+    whole = full.encode(texts=texts, images=imgs, progress=False)
+    assert full.dim == full.full_dim == 64 and full.matryoshka_dims == [16, 32, 64]
+
+    small = LlaveEmbedder.from_pretrained(out, device="cpu", dim=16)
+    assert small.dim == 16 and small.full_dim == 64
+    got = small.encode(texts=texts, images=imgs, progress=False)
+    assert got.shape == (4, 16) and got.dtype == torch.float32
+    torch.testing.assert_close(got, unit_prefix(whole, 16), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(4), atol=1e-6, rtol=0)
+    assert (got - whole[:, :16]).abs().max() > 1e-3  # re-normalised, not just cut
+    # Per call (overriding the default either way), and encode_sides.
+    torch.testing.assert_close(full.encode(texts=texts, images=imgs, dim=32, progress=False),
+                               unit_prefix(whole, 32), atol=1e-6, rtol=0)
+    assert torch.equal(small.encode(texts=texts, images=imgs, dim=64, progress=False), whole)
+    sides = [Side(t or "", Image.open(i).convert("RGB") if i else None) for t, i in zip(texts, imgs)]
+    torch.testing.assert_close(full.encode_sides(sides, dim=16, progress=False), got, atol=1e-6, rtol=0)
+    assert small.encode(texts=[], progress=False).shape == (0, 16)
+
+
+def test_bad_dims_are_errors_and_untrained_dims_warn_once(tiny_dirs, tmp_path, caplog):
+    from llave_ds import LlaveEmbedder
+
+    out = with_declared_dims(tiny_dirs["qwen2_vl"], tmp_path / "exported", [16, 32, 64])
+    embedder = LlaveEmbedder.from_pretrained(out, device="cpu")
+    for bad in (0, -3, 65, 1.5, True, "16"):
+        with pytest.raises(ValueError, match="dim must be an integer from 1 to 64"):
+            embedder.encode(texts=["a"], dim=bad, progress=False)
+    with pytest.raises(ValueError, match=r"dim must be an integer from 1 to 64 \(the embedding width\), got 65"):
+        LlaveEmbedder.from_pretrained(out, device="cpu", dim=65)
+
+    with caplog.at_level(logging.WARNING, logger="llave_ds.model.embedder"):
+        for d in (16, 32, 64, 16):  # declared sizes, and the whole vector
+            embedder.encode(texts=["a"], dim=d, progress=False)
+        assert embedder_warnings(caplog) == []
+        for _ in range(2):  # not declared: it works, with one warning
+            assert embedder.encode(texts=["a"], dim=24, progress=False).shape == (1, 24)
+        (warning,) = embedder_warnings(caplog)
+        assert "dim=24" in warning and "16, 32, 64" in warning and "not trained" in warning
+        caplog.clear()
+        # No declared sizes at all (a base model directory): also one warning.
+        base = LlaveEmbedder.from_pretrained(tiny_dirs["qwen2_vl"], device="cpu", dim=16)
+        base.encode(texts=["a", "b"], progress=False)
+        base.encode(texts=["a"], dim=16, progress=False)
+        (warning,) = embedder_warnings(caplog)
+        assert "dim=16" in warning and "declares no Matryoshka sizes" in warning
+
+
+def test_encode_cli_dim(tiny_dirs, tmp_path, capsys):
+    from llave_ds import LlaveEmbedder
+
+    out = with_declared_dims(tiny_dirs["llava_onevision"], tmp_path / "exported", [16, 32, 64])
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"text": "hello"}, {"text": "a longer row of text"}])
+    dest = tmp_path / "e.safetensors"
+    assert cli_main(["encode", "--model", str(out), "--input", str(data), "--out", str(dest), "--dim", "32",
+                     "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dim"] == 32
+    want = LlaveEmbedder.from_pretrained(out, device="cpu", dim=32).encode(texts=["hello", "a longer row of text"],
+                                                                           progress=False)
+    torch.testing.assert_close(load_file(str(dest))["embeddings"], want, atol=1e-6, rtol=0)
+    for dim, words in (("65", ["from 1 to 64", "65"]), ("0", ["--dim must be >= 1"])):
+        assert cli_main(["encode", "--model", str(out), "--input", str(data), "--out", str(tmp_path / "x.npy"),
+                         "--dim", dim, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), err
+    assert not (tmp_path / "x.npy").exists()
 
 
 def test_package_import_is_lazy():

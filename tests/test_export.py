@@ -1,5 +1,6 @@
 """Export: consolidate 2-rank DeepSpeed checkpoints on one CPU process into transformers
-directories that reload with plain transformers and give the training engine's embeddings."""
+directories that reload with plain transformers and give the training engine's embeddings.
+The Qwen3-VL run trains Matryoshka sizes: its exports declare them, the others do not."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,9 +18,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from llave_ds.toy import tiny  # noqa: E402
 from llave_ds.cli import main as cli_main  # noqa: E402
 from llave_ds.model.formatter import ProcessingConfig  # noqa: E402
+from llave_ds.toy import tiny  # noqa: E402
 from tests.multimodal import Side, noise_image  # noqa: E402
 
 pytestmark = pytest.mark.slow  # 2-rank DeepSpeed training in the module fixture
@@ -75,7 +76,13 @@ RUNS = {
 }
 
 
-def run_config(tiny_dir, run_dir, backbone, lora_r):
+# objective.matryoshka_dims / matryoshka_weights per run (the others train the whole vector
+# only). Size 8 has weight 0: no loss term trains it, so the export does not declare it.
+MATRYOSHKA = {"qwen3_zero2": ([8, 16, 32, "full"], [0.0, 1.0, 1.0, 1.0])}
+DECLARED_DIMS = [16, 32, 64]  # "full": the tiny models' width, 64
+
+
+def run_config(tiny_dir, run_dir, backbone, lora_r, name=None):
     from llave_ds.model.embedding import ModelConfig
     from llave_ds.train import ProcessingConfig, TrainConfig
 
@@ -83,6 +90,8 @@ def run_config(tiny_dir, run_dir, backbone, lora_r):
                       model=ModelConfig(path=str(tiny_dir), dtype="float32", lora_r=lora_r, lora_alpha=8.0),
                       processing=ProcessingConfig(**PROCESSING[backbone]))
     cfg.data.source = "hand-made pairs"
+    if name in MATRYOSHKA:
+        cfg.objective.matryoshka_dims, cfg.objective.matryoshka_weights = MATRYOSHKA[name]
     return cfg
 
 
@@ -95,15 +104,14 @@ def train_worker(rank, world_size, jobs):
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 30 s JIT build
     torch.set_num_threads(1)
-    from llave_ds.training import checkpoint as ckpt
-    from llave_ds.training import engine as eng
     from llave_ds.config import load_config
-    from llave_ds.export.model_dir import export_from_engine
     from llave_ds.core.gradcache import gradcache_step
+    from llave_ds.export.model_dir import export_from_engine
     from llave_ds.model.embedding import load_embedding_model, trainable_parameters
-    from llave_ds.core.objective import ObjectiveConfig
     from llave_ds.model.formatter import InputFormatter
     from llave_ds.train import TrainConfig
+    from llave_ds.training import checkpoint as ckpt
+    from llave_ds.training import engine as eng
 
     results = {}
     for name, job in jobs.items():
@@ -127,7 +135,7 @@ def train_worker(rank, world_size, jobs):
             queries, targets = pairs_for(rank, step)
             q_chunks = [fmt(queries[i:i + 2], "query") for i in (0, 2)]
             t_chunks = [fmt(targets[i:i + 2], "target") for i in (0, 2)]
-            result = gradcache_step(backend, q_chunks, t_chunks, ObjectiveConfig())
+            result = gradcache_step(backend, q_chunks, t_chunks, cfg.objective)  # as train.py does
             losses.append(float(result.output.loss.detach()))
         probe = fmt(probe_sides(), "query")
         engine.eval()
@@ -156,7 +164,7 @@ def trained(tmp_path_factory):
     for name, (backbone, stage, lora_r) in RUNS.items():
         tiny_dir = tiny.build_tiny_model_dir(root / f"tiny_{backbone}", backbone)
         run_dir = root / f"run_{name}"
-        dump_config(run_config(tiny_dir, run_dir, backbone, lora_r), run_dir / "config.yaml")
+        dump_config(run_config(tiny_dir, run_dir, backbone, lora_r, name), run_dir / "config.yaml")
         (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.5}) + "\n"
                                                + json.dumps({"step": 2, "loss": 1.25}) + "\n")
         jobs[name] = {"run_dir": str(run_dir), "stage": stage, "engine_export": str(root / f"engine_export_{name}")}
@@ -452,6 +460,112 @@ def test_metadata_and_model_card(trained, fp32_exports):
                  "chat_template.jinja"):
         assert (out / name).is_file(), name
     assert not list(out.parent.glob(f".{out.name}.partial-*"))
+
+
+def unit_prefix(x: torch.Tensor, d: int) -> torch.Tensor:
+    """The first d dims of each row scaled to unit length, in float64 (not llave_ds's truncate)."""
+    prefix = x[:, :d].double()
+    return (prefix / prefix.pow(2).sum(dim=1, keepdim=True).sqrt()).float()
+
+
+MATRYOSHKA_CONFIG_FIELDS = ("is_matryoshka", "matryoshka_dimensions")  # what vLLM reads (docs/EXPORT.md)
+
+
+@pytest.mark.timeout(300)
+def test_matryoshka_export_declares_the_trained_sizes(trained, fp32_exports, caplog):
+    """Both export paths of the Matryoshka run declare the trained sizes (resolved, the
+    weight-0 size left out) in llave_embedding.json, in config.json's vLLM fields (as
+    transformers loads them: what vLLM's ModelConfig reads) and in the model card; and
+    LlaveEmbedder(dim=d) on the export is the engine's vectors' first d dims, re-normalised."""
+    import logging
+
+    from transformers import AutoConfig
+
+    from llave_ds import LlaveEmbedder
+
+    run = trained["runs"]["qwen3_zero2"]
+    for out in (fp32_exports["qwen3_zero2"], run["engine_export"]):
+        assert json.loads((out / "llave_embedding.json").read_text())["matryoshka_dims"] == DECLARED_DIMS
+        config = json.loads((out / "config.json").read_text())
+        assert {k: config[k] for k in MATRYOSHKA_CONFIG_FIELDS} == {"is_matryoshka": True,
+                                                                   "matryoshka_dimensions": DECLARED_DIMS}
+        hf_config = AutoConfig.from_pretrained(out)
+        assert hf_config.is_matryoshka is True and hf_config.matryoshka_dimensions == DECLARED_DIMS
+        card = (out / "README.md").read_text()
+        section = card[card.index("## Matryoshka sizes"):card.index("## Usage")]
+        assert "Trained at the sizes 16, 32, 64:" in section and "F.normalize(embedding[..., :d], dim=-1)" in section
+        assert "truncate_dim=d" in section and "normalize_embeddings=True" in section and "dimensions" in section
+
+    sides = probe_sides()
+    engine_emb = run["rank_results"][0]["emb"]
+    with caplog.at_level(logging.WARNING, logger="llave_ds.model.embedder"):
+        embedder = LlaveEmbedder.from_pretrained(fp32_exports["qwen3_zero2"], device="cpu", dim=16)
+        got = embedder.encode(texts=[s.text for s in sides], images=[s.image for s in sides], progress=False)
+    assert not [r for r in caplog.records if r.name == "llave_ds.model.embedder"]  # 16 is a declared size
+    assert got.shape == (3, 16) and (got - unit_prefix(engine_emb, 16)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.timeout(300)
+def test_without_matryoshka_sizes_the_export_is_unchanged(trained, fp32_exports, tmp_path):
+    """Runs without Matryoshka sizes export no new key anywhere; and the Matryoshka run's
+    checkpoint exported with the sizes switched off in its config differs from its export with
+    them only by those keys and the card's section: every other file is the same bytes."""
+    import shutil
+
+    import yaml
+    from transformers import AutoConfig
+
+    for name in set(RUNS) - set(MATRYOSHKA):
+        out = fp32_exports[name]
+        assert "matryoshka_dims" not in json.loads((out / "llave_embedding.json").read_text())
+        assert not set(MATRYOSHKA_CONFIG_FIELDS) & set(json.loads((out / "config.json").read_text()))
+        assert not any(hasattr(AutoConfig.from_pretrained(out), k) for k in MATRYOSHKA_CONFIG_FIELDS)
+        card = (out / "README.md").read_text()
+        assert "atryoshka" not in card[:card.index("## Training config")]  # the config says matryoshka_dims: null
+
+    run = trained["runs"]["qwen3_zero2"]
+    raw = yaml.safe_load((run["run_dir"] / "config.yaml").read_text())
+    raw["objective"].update(matryoshka_dims=None, matryoshka_weights=None)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    shutil.copy(run["run_dir"] / "metrics.jsonl", tmp_path / "metrics.jsonl")  # the card's final metrics
+    on, off = fp32_exports["qwen3_zero2"], tmp_path / "off"
+    assert export(run["run_dir"] / "checkpoints", off, "--dtype", "fp32", "--config", tmp_path / "config.yaml") == 0
+
+    def files(root):
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+    assert files(on) == files(off)
+    changed = {"config.json", "llave_embedding.json", "README.md"}
+    for rel in set(files(on)) - changed:
+        assert (on / rel).read_bytes() == (off / rel).read_bytes(), rel
+    config = json.loads((on / "config.json").read_text())
+    for key in MATRYOSHKA_CONFIG_FIELDS:
+        del config[key]
+    assert (off / "config.json").read_text() == json.dumps(config, indent=2, sort_keys=True) + "\n"
+    meta = json.loads((on / "llave_embedding.json").read_text())
+    del meta["matryoshka_dims"]
+    assert (off / "llave_embedding.json").read_text() == json.dumps(meta, indent=2) + "\n"
+    card, off_card = (on / "README.md").read_text(), (off / "README.md").read_text()
+    card = card.replace(card[card.index("## Matryoshka sizes"):card.index("## Usage")], "")
+    cut = "## Training config"  # the config itself differs: objective.matryoshka_dims
+    assert off_card[:off_card.index(cut)] == card[:card.index(cut)]
+    assert "atryoshka" not in off_card[:off_card.index(cut)]
+
+
+@pytest.mark.timeout(300)
+def test_bad_matryoshka_sizes_in_the_run_config_name_the_file(trained, tmp_path, capsys):
+    import yaml
+
+    run = trained["runs"]["qwen3_zero2"]
+    raw = yaml.safe_load((run["run_dir"] / "config.yaml").read_text())
+    raw["objective"].update(matryoshka_dims=[16, 128], matryoshka_weights=None)  # 128 > the width, 64
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    capsys.readouterr()
+    assert export(run["run_dir"] / "checkpoints", tmp_path / "out", "--config", config) == 2
+    err = capsys.readouterr().err
+    assert str(config) in err and "matryoshka_dims" in err and "at most 64" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.timeout(300)

@@ -8,7 +8,9 @@ process that never imports llave-ds (tests/st_client.py) loads each with
 the same rows go through ``LlaveEmbedder``. Token ids, image tensors and vectors must
 agree (vectors within 1e-5), in mixed batches, one row at a time and left padded. The
 cases the template cannot reproduce (``st_export.differences``) are pinned, and the
-model card's (and docs/EXPORT.md's) three usage snippets are executed and agree.
+model card's (and docs/EXPORT.md's) three usage snippets are executed and agree. One export
+declares Matryoshka sizes: ``SentenceTransformer(dir, truncate_dim=d)`` with
+``normalize_embeddings=True`` gives ``LlaveEmbedder(dim=d)``'s vectors.
 """
 import dataclasses
 import json
@@ -22,13 +24,13 @@ import torch
 from PIL import Image, ImageOps
 
 from llave_ds import LlaveEmbedder
-from llave_ds.toy import tiny
 from llave_ds.export import st_files as st_export
-from llave_ds.model.embedder import Side
 from llave_ds.export.model_dir import embedding_metadata, model_card, write_model_dir
+from llave_ds.model.embedder import Side
 from llave_ds.model.embedding import ModelConfig, load_embedding_model
 from llave_ds.model.formatter import InputFormatter, ProcessingConfig
 from llave_ds.model.prompt_formats import TEMPLATE_TAILS
+from llave_ds.toy import tiny
 from tests.multimodal import ALL_BACKBONES, noise_image
 
 pytest.importorskip("sentence_transformers", reason="sentence-transformers is in the test extra (llave-ds[st])")
@@ -63,6 +65,9 @@ CASES = [
     ("long text " * 40, None),                         # text-only over max_length: cut alike
 ]
 TOL = 1e-5
+# The export that declares Matryoshka sizes, and the sizes sentence-transformers truncates to.
+MATRYOSHKA_EXPORT, MATRYOSHKA_DIMS = "qwen2_vl-qwen_chat", [16, 32, 64]
+TRUNCATE_DIMS = [16, 32]
 
 
 def export_name(backbone, prompt_format):
@@ -76,9 +81,10 @@ def processing(backbone, prompt_format, **changes):
     return dataclasses.replace(cfg, **changes)
 
 
-def write_export(model, processor, backbone, cfg, out):
+def write_export(model, processor, backbone, cfg, out, matryoshka_dims=None):
     fmt = InputFormatter.from_config(processor, backbone, cfg)
-    meta = embedding_metadata(model, fmt, export_dtype="float32", model_class=type(model.base_hf_model).__name__)
+    meta = embedding_metadata(model, fmt, export_dtype="float32", model_class=type(model.base_hf_model).__name__,
+                              matryoshka_dims=matryoshka_dims)
     return write_model_dir(model.base_hf_model, None, processor, out, meta, model_card(None, meta))
 
 
@@ -106,9 +112,9 @@ def exports(tmp_path_factory):
         model, processor = load_embedding_model(ModelConfig(path=str(base), dtype="float32"))
         model.eval()
         for prompt_format in formats_for(backbone):
-            out[export_name(backbone, prompt_format)] = write_export(
-                model, processor, backbone, processing(backbone, prompt_format),
-                root / export_name(backbone, prompt_format))
+            name = export_name(backbone, prompt_format)
+            out[name] = write_export(model, processor, backbone, processing(backbone, prompt_format), root / name,
+                                     matryoshka_dims=MATRYOSHKA_DIMS if name == MATRYOSHKA_EXPORT else None)
         if backbone == "llava_onevision":  # the image-token cap sentence-transformers cannot apply
             out["llava_onevision-cap"] = write_export(
                 model, processor, backbone, processing(backbone, "qwen_chat", max_image_tokens=14),
@@ -144,7 +150,8 @@ def st_results(exports, images, tmp_path_factory):
     job = {"exports": {name: str(path) for name, path in exports.items()},
            "images": {name: str(path) for name, path in images.items()},
            "cases": [list(case) for case in CASES],
-           "extra": EXTRA}
+           "extra": EXTRA,
+           "truncate": {"export": MATRYOSHKA_EXPORT, "dims": TRUNCATE_DIMS}}
     (tmp / "job.json").write_text(json.dumps(job))
     result = run_client([str(tmp / "job.json")], tmp, "st")
     assert result["llave_ds_imported"] == []
@@ -285,6 +292,30 @@ def test_mixed_batches_and_padding_give_the_rows_alone(st_results, embedders, im
     diffs["llave_embedder_one_by_one"] = (llave_encode(embedder, images, "query") - one_by_one).abs().max().item()
     print(f"{name}: max |difference to the mixed batch| {diffs}")
     assert max(diffs.values()) <= TOL, diffs
+
+
+# ------------------------------------------------------------------------ Matryoshka sizes
+
+def test_truncate_dim_with_normalize_embeddings_equals_llave_embedder_dim(st_results, embedders, exports, images):
+    """sentence-transformers truncates after its Normalize module and does not re-normalise:
+    ``truncate_dim=d`` alone gives the whole unit vector's first d dims (norm below 1), with
+    ``normalize_embeddings=True`` exactly ``LlaveEmbedder(dim=d)``; cosine scores agree either way."""
+    meta = json.loads((exports[MATRYOSHKA_EXPORT] / "llave_embedding.json").read_text())
+    assert meta["matryoshka_dims"] == MATRYOSHKA_DIMS
+    st = st_results["truncate"]
+    whole = st_results["exports"][MATRYOSHKA_EXPORT]["query"]
+    embedder = embedders[MATRYOSHKA_EXPORT]
+    for d in TRUNCATE_DIMS:
+        got = st[d]
+        want = llave_encode(embedder, images, "query", dim=d)
+        assert got["dimension"] == d and got["normalized"].shape == want.shape == (len(CASES), d)
+        for key in ("normalized", "per_call"):
+            diff = (got[key] - want).abs().max().item()
+            print(f"truncate_dim={d} {key}: max |ST - LlaveEmbedder(dim={d})| {diff:.1e}")
+            assert diff <= TOL, (d, key, diff)
+        assert torch.equal(got["raw"], whole[:, :d])  # a plain slice of the normalised vector
+        assert got["raw"].norm(dim=-1).max() < 1 - 1e-3
+        assert (got["similarity"] - want @ want.T).abs().max() <= TOL
 
 
 # --------------------------------------------------------------- what cannot be reproduced

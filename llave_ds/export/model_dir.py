@@ -18,6 +18,12 @@ format: every ``processing`` field of the run, from the formatter built by
 without llave-ds installed; ``processor_config.json`` names the stock processor class
 (``LlavaOnevisionProcessor`` / ``Qwen2VLProcessor``) for ``AutoProcessor``.
 
+A run trained with Matryoshka sizes (``objective.matryoshka_dims``) declares them: the
+resolved sizes in ``llave_embedding.json`` (``matryoshka_dims``), a section of the model card,
+and ``is_matryoshka`` / ``matryoshka_dimensions`` in ``config.json``, the fields vLLM reads to
+accept a ``dimensions`` request (docs/EXPORT.md, "Matryoshka sizes"). Without them the export
+is what it was, byte for byte.
+
 It is written into a temporary sibling and renamed into place at the end, so an
 interrupted export never leaves a half directory at the destination.
 """
@@ -42,6 +48,7 @@ from llave_ds import __version__
 from llave_ds.config import ConfigError, check_choices, config_from_dict, config_to_dict
 from llave_ds.core import distributed
 from llave_ds.core.gather import rank_errors
+from llave_ds.core.objective import matryoshka_sizes
 from llave_ds.export.st_files import usage_section as st_usage_section
 from llave_ds.export.st_files import write_sentence_transformers_files
 from llave_ds.files import fsync_tree
@@ -58,6 +65,8 @@ from llave_ds.training.run_dir import RunDir
 logger = logging.getLogger(__name__)
 
 METADATA_FORMAT_VERSION = 1
+# llave_embedding.json: the Matryoshka sizes the run trained (absent when it trained none).
+MATRYOSHKA_KEY = "matryoshka_dims"
 HF_PREFIX = "hf_model."
 PEFT_PREFIX = "base_model.model."
 
@@ -126,6 +135,8 @@ def write_model_dir(hf_model, state_dict: Optional[dict], processor: Any, out_di
                                      max_shard_size=max_shard_size)
         if state_dict is not None:
             _fix_config_dtype(stage, state_dict)
+        if metadata.get(MATRYOSHKA_KEY):
+            _update_config_json(stage, serving_config_fields(metadata[MATRYOSHKA_KEY]))
         if processor is not None:
             processor.save_pretrained(str(stage))
             image_processor = getattr(processor, "image_processor", None)
@@ -194,23 +205,53 @@ def _standard_save(hf_model, leave_out: Optional[str] = None):
             hf_model.__dict__.pop("_weight_conversions", None)
 
 
+def _update_config_json(stage: Path, fields: dict) -> None:
+    """Set top-level fields of the saved ``config.json``, written as transformers writes it."""
+    path = stage / "config.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+        config.update(fields)
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _fix_config_dtype(stage: Path, state_dict: dict) -> None:
     """save_pretrained records the module's dtype; record the saved tensors' instead."""
     floats = {t.dtype for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point()}
-    path = stage / "config.json"
-    if len(floats) == 1 and path.is_file():
-        config = json.loads(path.read_text())
-        config["dtype"] = dtype_name(floats.pop())
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if len(floats) == 1:
+        _update_config_json(stage, {"dtype": dtype_name(floats.pop())})
+
+
+def serving_config_fields(sizes: list[int]) -> dict:
+    """What ``config.json`` declares for a Matryoshka export: vLLM's ``ModelConfig`` reads
+    ``is_matryoshka`` and ``matryoshka_dimensions`` from the HF config (the top level, for these
+    multimodal configs too) and accepts a request's ``dimensions`` only when one is set, and
+    then only a listed size (docs/EXPORT.md, "Matryoshka sizes")."""
+    return {"is_matryoshka": True, "matryoshka_dimensions": [int(s) for s in sizes]}
+
+
+def run_matryoshka_dims(cfg: Any, width: int) -> Optional[list[int]]:
+    """The Matryoshka sizes a run trained, for the export to declare: ``objective.matryoshka_dims``
+    resolved against the embedding width (``full`` -> the width; ascending), without the sizes
+    whose ``matryoshka_weights`` entry is 0 (no loss term trained them); None when off.
+    A bad value is a ValueError naming the field (``ObjectiveConfig``'s own rule)."""
+    objective = (_plain_config(cfg) or {}).get("objective") or {}
+    sizes = matryoshka_sizes(objective.get("matryoshka_dims"), objective.get("matryoshka_weights"), int(width))
+    if sizes is None:
+        return None
+    return [size for size, weight in sizes if weight > 0]
 
 
 # ---------------------------------------------------------------------------- metadata
 
 def embedding_metadata(model, formatter, *, export_dtype: Union[str, torch.dtype], model_class: str,
-                       lora_merged: bool = False, source: Optional[dict] = None) -> dict:
-    """What ``llave_embedding.json`` holds: how to turn inputs into the embedding."""
+                       lora_merged: bool = False, source: Optional[dict] = None,
+                       matryoshka_dims: Optional[list[int]] = None) -> dict:
+    """What ``llave_embedding.json`` holds: how to turn inputs into the embedding.
+    ``matryoshka_dims``: the trained sizes (`run_matryoshka_dims`); no key when None."""
     meta = {"format_version": METADATA_FORMAT_VERSION, "library": "llave-ds", "llave_ds_version": __version__}
     meta.update(model.embedding_metadata(formatter))  # input_format: formatter.metadata()
+    if matryoshka_dims:
+        meta[MATRYOSHKA_KEY] = [int(d) for d in matryoshka_dims]
     meta.update({"similarity": "cosine", "model_class": model_class,
                  "export_dtype": dtype_name(_dtype(export_dtype)), "lora_merged": bool(lora_merged)})
     if untied_head_key(model.base_hf_model) is not None:  # write_model_dir leaves it out
@@ -237,6 +278,25 @@ def _head_note(metadata: dict, cls: str) -> list[str]:
             "unaffected; for `generate()`, copy the base model's `lm_head.weight` in.", ""]
 
 
+def _matryoshka_note(metadata: dict) -> list[str]:
+    sizes = metadata[MATRYOSHKA_KEY]
+    shown = ", ".join(str(d) for d in sizes)
+    return ["## Matryoshka sizes", "",
+            f"Trained at the sizes {shown}: for each of these d, the first d dimensions of the embedding are an "
+            "embedding of their own. Re-normalise after truncating (the whole vector has unit norm, its "
+            "first d dimensions do not): `F.normalize(embedding[..., :d], dim=-1)`. Other sizes were not trained.",
+            "",
+            "- llave-ds: `LlaveEmbedder.from_pretrained(path, dim=d)` or `encode(..., dim=d)`; "
+            "`llave-ds encode --dim d`.",
+            "- sentence-transformers: `SentenceTransformer(path, truncate_dim=d)` and "
+            "`encode(..., normalize_embeddings=True)`: it truncates after its `Normalize` module and does not "
+            "re-normalise (`model.similarity`, cosine, gives the same scores either way).",
+            f"- vLLM: `config.json` declares `is_matryoshka` and `matryoshka_dimensions` [{shown}], so a "
+            "`dimensions` request of one of these sizes is accepted (vLLM truncates, then normalises); other "
+            "sizes are refused.", "",
+            f"`{EMBEDDING_METADATA}` lists the sizes under `{MATRYOSHKA_KEY}`.", ""]
+
+
 def model_card(cfg: Any, metadata: dict, extra: Optional[dict] = None) -> str:
     """README.md: what the model is, how to use it, the training summary and config."""
 
@@ -252,6 +312,7 @@ def model_card(cfg: Any, metadata: dict, extra: Optional[dict] = None) -> str:
              f"Weights: `{metadata.get('export_dtype')}` safetensors"
              + (" (LoRA adapters merged into the base weights)" if metadata.get("lora_merged") else "") + ".", "",
              *(_head_note(metadata, cls) if metadata.get("lm_head") else []),
+             *(_matryoshka_note(metadata) if metadata.get(MATRYOSHKA_KEY) else []),
              *st_usage_section(metadata),  # sentence-transformers, LlaveEmbedder, transformers
              f"Prompt: Qwen chat template, system prompt `{fmt.get('system_prompt')}`, query instruction "
              f"`{fmt.get('query_instruction')}`, target instruction `{fmt.get('target_instruction')}`, "
@@ -338,7 +399,7 @@ def export_from_engine(engine, model, processor, formatter, out_dir, cfg=None, *
                 state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
             base = model.base_hf_model
             metadata = embedding_metadata(model, formatter, export_dtype=target, model_class=type(base).__name__,
-                                          lora_merged=lora)
+                                          lora_merged=lora, matryoshka_dims=run_matryoshka_dims(cfg, model.hidden_size))
             path = write_model_dir(base, state, processor, Path(out_dir), metadata,
                                    model_card(cfg, metadata, summary), force=force,
                                    max_shard_size=max_shard_size)
@@ -483,8 +544,12 @@ def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], *
     formatter = InputFormatter.from_config(processor, model.backbone, processing)
     source = {"checkpoint": str(ckpt_dir.resolve()), "step": marker.get("step"),
               "world_size": marker.get("world_size"), "base_model": str(base)}
+    try:
+        dims = run_matryoshka_dims(raw, model.hidden_size)
+    except ValueError as exc:
+        raise ExportError(f"invalid run config {cfg_file}: objective: {exc}") from None
     metadata = embedding_metadata(model, formatter, export_dtype=target, model_class=type(hf_model).__name__,
-                                  lora_merged=lora, source=source)
+                                  lora_merged=lora, source=source, matryoshka_dims=dims)
     summary = {"steps": marker.get("step"), "ranks": marker.get("world_size"), "checkpoint": ckpt_dir.name}
     metrics = run.last_metrics()
     if metrics:

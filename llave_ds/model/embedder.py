@@ -4,7 +4,9 @@
 (or a stock LLaVA-OneVision / Qwen2-VL checkpoint directory) together with its processor,
 and formats inputs exactly as training did, from the prompt settings in
 ``llave_embedding.json``. ``encode`` returns float32, L2-normalised ``[N, D]`` embeddings;
-the cosine similarity of two rows is their dot product.
+the cosine similarity of two rows is their dot product. ``dim=d`` (at load or per call) gives
+the first d dimensions re-normalised: a Matryoshka size, which the export declares under
+``matryoshka_dims`` when its run trained them (another size works, with a warning).
 
 ``llave-ds encode --model DIR --input rows.jsonl --out emb.safetensors`` embeds the rows
 of a JSONL / Parquet file (MMEB field names) and writes one row per input row.
@@ -21,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 import sys
 from pathlib import Path
@@ -28,6 +31,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from llave_ds.core.objective import truncate
 from llave_ds.files import write_atomically
 from llave_ds.formats import EMBEDDING_METADATA, QUERY, ROLES, TARGET, TRAIN_SIDE_FIELDS
 from llave_ds.media.files import MediaError
@@ -87,21 +91,27 @@ def _resolve_device(device) -> torch.device:
 class LlaveEmbedder:
     """An embedding model ready for inference: model + processor + prompt formatter."""
 
-    def __init__(self, model, formatter, device: torch.device, metadata: Optional[dict] = None):
+    def __init__(self, model, formatter, device: torch.device, metadata: Optional[dict] = None,
+                 dim: Optional[int] = None):
         self.model = model.eval()
         self.formatter = formatter
         self.device = device
         self.metadata = metadata or {}
+        self._warned_dims: set[int] = set()
+        self.default_dim = None if dim is None else self.check_dim(dim)
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device=None, dtype=None,
-                        attn_implementation: str = "auto", **formatter_overrides) -> "LlaveEmbedder":
+                        attn_implementation: str = "auto", dim: Optional[int] = None,
+                        **formatter_overrides) -> "LlaveEmbedder":
         """Load an exported directory (or a base model directory).
 
         device: "cpu", "cuda", "cuda:1", a torch.device, or None (CUDA when available:
             ``cuda:$LOCAL_RANK`` under a distributed launcher; else the CPU).
         dtype: "bfloat16" / "float32" / "float16" or a torch dtype; None: bfloat16 on
             CUDA, float32 on CPU. The embeddings are float32 either way.
+        dim: encode's default output size: the first ``dim`` dimensions, re-normalised (None:
+            the whole vector). See ``check_dim``.
         formatter_overrides: ``ProcessingConfig`` fields that replace those recorded in
             ``llave_embedding.json`` (max_length, max_image_tokens, query_instruction,
             target_instruction, system_prompt, padding_side, prompt_format, video_frames,
@@ -144,11 +154,43 @@ class LlaveEmbedder:
                         path, EMBEDDING_METADATA, model.backbone, released.prompt_format)
         elif metadata is None:
             logger.info("%s has no %s: using the default prompt settings", path, EMBEDDING_METADATA)
-        return cls(model, formatter, device, metadata)
+        return cls(model, formatter, device, metadata, dim=dim)
+
+    @property
+    def full_dim(self) -> int:
+        """The width of the whole embedding (the language model's hidden size)."""
+        return self.model.hidden_size
 
     @property
     def dim(self) -> int:
-        return self.model.hidden_size
+        """The width of what ``encode`` returns by default (``dim`` of ``from_pretrained``)."""
+        return self.full_dim if self.default_dim is None else self.default_dim
+
+    @property
+    def matryoshka_dims(self) -> Optional[list[int]]:
+        """The Matryoshka sizes the export declares (``matryoshka_dims`` of llave_embedding.json)."""
+        return self.metadata.get("matryoshka_dims")
+
+    def check_dim(self, dim) -> int:
+        """``dim`` checked: an integer from 1 to the width, else a ValueError (EncodeError). A
+        size short of the width that the export does not declare (or an export that declares
+        none) was not trained as an embedding: it works, and logs one warning per size."""
+        width = self.full_dim
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not 1 <= int(dim) <= width:
+            raise EncodeError(f"dim must be an integer from 1 to {width} (the embedding width), got {dim!r}")
+        dim = int(dim)
+        declared = self.matryoshka_dims
+        if dim < width and dim not in (declared or ()) and dim not in self._warned_dims:
+            self._warned_dims.add(dim)
+            if declared:
+                logger.warning("dim=%d is not one of the Matryoshka sizes this model was trained at (%s, "
+                               "llave_embedding.json): its first %d dimensions were not trained as an embedding",
+                               dim, ", ".join(map(str, declared)), dim)
+            else:
+                logger.warning("dim=%d: this model declares no Matryoshka sizes (no matryoshka_dims in "
+                               "llave_embedding.json): its first %d dimensions were not trained as an embedding",
+                               dim, dim)
+        return dim
 
     def _formatter_for(self, role: str, instruction: Optional[str]):
         if instruction is None:
@@ -160,7 +202,7 @@ class LlaveEmbedder:
     def encode(self, texts: Optional[Sequence[Optional[str]]] = None,
                images: Optional[Sequence[ImageLike]] = None, instruction: Optional[str] = None,
                role: str = "query", batch_size: int = 16, progress: bool = True,
-               videos: Optional[Sequence[VideoLike]] = None) -> torch.Tensor:
+               videos: Optional[Sequence[VideoLike]] = None, dim: Optional[int] = None) -> torch.Tensor:
         """Embed rows of text, image and/or video: ``[N, D]`` float32, unit norm, on CPU.
 
         texts / images / videos: lists of the same length where several are given; an image
@@ -169,6 +211,8 @@ class LlaveEmbedder:
         one of image and video; a text may be None or "" (image- or video-only row).
         MMEB's ``<|image_1|>`` (``<|video_1|>``) in a text marks where the image (video) goes.
         instruction: replaces the role's instruction recorded at export for this call.
+        dim: the first ``dim`` dimensions, re-normalised (``[N, dim]``); None: the default
+            (``from_pretrained``'s ``dim``, else the whole vector).
         """
         given = {name: value for name, value in (("texts", texts), ("images", images), ("videos", videos))
                  if value is not None}
@@ -186,14 +230,15 @@ class LlaveEmbedder:
                       video=videos[i] if videos is not None else None)
                  for i in range(n)]
         return self.encode_sides(sides, role=role, instruction=instruction, batch_size=batch_size,
-                                 progress=progress)
+                                 progress=progress, dim=dim)
 
     def encode_sides(self, sides: Sequence[Any], role: str = "query", instruction: Optional[str] = None,
-                     batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+                     batch_size: int = 16, progress: bool = True, dim: Optional[int] = None) -> torch.Tensor:
         """Embed objects with ``.text``, ``.image`` (PIL image, path or None) and optionally
         ``.video`` (see ``encode``); ``.where`` (optional) prefixes error messages."""
         from tqdm.auto import tqdm
 
+        size = self.dim if dim is None else self.check_dim(dim)
         if role not in ROLES:
             raise EncodeError(f"role must be 'query' or 'target', got {role!r}")
         if batch_size < 1:
@@ -219,8 +264,8 @@ class LlaveEmbedder:
                 batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 out.append(self.model(**batch).float().cpu())
         if not out:
-            return torch.empty(0, self.dim, dtype=torch.float32)
-        return torch.cat(out)
+            return torch.empty(0, size, dtype=torch.float32)
+        return truncate(torch.cat(out), size)  # the whole vector as it is
 
 
 # ------------------------------------------------------------------------ encode CLI
@@ -322,6 +367,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="query: qry / qry_image_path / qry_video_path; target: pos_text / pos_image_path / "
                              "pos_video_path (default query)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=None,
+                        help="write the first DIM dimensions of each embedding, re-normalised (a Matryoshka size: "
+                             "matryoshka_dims of the export's llave_embedding.json; default: the whole vector)")
     parser.add_argument("--image-root", default=None,
                         help="directory image and video paths are relative to (default: the input file's "
                              "directory)")
@@ -338,6 +386,8 @@ def run(args: argparse.Namespace) -> int:
             raise EncodeError(f"output file {out}: expected a .safetensors or .npy name")
         if args.batch_size < 1:
             raise EncodeError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.dim is not None and args.dim < 1:  # above the width: known once the model is loaded
+            raise EncodeError(f"--dim must be >= 1, got {args.dim}")
         image_root = Path(args.image_root) if args.image_root else inp.parent
         if not image_root.is_dir():
             raise EncodeError(f"image root {image_root} is not a directory")
@@ -351,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
 
         # Every row is checked (fields, types, image files) before the model loads.
         sides = [row_side(row, args.role, where(i), image_root) for i, row in enumerate(rows)]
-        embedder = LlaveEmbedder.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        embedder = LlaveEmbedder.from_pretrained(args.model, device=args.device, dtype=args.dtype, dim=args.dim)
         embeddings = embedder.encode_sides(sides, role=args.role, batch_size=args.batch_size,
                                            progress=not args.no_progress)
         write_embeddings(embeddings, out)

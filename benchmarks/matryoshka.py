@@ -55,7 +55,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def plot(curves: dict, sizes: list, path: Path) -> Path:
+def plot(curves: dict, sizes: list, path: Path, seeds: int) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -67,7 +67,7 @@ def plot(curves: dict, sizes: list, path: Path) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("embedding size (first d dimensions, re-normalised)")
-    ax.set_ylabel("hard P@1 (mean ± std, 5 seeds)")
+    ax.set_ylabel(f"hard P@1 (mean ± std, {seeds} seed{'s' if seeds > 1 else ''})")
     ax.set_title("Matryoshka vs plain, synthetic hard subsets", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -123,7 +123,8 @@ def main(argv=None) -> int:
               f"{p['p_t']:.3f} | {p['p_signflip']:.3f} | {p['wins']}/{p['n']} |")
     png = plot({arm: ([table[arm][s]["hard_p_at_1"]["mean"] for s in sizes],
                       [table[arm][s]["hard_p_at_1"]["std"] for s in sizes]) for arm in arms},
-               [int(s) for s in sizes], Path(args.figure) if args.figure else work / "matryoshka_p_at_1.png")
+               [int(s) for s in sizes], Path(args.figure) if args.figure else work / "matryoshka_p_at_1.png",
+               len(args.seeds))
     wall = time.time() - t_start
     print(f"\nfigure: {png}\nwall time {wall:.0f} s")
     machine = f"{platform.node() or 'host'}: {os.cpu_count()} CPU cores ({platform.machine()})"

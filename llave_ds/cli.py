@@ -16,6 +16,8 @@ SUBCOMMANDS = {
     "tiny": ("llave_ds.toy.tiny", "write a tiny offline model directory of any supported backbone (smoke tests)"),
     "synth-video": ("llave_ds.toy.synthetic_video", "generate synthetic moving-shape videos: a retrieval test split "
                                                     "and video training rows"),
+    "mine": ("llave_ds.mine.run", "mine hard negatives for a training set with a model (positive-aware filter), "
+                                  "written into a copy of the data"),
     "export": ("llave_ds.export.model_dir", "consolidate a training checkpoint into a transformers model directory"),
     "encode": ("llave_ds.model.embedder", "embed the rows of a .jsonl / .parquet file with an exported model"),
     "bench": ("llave_ds.bench.cli", "training throughput (samples/s, MFU, memory) of the cached step at real shapes"),

@@ -26,7 +26,7 @@ LAYERS = {
     "data": 2, "model": 2,                  # rows -> batches; LMM -> embedding (they know nothing of each other)
     "training": 3,                          # engine (DeepSpeed), checkpoints, run dir, step log, optim
     "export": 4, "eval": 4,                 # compose model and training / model and data
-    "train": 5,                             # the training entry point
+    "train": 5, "mine": 5,                  # the training entry point; hard-negative mining (data + model + eval's encoder)
     "toy": 6,                               # tiny models, synthetic tasks, warm start, demo
     "bench": 7,                             # llave-ds bench
     "cli": 8,                               # llave-ds: imports each subcommand by name

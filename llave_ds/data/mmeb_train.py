@@ -255,6 +255,16 @@ def _parse_row(row: Mapping[str, Any], num_negatives: int) -> _RowSides:
     return _RowSides(query, target, negatives, index)
 
 
+def train_row_sides(row: Mapping[str, Any]) -> Tuple[_SideFields, _SideFields]:
+    """The (text, image path, video path) of a row's query and of its positive, checked by the
+    training reader's own rule (`_parse_row`, negatives ignored); a ValueError names the field."""
+    try:
+        sides = _parse_row(row, 0)
+    except _RowProblem as p:
+        raise ValueError(f"field {p.field!r}: {p.detail}") from None
+    return sides.query, sides.target
+
+
 def _media_fields(sides: _RowSides) -> List[Tuple[str, str, str]]:
     """(field name, relative path, "image" | "video") of every image and video the pair needs."""
     out = []

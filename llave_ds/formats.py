@@ -33,3 +33,5 @@ EVAL_FIELDS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
 
 # The export's description of itself (pooling, dimension, prompt format), beside config.json.
 EMBEDDING_METADATA = "llave_embedding.json"
+# ``llave-ds mine``'s provenance, written beside the mined data (not a subset: `mmeb_files` skips it)
+MINING_RECORD = "mining.json"

@@ -24,11 +24,14 @@ import re
 from typing import Any, Dict, List, Sequence, Tuple, Type
 
 from llave_ds.data.errors import DataError
+from llave_ds.formats import MINING_RECORD
 
 DATA_EXTENSIONS: Tuple[str, ...] = (".parquet", ".jsonl")
 JSON_ARRAY_EXTENSION = ".json"
-# JSON files a dataset directory may hold that are not data (datasets' and the hub's metadata).
-METADATA_JSON = frozenset({"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json"})
+# JSON files a dataset directory may hold that are not data (datasets' and the hub's metadata,
+# llave-ds mine's provenance).
+METADATA_JSON = frozenset({"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json",
+                           MINING_RECORD})
 # HF shard naming, as written by push_to_hub: "<split>-00000-of-00003.parquet".
 SHARD_NAME = re.compile(r"^(?P<split>.+)-\d{5}-of-\d{5}\.(parquet|jsonl)$")
 SUBSETS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mmeb_subsets.json")

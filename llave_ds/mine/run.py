@@ -48,7 +48,7 @@ from llave_ds.data.row_files import RowFile, read_rows, row_files, write_rows
 from llave_ds.eval.encoding import eval_process_group, load_embedder, load_on_every_rank, rank0_then_shared
 from llave_ds.eval.score_files import model_fingerprint
 from llave_ds.files import atomic_write_text
-from llave_ds.formats import TRAIN_SIDE_FIELDS
+from llave_ds.formats import MINING_RECORD, TRAIN_SIDE_FIELDS
 from llave_ds.media.files import MediaError, resolve_under_root
 from llave_ds.media.image import load_image
 from llave_ds.media.side import Side
@@ -102,18 +102,20 @@ class Pool:
     subset_of: List[str]
     keys: list
     ranges: Dict[str, range]
+    origin: List[str]          # the first row holding each candidate, for error messages
 
     @classmethod
     def of(cls, rows: Rows) -> "Pool":
-        order: Dict[str, Dict[Fields, None]] = {}
-        for subset, positive in zip(rows.subset_of, rows.positives):
-            order.setdefault(subset, {}).setdefault(positive, None)
-        items, subset_of, ranges = [], [], {}
+        order: Dict[str, Dict[Fields, str]] = {}
+        for subset, positive, where in zip(rows.subset_of, rows.positives, _where(rows, "pos")):
+            order.setdefault(subset, {}).setdefault(positive, where)
+        items, subset_of, ranges, origin = [], [], {}, []
         for subset, distinct in order.items():
             ranges[subset] = range(len(items), len(items) + len(distinct))
             items += list(distinct)
+            origin += list(distinct.values())
             subset_of += [subset] * len(distinct)
-        return cls(items, subset_of, [side_keys(*item) for item in items], ranges)
+        return cls(items, subset_of, [side_keys(*item) for item in items], ranges, origin)
 
 
 class SideDataset(torch.utils.data.Dataset):
@@ -128,12 +130,13 @@ class SideDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Side:
         text, image, video = self.items[i]
+        where = f"{self.where[i]}_{'image' if image else 'video'}_path" if image or video else self.where[i]
         try:
             return Side(text=text, image=load_image(resolve_under_root(self.image_root, image)) if image else None,
                         image_path=image or None,
                         video=resolve_under_root(self.image_root, video) if video else None, video_path=video or None)
         except (MediaError, ValueError, OSError) as exc:
-            return Side(text=text, error=f"{self.where[i]}: {type(exc).__name__}: {exc}")
+            return Side(text=text, error=f"{where}: {type(exc).__name__}: {exc}")
 
 
 def _mine_config(args: argparse.Namespace) -> MineConfig:
@@ -190,14 +193,11 @@ def mine(args: argparse.Namespace, on_shard=None) -> Optional[dict]:
                                batch_size=args.batch_size, progress=not args.no_progress,
                                num_workers=args.num_workers, where="mining: ", on_shard=on_shard)
 
-    where_q = _where(data, "qry")
-    queries = encode("query", data.queries, "query", where_q)
-    candidates = encode("pool", pool.items, "target", [f"pool candidate {i} ({s})" for i, s in
-                                                        enumerate(pool.subset_of)])
+    queries = encode("query", data.queries, "query", _where(data, "qry"))
+    candidates = encode("pool", pool.items, "target", pool.origin)
     if args.pool:
         own = Pool.of(data)
-        positives, positive_id = encode("positive", own.items, "target", [f"positive {i}" for i in
-                                                                          range(len(own.items))]), own
+        positives, positive_id = encode("positive", own.items, "target", own.origin), own
     else:
         positives, positive_id = candidates, pool
     if distributed.rank() != 0:
@@ -209,8 +209,11 @@ def mine(args: argparse.Namespace, on_shard=None) -> Optional[dict]:
                                 [lookup[p] for p in data.positives])
     written = []
     for f, rows, negs in zip(data.files, data.rows, record.pop("negatives_per_file")):
-        new_rows = [{**row, **_negative_fields(pool, chosen)} for row, chosen in zip(rows, negs)]
-        written.append(str(write_rows(f, new_rows, out, NEGATIVE_FIELDS)))
+        # neg_video_path only where the file has it or a negative is a video: the layout stays the input's
+        videos = any(NEGATIVE_FIELDS[2] in row for row in rows) or any(pool.items[c][2] for n in negs for c in n)
+        fields = NEGATIVE_FIELDS if videos else NEGATIVE_FIELDS[:2]
+        new_rows = [{**row, **_negative_fields(pool, chosen, fields)} for row, chosen in zip(rows, negs)]
+        written.append(str(write_rows(f, new_rows, out, fields)))
     record.update(model=str(args.model), model_dir=model_dir, model_fingerprint=fingerprint_base["model"],
                   data=str(args.data), image_root=image_root, pool=str(args.pool) if args.pool else None,
                   pool_scope=args.pool_scope, subsets=sorted(set(data.subset_of)), split=args.split,
@@ -218,7 +221,7 @@ def mine(args: argparse.Namespace, on_shard=None) -> Optional[dict]:
                       timespec="seconds"), files=written, ranks=distributed.world_size(),
                   llave_ds_version=_version())
     scores = record.pop("scores")
-    atomic_write_text(out / "mining.json", json.dumps(record, indent=1) + "\n")
+    atomic_write_text(out / MINING_RECORD, json.dumps(record, indent=1) + "\n")
     table = summary_table(record)
     atomic_write_text(out / "mining_summary.md", table)
     record["histogram"] = _histogram(scores, out / "mining_scores.png")
@@ -241,6 +244,7 @@ def _search_and_select(args, cfg: MineConfig, data: Rows, pool: Pool, queries: S
     counts: Dict[str, Counter] = {}
     pos_scores = np.empty(n, dtype=np.float32)
     neg_scores: List[float] = []
+    pairs: List[Tuple[float, float]] = []      # (positive, hardest mined negative) of each query with one
     scopes = {s: [i for i in range(n) if data.subset_of[i] == s] for s in dict.fromkeys(data.subset_of)} \
         if args.pool_scope == "subset" else {None: list(range(n))}
     for scope, members in scopes.items():
@@ -257,7 +261,10 @@ def _search_and_select(args, cfg: MineConfig, data: Rows, pool: Pool, queries: S
                 picked, why = select_negatives(ids, scores, float(pos[row]), copies, cfg, qi)
                 chosen[qi] = picked
                 pos_scores[qi] = pos[row]
-                neg_scores += [float(s) for s, c in zip(scores, ids) if c in picked]
+                mined = [float(s) for s, c in zip(scores, ids) if c in picked]
+                neg_scores += mined
+                if mined:
+                    pairs.append((float(pos[row]), max(mined)))
                 counts.setdefault(data.subset_of[qi], Counter()).update(why)
                 counts[data.subset_of[qi]]["queries"] += 1
                 counts[data.subset_of[qi]]["short"] += int(len(picked) < cfg.num_negatives)
@@ -267,7 +274,7 @@ def _search_and_select(args, cfg: MineConfig, data: Rows, pool: Pool, queries: S
         start += len(rows)
     total = sum(counts.values(), Counter())
     return {"counts": {s: dict(c) for s, c in counts.items()}, "total": dict(total), "negatives_per_file": per_file,
-            "scores": (pos_scores, np.asarray(neg_scores, dtype=np.float32)),
+            "scores": np.asarray(pairs, dtype=np.float64).reshape(-1, 2),
             "positive_score": _stats(pos_scores), "negative_score": _stats(np.asarray(neg_scores))}
 
 
@@ -281,8 +288,8 @@ class _Reiterable:
         return self.store.blocks(self.span)
 
 
-def _negative_fields(pool: Pool, chosen: Sequence[int]) -> dict:
-    return {name: [pool.items[c][k] for c in chosen] for k, name in enumerate(NEGATIVE_FIELDS)}
+def _negative_fields(pool: Pool, chosen: Sequence[int], fields: Sequence[str]) -> dict:
+    return {name: [pool.items[c][k] for c in chosen] for k, name in enumerate(fields)}
 
 
 def _stats(a: np.ndarray) -> dict:
@@ -311,14 +318,14 @@ def summary_table(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _histogram(scores, path: Path) -> Optional[str]:
-    pos, neg = scores
-    if not len(neg):
+def _histogram(pairs: np.ndarray, path: Path) -> Optional[str]:
+    """Each query's positive score against its hardest mined negative's (queries with one)."""
+    if not len(pairs):
         return None
     from llave_ds.eval.analysis import plot_similarity_histograms
 
-    return str(plot_similarity_histograms({"mined": (pos, neg)}, str(path),
-                                          title="positive vs mined-negative scores"))
+    return str(plot_similarity_histograms({"mined": (pairs[:, 0], pairs[:, 1])}, str(path),
+                                          title="positive vs hardest mined negative, per query"))
 
 
 def _version() -> str:
@@ -373,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if record is not None:
         print(summary_table(record))
-        print(f"wrote {len(record['files'])} file(s) under {args.out}, {Path(args.out) / 'mining.json'}"
+        print(f"wrote {len(record['files'])} file(s) under {args.out}, {Path(args.out) / MINING_RECORD}"
               + (f", {record['histogram']}" if record.get("histogram") else ""))
     return 0
 

@@ -39,7 +39,7 @@ def topk_blocks(queries: np.ndarray, candidate_blocks: Iterable[np.ndarray], k: 
         best_i = torch.empty(len(q), 0, dtype=torch.int64, device=device)
         offset = 0
         for block in candidate_blocks:
-            c = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(device)
+            c = torch.from_numpy(np.array(block, dtype=np.float32)).to(device)   # a copy: blocks may be read-only maps
             if c.shape[1] != q.shape[1]:
                 raise ValueError(f"candidate block of width {c.shape[1]} for queries of width {q.shape[1]}")
             block_s, block_i = _block_best(q @ c.T, offset, k)

@@ -151,8 +151,9 @@ def synth(tmp_path_factory):
 
 
 def mine_args(synth, out, *extra):
-    from llave_ds.mine.run import add_arguments
     import argparse
+
+    from llave_ds.mine.run import add_arguments
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     return parser.parse_args(["--model", "unused", "--data", str(synth["train"]), "--image-root", str(synth["images"]),

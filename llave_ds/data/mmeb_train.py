@@ -31,6 +31,7 @@ from llave_ds.config import check_choices
 from llave_ds.data.errors import DataError
 from llave_ds.data.mmeb_files import (JSON_ARRAY_EXTENSION, find_subset_files, is_local_source, list_subsets,
                                       official_train_subsets, unknown_subsets_message)
+from llave_ds.data.train_rows import MISSING_NEGATIVES, RowProblem, SideFields, media_fields, parse_row
 from llave_ds.formats import NEGATIVE_FIELDS, REQUIRED_TRAIN_FIELDS, TRAIN_FIELDS, VIDEO_FIELDS
 from llave_ds.media.files import (DEFAULT_MAX_PIXELS, UNREADABLE_IMAGE, MediaError, check_image_file,
                                   check_video_source, resolve_under_root)
@@ -44,23 +45,6 @@ REQUIRED_FIELDS = REQUIRED_TRAIN_FIELDS
 KNOWN_FIELDS = TRAIN_FIELDS
 KNOWN_SPLITS = ("original", "diverse_instruction")
 _ROW_WARNINGS_PER_SUBSET = 10
-
-# Skip reasons (keys of the skip counters): the media ones of llave_ds.media.files
-# (missing_image, empty_image_file, unreadable_image, image_too_large, path_outside_root,
-# missing_video, empty_video_file, unreadable_video, no_video_stream, no_frames, bad_frame,
-# video_too_large), and these row ones.
-EMPTY_SIDE = "empty_side"
-WRONG_TYPE = "wrong_type"
-MISSING_NEGATIVES = "missing_negatives"
-IMAGE_AND_VIDEO = "image_and_video"  # a side naming both an image and a video
-
-
-class _RowProblem(Exception):
-    """Internal: what is wrong with one row; turned into a DataError with its location."""
-
-    def __init__(self, reason: str, field_name: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.field, self.detail = reason, field_name, detail
 
 
 # --------------------------------------------------------------------------- records
@@ -168,117 +152,6 @@ class TrainDataConfig:
 
     def is_local(self) -> bool:
         return is_local_source(self.source, self.source_type)
-
-
-# --------------------------------------------------------------------------- rows
-
-def _as_text(value: Any, field_name: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    raise _RowProblem(WRONG_TYPE, field_name, f"expected a string, got {type(value).__name__} {_short(value)}")
-
-
-def _as_text_list(value: Any, field_name: str) -> List[str]:
-    """A negatives field: "" / None (none), one string (MMEB-train), or a list of strings."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value] if value else []
-    if isinstance(value, (list, tuple)):
-        return [_as_text(v, f"{field_name}[{i}]") for i, v in enumerate(value)]
-    raise _RowProblem(WRONG_TYPE, field_name,
-                      f"expected a string or a list of strings, got {type(value).__name__} {_short(value)}")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-# (text, image path, video path) of one side; "" = none.
-_SideFields = Tuple[str, str, str]
-
-
-@dataclass
-class _RowSides:
-    query: _SideFields
-    target: _SideFields
-    negatives: List[_SideFields]
-    # The row's field names of each negative (its index in the row's lists, which may skip
-    # empty entries): "neg_image_path[3]" names the file the user wrote.
-    negative_index: List[int] = field(default_factory=list)
-
-
-def _one_medium(text_field: str, image_field: str, video_field: str, side: _SideFields, what: str) -> None:
-    text, image, video = side
-    if image and video:
-        raise _RowProblem(IMAGE_AND_VIDEO, video_field, f"{what} has both an image ({image_field}={image!r}) and a "
-                          f"video ({video_field}={video!r}); a side holds at most one of them")
-    if not text.strip() and not image and not video:
-        raise _RowProblem(EMPTY_SIDE, text_field, f"{what} has neither text ({text_field}) nor image "
-                          f"({image_field}) nor video ({video_field})")
-
-
-def _parse_row(row: Mapping[str, Any], num_negatives: int) -> _RowSides:
-    """Type- and content-check one row (no file access). num_negatives=0: ignore negatives."""
-    query = (_as_text(row.get("qry"), "qry"), _as_text(row.get("qry_image_path"), "qry_image_path"),
-             _as_text(row.get("qry_video_path"), "qry_video_path"))
-    target = (_as_text(row.get("pos_text"), "pos_text"), _as_text(row.get("pos_image_path"), "pos_image_path"),
-              _as_text(row.get("pos_video_path"), "pos_video_path"))
-    _one_medium("qry", "qry_image_path", "qry_video_path", query, "query")
-    _one_medium("pos_text", "pos_image_path", "pos_video_path", target, "positive")
-    negatives: List[_SideFields] = []
-    index: List[int] = []
-    if num_negatives > 0:
-        texts = _as_text_list(row.get("neg_text"), "neg_text")
-        paths = _as_text_list(row.get("neg_image_path"), "neg_image_path")
-        videos = _as_text_list(row.get("neg_video_path"), "neg_video_path")
-        n = max(len(texts), len(paths), len(videos))
-        for name, values in (("neg_text", texts), ("neg_image_path", paths), ("neg_video_path", videos)):
-            if values and len(values) != n:
-                lengths = ", ".join(f"{len(v)} {k}" for k, v in (("neg_text", texts), ("neg_image_path", paths),
-                                                                 ("neg_video_path", videos)) if v)
-                raise _RowProblem(WRONG_TYPE, name, f"the negatives' lists differ in length ({lengths} entries)")
-        texts, paths, videos = (v or [""] * n for v in (texts, paths, videos))
-        for i, side in enumerate(zip(texts, paths, videos)):
-            if side[1] and side[2]:
-                _one_medium("neg_text", f"neg_image_path[{i}]", f"neg_video_path[{i}]", side, f"negative {i}")
-            if side[0].strip() or side[1] or side[2]:
-                negatives.append(side)
-                index.append(i)
-        if len(negatives) < num_negatives:
-            raise _RowProblem(MISSING_NEGATIVES, "neg_text", f"row has {len(negatives)} hard negative(s), "
-                              f"{num_negatives} required (num_hard_negatives)")
-        negatives, index = negatives[:num_negatives], index[:num_negatives]
-    return _RowSides(query, target, negatives, index)
-
-
-def train_row_sides(row: Mapping[str, Any]) -> Tuple[_SideFields, _SideFields]:
-    """The (text, image path, video path) of a row's query and of its positive, checked by the
-    training reader's own rule (`_parse_row`, negatives ignored); a ValueError names the field."""
-    try:
-        sides = _parse_row(row, 0)
-    except _RowProblem as p:
-        raise ValueError(f"field {p.field!r}: {p.detail}") from None
-    return sides.query, sides.target
-
-
-def _media_fields(sides: _RowSides) -> List[Tuple[str, str, str]]:
-    """(field name, relative path, "image" | "video") of every image and video the pair needs."""
-    out = []
-    for prefix, side in (("qry", sides.query), ("pos", sides.target)):
-        if side[1]:
-            out.append((f"{prefix}_image_path", side[1], "image"))
-        if side[2]:
-            out.append((f"{prefix}_video_path", side[2], "video"))
-    for i, side in zip(sides.negative_index, sides.negatives):
-        if side[1]:
-            out.append((f"neg_image_path[{i}]", side[1], "image"))
-        if side[2]:
-            out.append((f"neg_video_path[{i}]", side[2], "video"))
-    return out
 
 
 # --------------------------------------------------------------------------- sources
@@ -516,7 +389,7 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
             row = {c: values[c][i] for c in wanted}
             try:
                 row_has_video = self._check_row(row, stat_cache)
-            except _RowProblem as p:
+            except RowProblem as p:
                 err = self._row_error(name, where, int(source_rows[i]), p)
                 if not cfg.skip_bad_rows:
                     problems.append(err)
@@ -548,10 +421,10 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
         return _Subset(name, where, table, source_rows, np.asarray(kept, dtype=np.int64), has_videos)
 
     def _check_row(self, row: Mapping[str, Any], stat_cache: Dict[str, Optional[MediaError]]) -> bool:
-        """Raise `_RowProblem` for a bad row; True when the row has a video."""
-        sides = _parse_row(row, self._num_negatives)
+        """Raise `RowProblem` for a bad row; True when the row has a video."""
+        sides = parse_row(row, self._num_negatives)
         cfg = self.config
-        fields = _media_fields(sides)
+        fields = media_fields(sides)
         for field_name, path, kind in fields:
             try:
                 full = resolve_under_root(self.image_root, path)
@@ -570,7 +443,7 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
                     if stat_cache[full] is not None:
                         raise stat_cache[full]
             except MediaError as exc:
-                raise _RowProblem(exc.reason or UNREADABLE_IMAGE, field_name, str(exc)) from None
+                raise RowProblem(exc.reason or UNREADABLE_IMAGE, field_name, str(exc)) from None
         return any(kind == "video" for _, _, kind in fields)
 
     def _decode(self, full: str, kind: str):
@@ -581,7 +454,7 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
         return load_image(full, max_pixels=cfg.max_image_pixels, max_side=cfg.max_image_side)
 
     @staticmethod
-    def _row_error(name: str, where: str, row: int, p: _RowProblem) -> DataError:
+    def _row_error(name: str, where: str, row: int, p: RowProblem) -> DataError:
         return DataError(f"subset {name!r} ({where}), row {row}, field {p.field!r}: {p.detail}",
                          reason=p.reason, subset=name, row=row, field=p.field)
 
@@ -631,17 +504,17 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
         table_row = int(sub.kept[k])
         row_no = int(sub.source_rows[table_row])
         try:
-            sides = _parse_row(sub.table[table_row], self._num_negatives)
+            sides = parse_row(sub.table[table_row], self._num_negatives)
             media: Dict[str, Any] = {}
-            for field_name, path, kind in _media_fields(sides):
+            for field_name, path, kind in media_fields(sides):
                 try:
                     media[field_name] = self._decode(resolve_under_root(self.image_root, path), kind)
                 except MediaError as exc:
-                    raise _RowProblem(exc.reason or UNREADABLE_IMAGE, field_name, str(exc)) from None
-        except _RowProblem as p:
+                    raise RowProblem(exc.reason or UNREADABLE_IMAGE, field_name, str(exc)) from None
+        except RowProblem as p:
             raise self._row_error(sub.name, sub.where, row_no, p) from None
 
-        def side(fields: _SideFields, image_field: str, video_field: str) -> Side:
+        def side(fields: SideFields, image_field: str, video_field: str) -> Side:
             text, image_path, video_path = fields
             return Side(text=text, image_path=image_path or None, image=media.get(image_field),
                         video_path=video_path or None, video=media.get(video_field))

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from llave_ds.core import distributed
-from llave_ds.data.mmeb_train import train_row_sides
 from llave_ds.data.row_files import RowFile, read_rows, row_files, write_rows
+from llave_ds.data.train_rows import train_row_sides
 from llave_ds.eval.encoding import eval_process_group, load_embedder, load_on_every_rank, rank0_then_shared
 from llave_ds.eval.score_files import model_fingerprint
 from llave_ds.files import atomic_write_text

@@ -208,6 +208,7 @@ def test_mining_finds_the_one_attribute_neighbours_and_drops_the_positives_scene
     t2i = record["counts"]["Synth_T2I"]
     assert t2i["copy"] == 48 and t2i["above_margin"] > 0   # the positive itself; its scene's other images
     assert record["total"]["queries"] == 4 * 48 and record["parameters"]["num_negatives"] == 3
+    assert len(record["model_sha256"]) == 64 and record["date"] and record["subsets"] == sorted(record["counts"])
     from llave_ds.data.mmeb_train import MMEBTrainDataset, TrainDataConfig
     cfg = TrainDataConfig(source=str(out), image_root=str(synth["images"]), subsets=["Synth_I2T", "Synth_T2I"],
                           use_hard_negatives=True, num_hard_negatives=3)

@@ -19,7 +19,7 @@
    rank window, margin, count);
 6. **written** by rank 0: the same layout as the input under ``--out`` with ``neg_text``,
    ``neg_image_path`` and ``neg_video_path`` replaced (`write_rows`), ``mining.json`` (the
-   provenance: model fingerprint, data, every parameter, date, counts), ``mining_summary.md``
+   provenance: model fingerprint and SHA-256, data, every parameter, date, counts), ``mining_summary.md``
    and ``mining_scores.png`` (positive vs mined-negative scores).
 
 The model is an export, a base model, or a training run directory: its export, or, when the
@@ -215,6 +215,7 @@ def mine(args: argparse.Namespace, on_shard=None) -> Optional[dict]:
         new_rows = [{**row, **_negative_fields(pool, chosen, fields)} for row, chosen in zip(rows, negs)]
         written.append(str(write_rows(f, new_rows, out, fields)))
     record.update(model=str(args.model), model_dir=model_dir, model_fingerprint=fingerprint_base["model"],
+                  model_sha256=model_digest(model_dir),
                   data=str(args.data), image_root=image_root, pool=str(args.pool) if args.pool else None,
                   pool_scope=args.pool_scope, subsets=sorted(set(data.subset_of)), split=args.split,
                   parameters=dataclasses.asdict(cfg), date=datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -226,6 +227,21 @@ def mine(args: argparse.Namespace, on_shard=None) -> Optional[dict]:
     atomic_write_text(out / "mining_summary.md", table)
     record["histogram"] = _histogram(scores, out / "mining_scores.png")
     return record
+
+
+def model_digest(model_dir: str) -> str:
+    """SHA-256 over the names and bytes of the files `model_fingerprint` lists (weights,
+    configs, tokenizer, llave_embedding.json): the model's identity in the provenance, read
+    once (~2 GB/s; tens of seconds for an 8B model, small next to the encoding)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(model_fingerprint(model_dir)["files"]):
+        h.update(name.encode() + b"\0")
+        with open(Path(model_dir) / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _where(rows: Rows, prefix: str) -> List[str]:

@@ -279,21 +279,31 @@ def worker(jobs_file: str) -> int:
 # ------------------------------------------------------------------------------- the driver
 
 def run_key(args, seed: int, alpha: float, gather: str, mult: int, divisor: int, model_dir: str,
-            matryoshka=None) -> dict:
-    return {**({"matryoshka": list(matryoshka)} if matryoshka else {}), "seed": seed, "alpha": alpha, "gather_mode": gather, "global_batch": args.batch * mult,
+            matryoshka=None, negatives=None) -> dict:
+    """What a run is (results are reused only for an equal key). Optional fields, absent from
+    the ablation's own keys so that its run names and stored results stay valid:
+    ``matryoshka`` (sizes) and ``negatives``, the run's own training data: ``{"arm": name,
+    "source": train dir, "num": hard negatives per row, "digest": of its files}`` (the images
+    stay under the synthetic data root)."""
+    return {**({"matryoshka": list(matryoshka)} if matryoshka else {}), "seed": seed, "alpha": alpha,
+            "gather_mode": gather, "global_batch": args.batch * mult,
             "steps": max(1, args.steps // divisor), "chunk": args.chunk, "ranks": args.ranks, "lr": args.lr,
             "zero": args.zero,
             "model": model_dir, "train_per_subset": args.train_per_subset,
-            "eval_per_subset": args.eval_per_subset, "data_seed": args.data_seed}
+            "eval_per_subset": args.eval_per_subset, "data_seed": args.data_seed,
+            **({"negatives": dict(negatives)} if negatives else {})}
 
 
 def run_name(key: dict) -> str:
     return (f"s{key['seed']}_a{key['alpha']:g}_{key['gather_mode']}_b{key['global_batch']}"
-            f"_n{key['steps']}" + (f"_m{'-'.join(map(str, key['matryoshka']))}" if key.get("matryoshka") else ""))
+            f"_n{key['steps']}" + (f"_m{'-'.join(map(str, key['matryoshka']))}" if key.get("matryoshka") else "")
+            + (f"_neg-{key['negatives']['arm']}" if key.get("negatives") else ""))
 
 
 def job_overrides(key: dict, data, run_dir: Path) -> list:
-    out = [f"model.path={key['model']}", f"data.source={data[0]}", f"data.image_root={data[1]}",
+    negatives = key.get("negatives")
+    source = negatives["source"] if negatives else data[0]
+    out = [f"model.path={key['model']}", f"data.source={source}", f"data.image_root={data[1]}",
            f"run_dir={run_dir}", f"seed={key['seed']}", f"global_batch_size={key['global_batch']}",
            f"gradcache.query_chunk_size={key['chunk']}", f"gradcache.target_chunk_size={key['chunk']}",
            f"schedule.max_steps={key['steps']}", "schedule.epochs=1000", "checkpoint.every_steps=0",
@@ -304,6 +314,8 @@ def job_overrides(key: dict, data, run_dir: Path) -> list:
         out.append(f"optim.lr={key['lr']}")
     if key.get("matryoshka"):
         out.append(f"objective.matryoshka_dims=[{','.join(map(str, key['matryoshka']))}]")
+    if negatives:
+        out += ["data.use_hard_negatives=true", f"data.num_hard_negatives={negatives['num']}"]
     return out
 
 

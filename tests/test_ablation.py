@@ -94,3 +94,89 @@ def test_matryoshka_benchmark_smoke_run(tmp_path):
     logged = [json.loads(line) for line in (runs["s0_a9_exact_b8_n2_m8-32-full"] / "metrics.jsonl").read_text().splitlines()]
     plain = [json.loads(line) for line in (runs["s0_a9_exact_b8_n2"] / "metrics.jsonl").read_text().splitlines()]
     assert all("loss_d8" in r and "loss_d64" in r for r in logged) and not any("loss_d8" in r for r in plain)
+
+
+def load_mining():
+    spec = importlib.util.spec_from_file_location("mining_script", SCRIPT.with_name("mining.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mining_benchmark_random_draw_fill_rule_and_neighbour_rates(tmp_path):
+    """benchmarks/mining.py's data side: the random arm never draws the row's own positive or
+    a copy of it and is seeded; a mined row left empty is filled with its random negative (and
+    named); a one-attribute neighbour counts in the neighbour rate."""
+    from llave_ds.data.row_files import read_rows, row_files
+    from llave_ds.mine.select import side_keys
+    from llave_ds.toy.synthetic import prepare_synthetic_mmeb
+    mining = load_mining()
+    train, root = map(Path, prepare_synthetic_mmeb(str(tmp_path / "data"), num_train_per_subset=24,
+                                                   num_eval_per_subset=1, seed=3))
+    drawn = mining.random_negatives(train, seed=7)
+    assert drawn == mining.random_negatives(train, seed=7) != mining.random_negatives(train, seed=8)
+    for f in row_files(str(train)):
+        rows = read_rows(f)
+        assert len(drawn[f.subset]) == len(rows)
+        for row, (text, image) in zip(rows, drawn[f.subset]):
+            own = side_keys(row["pos_text"], row["pos_image_path"])
+            assert not side_keys(text, image) & own
+            assert (text, image) in {(r["pos_text"], r["pos_image_path"]) for r in rows}
+    random = {s: [[n] for n in negs] for s, negs in drawn.items()}
+    mining.write_training_copy(train, tmp_path / "random", random)
+    copy = {f.subset: read_rows(f) for f in row_files(str(tmp_path / "random"))}
+    assert all(len(r["neg_text"]) == len(r["neg_image_path"]) == 1 for rows in copy.values() for r in rows)
+    # a "mined" copy with row 2 of Synth_I2T left empty: filled from the random draw, and named
+    mined = {s: [[n] for n in negs] for s, negs in mining.random_negatives(train, seed=9).items()}
+    mined["Synth_I2T"][2] = []
+    mining.write_training_copy(train, tmp_path / "mined", mined)
+    got, filled = mining.mined_negatives(tmp_path / "mined", drawn)
+    assert filled == {"Synth_CLS": [], "Synth_I2T": [2], "Synth_T2I": [], "Synth_VQA": []}
+    assert got["Synth_I2T"][2] == [drawn["Synth_I2T"][2]] and got["Synth_I2T"][3] == mined["Synth_I2T"][3]
+    rates = mining.neighbour_rates(root, train, random)
+    assert set(rates) == {"Synth_I2T", "Synth_T2I"} and 0 < rates["Synth_I2T"]["pool_neighbour"] < 0.3
+    # a negative that is the positive's own one-attribute neighbour counts as one
+    rows = read_rows(row_files(str(train), ["Synth_I2T"])[0])
+    captions = {r["pos_text"] for r in rows}
+    own = {"Synth_I2T": [[(r["neg_text"][0], "")] for r in rows]}
+    outside = {"Synth_I2T": [i for i, r in enumerate(rows) if r["neg_text"][0] not in captions]}
+    rate = mining.neighbour_rates(root, train, own, skip=outside)["Synth_I2T"]
+    assert rate["negatives"] == len(rows) - len(outside["Synth_I2T"]) > 0 and rate["neighbour"] == 1.0
+
+
+@pytest.mark.slow
+def test_mining_benchmark_smoke_run(tmp_path):
+    """benchmarks/mining.py: per seed, random / mined with the warm start / mined with the
+    random arm's model / oracle, each trained from the warm start with one negative a row;
+    the oracle is the ablation's arm (c) (its run name); every training copy has one negative
+    a row, the short rows filled and counted; the table, the figure and the JSON line last."""
+    from llave_ds.data.row_files import read_rows, row_files
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    work = tmp_path / "work"
+    cmd = [sys.executable, str(SCRIPT.with_name("mining.py")), "--seeds", "0", "--steps", "2", "--warm-steps", "3",
+           "--train-per-subset", "8", "--eval-per-subset", "2", "--batch", "8", "--chunk", "4", "--mine-workers", "0",
+           "--work", str(work), "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "mining" and list(result["arms"]) == ["random", "mined-warm", "mined-r2", "oracle"]
+    assert result["runs"]["oracle"] == ["s0_a9_exact_b8_n2"] and result["runs"]["mined-r2"] == [
+        "s0_a9_exact_b8_n2_neg-mined-r2"]
+    assert sorted(p.name for p in (work / "runs").iterdir()) == sorted(r[0] for r in result["runs"].values())
+    assert {p["x"] + "-" + p["y"] for p in result["paired"]} >= {"mined-warm-random", "mined-r2-random",
+                                                                 "oracle-random", "mined-r2-mined-warm"}
+    for arm in ("mined-warm", "mined-r2"):
+        counts = result["mining_counts"][arm]["0"]
+        assert counts["queries"] == 32 and counts["kept"] + counts["short"] == 32 == counts["copy"]
+        assert counts["filled"] == counts["short"]
+        record = json.loads((work / "mined" / f"{arm}_s0" / "mining.json").read_text())
+        assert record["parameters"]["num_negatives"] == 1 and record["parameters"]["depth"] == 100
+    assert json.loads((work / "mined" / "mined-r2_s0" / "mining.json").read_text())["model_dir"].endswith(
+        "runs/s0_a9_exact_b8_n2_neg-random/export")
+    for arm in ("random", "mined-warm", "mined-r2"):
+        rows = [r for f in row_files(str(work / "train" / f"{arm}_s0")) for r in read_rows(f)]
+        assert len(rows) == 32 and all(len(r["neg_text"]) == 1 == len(r["neg_image_path"]) for r in rows)
+        rates = result["neighbour_rates"][arm]["0"]
+        assert set(rates) == {"Synth_I2T", "Synth_T2I"} and rates["Synth_T2I"]["negatives"] == 8
+    assert "| oracle: the data's own one-attribute negative |" in proc.stdout
+    assert (work / "mining_hard_p_at_1.png").read_bytes()[:4] == b"\x89PNG"

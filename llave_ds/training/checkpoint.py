@@ -93,7 +93,12 @@ def check_written_by(path: Path, written_by: Optional[int], world_size: int) -> 
 
 
 def capture_rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG's state in types ``torch.load(weights_only=True)`` reads (tensors, tuples,
+    ints, floats, strings): numpy's key array travels as an int64 tensor, not a pickled array."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
              "torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["torch_cuda"] = torch.cuda.get_rng_state_all()
@@ -102,7 +107,12 @@ def capture_rng_state() -> dict:
 
 def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                             numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    else:  # written before 2026-12-07: numpy's own tuple, read through LEGACY_NUMPY_GLOBALS
+        np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch_cpu"])
     if "torch_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["torch_cuda"])
@@ -118,10 +128,26 @@ def load_rng_state(ckpt_dir: Path, rank: int) -> None:
         raise CheckpointError(f"missing RNG state {path}: the checkpoint is incomplete or was "
                               "written by a different number of ranks")
     try:
-        state = torch.load(path, weights_only=False)
+        state = load_own_file(path)
     except Exception as exc:  # noqa: BLE001 - name the file whatever torch raises
         raise CheckpointError(f"cannot read RNG state {path}: {exc}") from exc
     restore_rng_state(state)
+
+
+# numpy's array reconstruction, the only globals an RNG file written before 2026-12-07 needs
+# (no other class, no function that runs code): allowed so that those checkpoints still resume.
+_NUMPY_CORE = getattr(np, "_core", None) or np.core   # numpy 2 / numpy 1
+LEGACY_NUMPY_GLOBALS = [_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_own_file(path: Path, map_location: str = "cpu"):
+    """A ``.pt`` file of tensors and plain values (our RNG states; DeepSpeed's model-states file,
+    which holds our client state), read with ``weights_only=True``: a checkpoint from someone
+    else cannot run code through it. DeepSpeed's optimizer states pickle DeepSpeed classes and
+    are read by DeepSpeed itself (``engine.load_checkpoint``, ``weights_only=False``): the one
+    place a checkpoint file is unpickled in full."""
+    with torch.serialization.safe_globals(LEGACY_NUMPY_GLOBALS):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def mark_complete(ckpt_dir: Path, info: dict) -> None:
@@ -301,11 +327,17 @@ def verify_checkpoint(ckpt_dir: Path, *, checksums: bool = True, files: Optional
 
 
 def find_unreadable_file(ckpt_dir: Path) -> Optional[tuple[Path, str]]:
-    """The first ``*.pt`` file of a checkpoint that torch cannot read, with the error; for
-    naming the culprit after a load failed (reads every file: failure path only)."""
+    """The first ``*.pt`` file of a checkpoint that is not an intact torch archive, with the
+    error; for naming the culprit after a load failed (failure path only). Each file's zip
+    structure and every member's CRC are checked, nothing is unpickled: no code in the files runs."""
+    import zipfile
+
     for path in sorted(Path(ckpt_dir).rglob("*.pt")):
         try:
-            torch.load(path, map_location="cpu", weights_only=False)
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                return path, f"corrupted member {bad}"
         except Exception as exc:  # noqa: BLE001 - any failure names this file
             return path, f"{type(exc).__name__}: {exc}"
     return None

@@ -587,7 +587,7 @@ def consolidate_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     module_state: dict[str, torch.Tensor] = {}
     if module_file.is_file():  # ZeRO-0/1/2: the (model-dtype) module state dict of rank 0
         try:
-            module_state = torch.load(module_file, map_location="cpu", weights_only=False).get("module") or {}
+            module_state = ckpt.load_own_file(module_file).get("module") or {}   # tensors and plain values only
         except Exception as exc:  # noqa: BLE001 - name the file whatever torch raises
             raise CheckpointError(f"cannot read {module_file}: {exc}") from exc
     if not zero_optim:

@@ -351,6 +351,10 @@ def test_encode_cli_writes_one_row_per_input_row(tiny_dirs, images, tmp_path):
     ({"qry": 17, "qry_image_path": ""}, ["line 3", "'qry'", "expected a string", "int"]),
     ({"qry": "x", "qry_image_path": "missing.png"}, ["line 3", "'qry_image_path'", "missing.png"]),
     ({"qry": "", "qry_image_path": ""}, ["line 3", "empty"]),
+    # a path that leaves the image root (the input's folder here), as training refuses it
+    ({"qry": "x", "qry_image_path": "../elsewhere.png"}, ["line 3", "'qry_image_path'", "outside the image root",
+                                                         "--image-root"]),
+    ({"qry": "x", "qry_video_path": "/etc/clip.mp4"}, ["line 3", "'qry_video_path'", "outside the image root"]),
 ])
 def test_encode_cli_names_file_row_and_field_of_a_bad_row(tiny_dirs, tmp_path, capsys, row, words):
     data = tmp_path / "bad.jsonl"
@@ -380,3 +384,19 @@ def test_encode_cli_rejects_bad_files(tiny_dirs, tmp_path, capsys):
         assert cli_main(["encode", "--model", model, *args, "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert all(w in err for w in words), (words, err)
+
+
+def test_encode_takes_an_absolute_path_only_under_the_image_root(tiny_dirs, tmp_path, capsys):
+    from PIL import Image
+    image = tmp_path / "media" / "a.png"
+    image.parent.mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(image)
+    data = tmp_path / "rows" / "rows.jsonl"
+    data.parent.mkdir()
+    data.write_text(json.dumps({"qry": "<|image_1|> x", "qry_image_path": str(image)}) + "\n")
+    args = ["encode", "--model", str(tiny_dirs["qwen2_vl"]), "--input", str(data), "--no-progress"]
+    assert cli_main(args + ["--out", str(tmp_path / "a.npy")]) == 2          # root: the input's folder
+    assert "outside the image root" in capsys.readouterr().err
+    assert cli_main(args + ["--out", str(tmp_path / "b.npy"), "--image-root", str(tmp_path / "media")]) == 0
+    assert cli_main(args + ["--out", str(tmp_path / "c.npy"), "--image-root", "/"]) == 0
+    assert np.load(tmp_path / "b.npy").shape == np.load(tmp_path / "c.npy").shape == (1, 64)

@@ -34,7 +34,7 @@ import torch
 from llave_ds.core.objective import truncate
 from llave_ds.files import write_atomically
 from llave_ds.formats import EMBEDDING_METADATA, QUERY, ROLES, TARGET, TRAIN_SIDE_FIELDS
-from llave_ds.media.files import MediaError
+from llave_ds.media.files import MediaError, resolve_under_root
 from llave_ds.media.image import open_image
 from llave_ds.media.side import Side
 from llave_ds.media.video import sample_clip
@@ -325,17 +325,25 @@ def row_side(row: dict, role: str, where: str, image_root: Optional[Path]) -> Si
     if image and video:
         raise EncodeError(f"{where}: both {image_field!r} and {video_field!r} are set; a side has at most one")
 
-    def resolve(value: str) -> Path:
-        return Path(value) if image_root is None or os.path.isabs(value) else image_root / value
+    def resolve(value: str, field_name: str) -> Path:
+        # the training readers' rule (media.files.resolve_under_root): a path that leaves the
+        # image root (../, another absolute path) is refused; --image-root / allows any
+        if image_root is None:
+            return Path(value)
+        try:
+            return Path(resolve_under_root(str(image_root), value))
+        except MediaError as exc:
+            raise EncodeError(f"{where}, field {field_name!r}: {exc} (pass --image-root with a folder that holds "
+                              f"it, or --image-root / to allow any absolute path)") from None
 
     if video:
-        video_path = resolve(video)
+        video_path = resolve(video, video_field)
         if not (video_path.is_file() or video_path.is_dir()):
             raise EncodeError(f"{where}, field {video_field!r}: video file or frame folder not found: {video_path}")
         return Side(text or "", video=video_path, where=f"{where}, field {video_field!r}: ")
     image_path = None
     if image:
-        image_path = resolve(image)
+        image_path = resolve(image, image_field)
         if not image_path.is_file():
             raise EncodeError(f"{where}, field {image_field!r}: image file not found: {image_path}")
     return Side(text or "", image_path, where=f"{where}, field {image_field!r}: ")

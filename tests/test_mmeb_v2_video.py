@@ -193,3 +193,22 @@ def test_mvbench_bad_downloads_are_clear_errors(tmp_path):
     shutil.rmtree(base)
     with pytest.raises(video.VideoTaskError, match=r"MVBench: no download found; looked for <sub-dataset>/train-"):
         video.task_dir(tmp_path, "MVBench")
+
+
+def test_a_video_name_that_leaves_the_media_root_is_refused(world, tmp_path):
+    """A dataset column naming ``../`` (or an absolute path) must not reach outside the media
+    root: the training readers' rule, named with the task and the video."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    data = tmp_path / "data"
+    shutil.copytree(world, data, symlinks=True)
+    directory = video.task_dir(data, "MSR-VTT")
+    files = sorted(directory.glob("test-*.parquet"))
+    table = pq.read_table(files[0]).to_pylist()
+    table[1]["video_id"] = "../../../../../../outside"   # up past the media root
+    pq.write_table(pa.Table.from_pylist(table), files[0])
+    with pytest.raises(video.VideoTaskError, match=r"MSR-VTT: video '(\.\./)+outside'.*outside the image root"):
+        video.load_video_task(data, "MSR-VTT")
+    assert video.load_video_task(world, "MSR-VTT").pool_ids   # the download as it is loads

@@ -75,6 +75,7 @@ import torch
 
 from llave_ds.eval.mmeb_v2 import parquet_rows
 from llave_ds.eval.mmeb_v2_tasks import TASKS, V2Task
+from llave_ds.media.files import MediaError, resolve_under_root
 from llave_ds.media.image import load_image
 from llave_ds.media.side import Side
 from llave_ds.media.video import list_frame_files, read_video
@@ -309,8 +310,22 @@ def _rows(task: str, directory: Path, split: str, needed: Sequence[str]):
 
 def load_video_task(root: Path, task: str, image_root: Optional[str] = None) -> VideoTask:
     """Read ``task`` (module docstring); ``image_root`` replaces ``--data`` as the root of
-    ``video-tasks/`` when given."""
+    ``video-tasks/`` when given. Every frame folder, video file and image a row names must lie
+    under that root (the training readers' rule, `resolve_under_root`): a video name with
+    ``../`` or an absolute path is an error naming the task and the name."""
     media_root = Path(image_root) if image_root else Path(root)
+    loaded = _load_video_task(root, task, media_root)
+    for name, (path, kind) in loaded.sources.items():
+        for each in (path, kind if kind and kind != IMAGE_SOURCE else ""):
+            if each:
+                try:
+                    resolve_under_root(str(media_root), each)
+                except MediaError as exc:
+                    raise VideoTaskError(f"MMEB-V2 task {task}: video {name!r}: {exc}") from None
+    return loaded
+
+
+def _load_video_task(root: Path, task: str, media_root: Path) -> VideoTask:
     if task in CLASSIFICATION:
         return _load_classification(root, task, media_root)
     if task in QA:

@@ -731,3 +731,28 @@ def test_export_takes_the_runs_export_dtype_unless_told(trained, tmp_path):
     assert dtypes(tmp_path / "run_dtype") == {torch.float32}
     assert export(checkpoint, tmp_path / "told", "--config", config, "--dtype", "bf16") == 0
     assert dtypes(tmp_path / "told") == {torch.bfloat16}
+
+
+@pytest.mark.timeout(300)
+def test_deepspeeds_own_zero_to_fp32_script_gives_the_exports_weights(trained, fp32_exports, tmp_path):
+    """DeepSpeed's `zero_to_fp32.py`, as it sits in our checkpoints directory, run as a user
+    would run it (its own process, no llave-ds), reconstructs exactly the weights of our fp32
+    export of the ZeRO-3 run: every tensor, maximum difference 0 (the LM head, left out of the
+    export, aside)."""
+    import transformers
+    run = trained["runs"]["zero3"]
+    checkpoints = run["run_dir"] / "checkpoints"
+    script = checkpoints / "zero_to_fp32.py"
+    assert script.is_file()
+    env = {**os.environ, "PYTHONPATH": "", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([PYTHON, str(script), str(checkpoints), str(tmp_path / "ds"), "--safe_serialization"],
+                          env=env, capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = read_safetensors_dir(tmp_path / "ds")
+    config = json.loads((fp32_exports["zero3"] / "config.json").read_text())
+    model = getattr(transformers, config["architectures"][0]).from_pretrained(fp32_exports["zero3"],
+                                                                            dtype=torch.float32)
+    ours = {"hf_model." + k: v for k, v in model.state_dict().items()}
+    compared = [k for k in theirs if not k.endswith("lm_head.weight")]
+    assert len(compared) >= 60 and set(compared) <= set(ours)
+    assert max(float((theirs[k] - ours[k]).abs().max()) for k in compared) == 0.0

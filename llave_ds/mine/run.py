@@ -263,9 +263,13 @@ def _search_and_select(args, cfg: MineConfig, data: Rows, pool: Pool, queries: S
     pairs: List[Tuple[float, float]] = []      # (positive, hardest mined negative) of each query with one
     scopes = {s: [i for i in range(n) if data.subset_of[i] == s] for s in dict.fromkeys(data.subset_of)} \
         if args.pool_scope == "subset" else {None: list(range(n))}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, desc="search + select", unit="query", dynamic_ncols=True, disable=args.no_progress)
     for scope, members in scopes.items():
         span = pool.ranges[scope] if scope is not None else range(len(pool.items))
         for lo in range(0, len(members), args.shard_rows):
+            bar.update(len(members[lo:lo + args.shard_rows]))
             idx = members[lo:lo + args.shard_rows]
             q = queries.rows(idx)
             top_s, top_i = topk_blocks(q, _Reiterable(candidates, span), cfg.depth)
@@ -284,6 +288,7 @@ def _search_and_select(args, cfg: MineConfig, data: Rows, pool: Pool, queries: S
                 counts.setdefault(data.subset_of[qi], Counter()).update(why)
                 counts[data.subset_of[qi]]["queries"] += 1
                 counts[data.subset_of[qi]]["short"] += int(len(picked) < cfg.num_negatives)
+    bar.close()
     per_file, start = [], 0
     for rows in data.rows:
         per_file.append(chosen[start:start + len(rows)])

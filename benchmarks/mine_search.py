@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     gflops = 2 * pairs * args.dim / seconds / 1e9
     full = 1e6 * 1e6 / (pairs / seconds)
     machine = f"{platform.node() or 'host'}: {os.cpu_count()} CPU cores, {device}"
-    print(f"| queries | candidates | dim | k | device | seconds | pairs/s | GFLOP/s | 1M x 1M at this rate |")
-    print(f"|---|---|---|---|---|---|---|---|---|")
+    print("| queries | candidates | dim | k | device | seconds | pairs/s | GFLOP/s | 1M x 1M at this rate |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.queries} | {args.candidates} | {args.dim} | {args.k} | {device} | {seconds:.2f} | "
           f"{pairs / seconds:.3g} | {gflops:.1f} | {full / 3600:.1f} h |")
     print(json.dumps({"benchmark": "mine_search", "machine": machine, "queries": args.queries,

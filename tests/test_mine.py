@@ -280,6 +280,8 @@ def test_bad_input_is_a_clear_error(synth, tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), bad / "Synth_I2T.parquet")
     with pytest.raises(MiningError, match=r"Synth_I2T.parquet, row 1: field 'pos_text'"):
         run_mine({**synth, "train": bad}, tmp_path / "o1")
+    with pytest.raises(MiningError, match="would overwrite the data"):
+        run_mine({**synth, "train": bad}, bad)
     with pytest.raises(ValueError, match="not a local directory|hub|download"):
         run_mine({**synth, "train": "TIGER-Lab/MMEB-train"}, tmp_path / "o2")
     rows = pq.read_table(synth["train"] / "Synth_T2I.parquet").to_pylist()[:3]

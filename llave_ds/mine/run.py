@@ -168,6 +168,9 @@ def mine(args: argparse.Namespace, on_shard=None) -> Optional[dict]:
     """The whole run on every rank; rank 0 returns the provenance record (others None)."""
     cfg = _mine_config(args)
     out = Path(args.out)
+    if out.expanduser().resolve() == Path(args.data).expanduser().resolve():
+        raise MiningError(f"--out {args.out} is the input directory: the mined copy would overwrite the data; "
+                          f"write it to another directory")
     work = out / ".mining"
     # every rank reads the rows (a shared file system, as training assumes); all fail together
     data = load_on_every_rank(lambda: Rows.read(args.data, args.subsets, args.split, "data"))

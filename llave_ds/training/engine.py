@@ -498,6 +498,12 @@ def save_checkpoint(engine, root: Path, tag: str, client_state: dict, *, checksu
             local.append(f"cannot clear the leftover {path}: {exc}")
     barrier()
     if not local:
+        # Why the marker: DeepSpeed's ds_to_universal.py refuses a checkpoint whose client state
+        # lacks it (Megatron-DeepSpeed writes it); our parameters need no pattern info beyond it.
+        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+        client_state = {**client_state,
+                        UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         local = _guarded_deepspeed_save(engine, root, tag, client_state)
     if not local:
         try:

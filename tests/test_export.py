@@ -780,7 +780,7 @@ def test_deepspeeds_universal_converter_runs_on_our_checkpoints(trained, fp32_ex
     for p in (tmp_path / "universal" / "zero").iterdir():
         if (p / "fp32.pt").is_file():
             saved = torch.load(p / "fp32.pt", weights_only=True)   # ZeRO-1/2: {"param": ...}; ZeRO-3: the tensor
-            params[p.name] = saved["param"] if isinstance(saved, dict) else saved
+            params[p.name] = (saved["param"] if isinstance(saved, dict) else saved).detach()
     config = json.loads((fp32_exports[name] / "config.json").read_text())
     model = getattr(transformers, config["architectures"][0]).from_pretrained(fp32_exports[name], dtype=torch.float32)
     ours = {"hf_model." + k: v for k, v in model.state_dict().items()}

@@ -361,6 +361,43 @@ def run_phase(args, work: Path, data, keys: list, eval_dims=None) -> dict:
     return results
 
 
+def synthetic_data_and_warm_starts(args, work: Path):
+    """The synthetic data under ``work/data`` and each seed's warm start (cached): what the
+    benchmarks built on this script (matryoshka.py, mining.py) start from."""
+    from llave_ds.toy.synthetic import prepare_synthetic_mmeb
+    from llave_ds.toy.warm_start import WarmStartConfig, get_warm_start
+
+    data = prepare_synthetic_mmeb(str(work / "data"), num_train_per_subset=args.train_per_subset,
+                                  num_eval_per_subset=args.eval_per_subset, seed=args.data_seed)
+    models = {}
+    for seed in args.seeds:
+        ws = get_warm_start(WarmStartConfig(seed=seed, steps=args.warm_steps), args.cache_dir,
+                            log=lambda m: print(m, flush=True))
+        models[seed] = str(ws.path)
+    return data, models
+
+
+def print_paired(paired: list) -> None:
+    """The paired-test table of rows with ``x``, ``y``, ``metric`` and `paired_test`'s fields."""
+    print("\npaired across seeds (x − y; t-test and exact sign-flip test, two-sided):")
+    print("| x − y | metric | mean diff ± sd | t | p (t) | p (sign-flip) | x > y in |")
+    print("|---|---|---|---|---|---|---|")
+    for p in paired:
+        print(f"| {p['x']} − {p['y']} | {p['metric']} | {p['mean_diff']:+.4f} ± {p['sd_diff']:.4f} | {p['t']:.2f} | "
+              f"{p['p_t']:.3f} | {p['p_signflip']:.3f} | {p['wins']}/{p['n']} |")
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (its folder made) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def fmt(ms: dict, digits: int = 3, signed: bool = False) -> str:
     f = f"{{:{'+' if signed else ''}.{digits}f}}"
     return f"{f.format(ms['mean'])} ± {ms['std']:.{digits}f}"
@@ -494,12 +531,7 @@ def main(argv=None) -> int:
         print("|---|---|---|---|")
         for alpha, r in sweep.items():
             print(f"| {alpha} | {fmt(r['hard_p_at_1'])} | {fmt(r['hard_gap'], 4, True)} | {fmt(r['p_at_1'])} |")
-    print("\npaired across seeds (x − y; t-test and exact sign-flip test, two-sided):")
-    print("| x − y | metric | mean diff ± sd | t | p (t) | p (sign-flip) | x > y in |")
-    print("|---|---|---|---|---|---|---|")
-    for p in paired:
-        print(f"| {p['x']} − {p['y']} | {p['metric']} | {p['mean_diff']:+.4f} ± {p['sd_diff']:.4f} | {p['t']:.2f} | "
-              f"{p['p_t']:.3f} | {p['p_signflip']:.3f} | {p['wins']}/{p['n']} |")
+    print_paired(paired)
     if spreads:
         print(f"\nhistograms: {spreads['histogram']}" + (f", {hist_png}" if hist_png else ""))
     elif hist_png:

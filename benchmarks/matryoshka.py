@@ -70,30 +70,18 @@ def plot(curves: dict, sizes: list, path: Path, seeds: int) -> Path:
     ax.set_ylabel(f"hard P@1 (mean ± std, {seeds} seed{'s' if seeds > 1 else ''})")
     ax.set_title("Matryoshka vs plain, synthetic hard subsets", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return ablation.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
     from llave_ds.core.objective import check_matryoshka
-    from llave_ds.toy.synthetic import prepare_synthetic_mmeb
-    from llave_ds.toy.warm_start import WarmStartConfig, get_warm_start
 
     args = parse_args(argv)
     dims = check_matryoshka(args.dims, name="--dims")
     t_start = time.time()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    data = prepare_synthetic_mmeb(str(work / "data"), num_train_per_subset=args.train_per_subset,
-                                  num_eval_per_subset=args.eval_per_subset, seed=args.data_seed)
-    models = {}
-    for seed in args.seeds:
-        ws = get_warm_start(WarmStartConfig(seed=seed, steps=args.warm_steps), args.cache_dir,
-                            log=lambda m: print(m, flush=True))
-        models[seed] = str(ws.path)
+    data, models = ablation.synthetic_data_and_warm_starts(args, work)
 
     arms = {"plain": None, "matryoshka": dims}
     keys = {arm: [ablation.run_key(args, s, 9.0, "exact", 1, 1, models[s], matryoshka=m) for s in args.seeds]

@@ -294,33 +294,20 @@ def plot(values: dict, path: Path) -> Path:
     ax.set_ylabel("hard P@1")
     ax.set_title("one hard negative per row: where it comes from (grey: one seed)", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return ablation.save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------- the driver
 
 def main(argv=None) -> int:
-    from llave_ds.toy.synthetic import prepare_synthetic_mmeb
-    from llave_ds.toy.warm_start import WarmStartConfig, get_warm_start
-
     args = parse_args(argv)
     if args.ranks < 2:
         raise SystemExit("arm (c) gathers across ranks: --ranks must be >= 2")
     t_start = time.time()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    data = prepare_synthetic_mmeb(str(work / "data"), num_train_per_subset=args.train_per_subset,
-                                  num_eval_per_subset=args.eval_per_subset, seed=args.data_seed)
+    data, models = ablation.synthetic_data_and_warm_starts(args, work)
     train_dir, data_root = Path(data[0]), Path(data[1])
-    models = {}
-    for seed in args.seeds:
-        ws = get_warm_start(WarmStartConfig(seed=seed, steps=args.warm_steps), args.cache_dir,
-                            log=lambda m: print(m, flush=True))
-        models[seed] = str(ws.path)
 
     def key(seed, arm=None, source=None):
         negatives = {"arm": arm, "source": str(source), "num": 1, "digest": digest(source)} if arm else None
@@ -404,12 +391,7 @@ def main(argv=None) -> int:
               f"{ms([x['Synth_I2T']['neighbour'] for x in r])}, T2I neighbour "
               f"{ms([x['Synth_T2I']['neighbour'] for x in r])}, T2I own scene "
               f"{ms([x['Synth_T2I']['same_scene'] for x in r])}")
-    print("\npaired across seeds (x − y; t-test and exact sign-flip test, two-sided):")
-    print("| x − y | metric | mean diff ± sd | t | p (t) | p (sign-flip) | x > y in |")
-    print("|---|---|---|---|---|---|---|")
-    for p in paired:
-        print(f"| {p['x']} − {p['y']} | {p['metric']} | {p['mean_diff']:+.4f} ± {p['sd_diff']:.4f} | {p['t']:.2f} | "
-              f"{p['p_t']:.3f} | {p['p_signflip']:.3f} | {p['wins']}/{p['n']} |")
+    ablation.print_paired(paired)
     png = plot({arm: table[arm]["hard_p_at_1"]["values"] for arm in ARMS},
                Path(args.figure) if args.figure else work / "mining_hard_p_at_1.png")
     wall = time.time() - t_start

@@ -242,6 +242,7 @@ def hardness_weighted_loss(query: torch.Tensor, target: torch.Tensor, temperatur
     sizes = list(matryoshka) if matryoshka else [(query.shape[1], None)]
     if any(not 0 < d <= query.shape[1] for d, _ in sizes):
         raise ValueError(f"matryoshka sizes {[d for d, _ in sizes]} do not fit embeddings of width {query.shape[1]}")
+    largest = max(d for d, _ in sizes)   # the statistics are this size's
     loss_sum, size_sums = None, []
     for size, weight in sizes:
         # Each size is the whole loss on its own re-normalised prefix: its similarities,
@@ -256,7 +257,7 @@ def hardness_weighted_loss(query: torch.Tensor, target: torch.Tensor, temperatur
         size_sums.append(size_sum.detach())
         term = size_sum if weight is None else weight * size_sum
         loss_sum = term if loss_sum is None else loss_sum + term
-        if size == max(d for d, _ in sizes):
+        if size == largest:
             stat_sums = size_stats
     directions = 2 if symmetric else 1
     if matryoshka:  # the per-size losses ride in the statistics' all-reduce

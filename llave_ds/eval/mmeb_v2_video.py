@@ -315,6 +315,8 @@ def load_video_task(root: Path, task: str, image_root: Optional[str] = None) -> 
     ``../`` or an absolute path is an error naming the task and the name."""
     media_root = Path(image_root) if image_root else Path(root)
     loaded = _load_video_task(root, task, media_root)
+    if not loaded.query_items:
+        raise VideoTaskError(f"MMEB-V2 task {task}: no rows in {loaded.source}")
     for name, (path, kind) in loaded.sources.items():
         for each in (path, kind if kind and kind != IMAGE_SOURCE else ""):
             if each:
@@ -351,8 +353,6 @@ def _load_video_task(root: Path, task: str, media_root: Path) -> VideoTask:
         queries.append((f"{spec.instruction} {caption}", None))
         infos.append({"cand_names": [name], "label_name": name})
         sources.setdefault(name, (str(frames_root / name), str(videos_root / file)))
-    if not queries:
-        raise VideoTaskError(f"MMEB-V2 task {task}: no rows in {directory}")
     return VideoTask(TASKS[task], queries, infos, list(sources), [(CANDIDATE_TEXT, n) for n in sources], sources,
                      f"{spec.repo} ({directory})")
 
@@ -377,8 +377,6 @@ def _load_classification(root: Path, task: str, media_root: Path) -> VideoTask:
         infos.append({"cand_names": names, "label_name": row["pos_text"]})
         for n in names:
             pool.setdefault(n, None)
-    if not queries:
-        raise VideoTaskError(f"MMEB-V2 task {task}: no rows in {directory}")
     if not spec.options:  # the rest of the official label list after the rows' own labels
         for label in official["labels"][task]:
             pool.setdefault(label, None)
@@ -403,8 +401,6 @@ def _load_qa(root: Path, task: str, media_root: Path) -> VideoTask:
         infos.append({"cand_names": names, "label_name": answer})
         for name, shown in zip(names, texts):
             pool.setdefault(name, shown)
-    if not queries:
-        raise VideoTaskError(f"MMEB-V2 task {task}: no rows in {directory}")
     return VideoTask(TASKS[task], queries, infos, list(pool), [(shown, None) for shown in pool.values()], sources,
                      f"{spec.repo} ({directory})")
 
@@ -435,8 +431,6 @@ def _load_mvbench(root: Path, media_root: Path) -> VideoTask:
             infos.append({"cand_names": names, "label_name": answer})
             for name in names:
                 pool.setdefault(name, None)
-    if not queries:
-        raise VideoTaskError(f"MMEB-V2 task {task}: no rows in {base}")
     return VideoTask(TASKS[task], queries, infos, list(pool), [(n, None) for n in pool], sources,
                      f"{MVBENCH_REPO} ({base})")
 
@@ -467,8 +461,6 @@ def _load_moments(root: Path, task: str, media_root: Path) -> VideoTask:
         for name, clip in zip(names, clips):
             sources.setdefault(name, (str(folder / clip), ""))
             pool.setdefault(name, None)
-    if not queries:
-        raise VideoTaskError(f"MMEB-V2 task {task}: no rows in {directory}")
     return VideoTask(TASKS[task], queries, infos, list(pool), [(CANDIDATE_TEXT, n) for n in pool], sources,
                      f"{MOMENTS[task]} ({directory})")
 
@@ -508,8 +500,6 @@ def _load_moment_seeker(root: Path, media_root: Path) -> VideoTask:
         for name in positives + negatives:
             sources.setdefault(name, (str(frames_root / name), ""))
             pool.setdefault(name, None)
-    if not queries:
-        raise VideoTaskError(f"MMEB-V2 task {task}: no rows in {directory}")
     return VideoTask(TASKS[task], queries, infos, list(pool), [(SEEKER_CANDIDATE_TEXT, n) for n in pool], sources,
                      f"{SEEKER_REPO} ({directory})")
 

@@ -39,7 +39,7 @@ from llave_ds.core.distributed import PreemptionFlag, is_peer_failure
 from llave_ds.core.gather import all_gather_objects, all_reduce_max, all_reduce_sum, is_distributed, rank_errors
 from llave_ds.core.gradcache import GradCacheConfig, gradcache_step
 from llave_ds.core.objective import ObjectiveConfig
-from llave_ds.data.batching import GlobalBatchSampler, PairCollator
+from llave_ds.data.batching import CountingCollator, GlobalBatchSampler, PairCollator
 from llave_ds.data.errors import DataError
 from llave_ds.data.mmeb_train import MMEBTrainDataset, TrainDataConfig
 from llave_ds.export.model_dir import ExportConfig, export_from_engine
@@ -50,6 +50,7 @@ from llave_ds.model.formatter import InputFormatter, ProcessingConfig
 from llave_ds.training import checkpoint as ckpt
 from llave_ds.training import engine as eng
 from llave_ds.training.checkpoint import CheckpointConfig
+from llave_ds.training.elastic import Layout, prepare_universal, resume_route
 from llave_ds.training.engine import (DeepSpeedConfig, EngineConfigError, complete_ds_config, load_ds_config,
                                       resolve_ds_config_path)
 from llave_ds.training.memory_plan import MemoryConfig, build_time_ds_config, plan_for_model
@@ -166,31 +167,20 @@ class NonFiniteLossError(TrainingError):
     """``optim.max_consecutive_skips`` steps in a row had a non-finite loss or gradient."""
 
 
-class CountingCollator:
-    """Wraps a ``PairCollator``: returns ``(batch, sides truncated while formatting it)``.
-
-    The formatter's ``num_truncated`` counter lives in whichever process runs the collator
-    (a DataLoader worker when ``num_workers > 0``), so the main process never sees it grow;
-    the per-batch difference travels with the batch instead. Picklable.
-    """
-
-    def __init__(self, collator: PairCollator):
-        self.collator = collator
-
-    def __call__(self, pairs):
-        formatter = self.collator.formatter
-        before = getattr(formatter, "num_truncated", 0)
-        batch = self.collator(pairs)
-        return batch, getattr(formatter, "num_truncated", 0) - before
+def run_layout(cfg: "TrainConfig", world_size: int) -> Layout:
+    """Ranks, ZeRO stage and global batch: what decides how a checkpoint resumes (``elastic``)."""
+    stage = eng.zero_stage(load_ds_config(resolve_ds_config_path(cfg.deepspeed.config)))
+    return Layout(world_size, stage, cfg.global_batch_size)
 
 
 def preflight(cfg: "TrainConfig", world_size: int) -> list[Path]:
     """Every check that needs no other rank, before any process group exists: the number of
-    ranks, the model directory, the resume checkpoint. Returns the checkpoints to try
-    resuming from, best first (``RunDir.resume_candidates``)."""
+    ranks, the model directory, the resume checkpoint (on another layout too). Returns the
+    checkpoints to try resuming from, best first (``RunDir.resume_candidates``)."""
     cfg.validate_for_world(world_size)
     check_model_path(cfg.model.path, cfg.model.backbone)
-    return RunDir.from_config(cfg).resume_candidates(cfg.checkpoint.resume, world_size, cfg.checkpoint.overwrite)
+    return RunDir.from_config(cfg).resume_candidates(cfg.checkpoint.resume, run_layout(cfg, world_size),
+                                                     cfg.checkpoint.overwrite)
 
 
 def next_batch_agreed(iterator, device: torch.device, step: int):
@@ -246,8 +236,8 @@ class TrainState:
 
     The data position is the global step: epoch = step // steps_per_epoch, and the batches
     consumed in it = step % steps_per_epoch (the sampler's plan is a function of seed and
-    epoch only). The RNG is each rank's own: ``save_checkpoint`` writes it beside the
-    client state (``rng_rank<r>.pt``) and ``resume`` restores it.
+    epoch only), so it holds on any rank count. The RNG is each rank's own: ``save_checkpoint``
+    writes it beside the client state (``rng_rank<r>.pt``) and ``resume`` restores it.
     """
     sampler: GlobalBatchSampler
     world_size: int
@@ -271,18 +261,22 @@ class TrainState:
                 "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
                 "skipped_rows": self.skipped_rows}
 
-    def load_state_dict(self, state: dict, source: Path) -> None:
-        ckpt.check_written_by(source, state.get("world_size"), self.world_size)
+    def load_state_dict(self, state: dict, source: Path, elastic: bool = False) -> None:
+        if not elastic:  # the checkpoint's own files were loaded: they must be this layout's
+            ckpt.check_written_by(source, state.get("world_size"), self.world_size)
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.skipped_rows = int(state.get("skipped_rows", 0))
         self.sampler.load_state_dict(state["sampler"])
 
-    def resume(self, engine, path: Path, rank: int) -> None:
-        """Engine tensors, this state and this rank's RNG from the checkpoint at ``path``."""
-        self.load_state_dict(eng.load_checkpoint(engine, path), path)
-        ckpt.load_rng_state(path, rank)
+    def resume(self, engine, path: Path, rank: int, universal: Optional[Path] = None) -> None:
+        """Engine tensors, this state and this rank's RNG from the checkpoint at ``path``; from
+        its ``universal`` form on another layout, where the RNG files are those of ranks that no
+        longer exist and none is restored (each step reseeds from (seed, step, rank) anyway)."""
+        self.load_state_dict(eng.load_checkpoint(engine, path, universal), path, elastic=universal is not None)
+        if universal is None:
+            ckpt.load_rng_state(path, rank)
 
     def record(self, result, skipped_rows: int, truncated_sides: int) -> None:
         """Count one finished step (``result.skipped`` is the same on every rank)."""
@@ -332,6 +326,10 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
     # -- the resume checkpoint's checksums, read by all ranks in parallel ------------------
     resume_from = choose_verified(resume_candidates, resume=cfg.checkpoint.resume, checksums=cfg.checkpoint.checksums,
                                   rank=rank, world=world, device=device, is_main=is_main)
+    universal = None  # another rank count or ZeRO stage: continue through the universal checkpoint
+    if resume_from is not None and resume_route(resume_from, run_layout(cfg, world)) == "universal":
+        universal = prepare_universal(resume_from, rank=rank, device=device,
+                                      timeout_s=cfg.checkpoint.universal_timeout_s)
 
     # -- data first (cheap, and bad data should not wait for the model): same on all ranks
     dataset = MMEBTrainDataset(cfg.data, video_frames=cfg.processing.video_frames,
@@ -373,6 +371,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
         ds_config = plan.apply_to(ds_config)
         if is_main:
             run.write_memory_plan(plan.as_dict())
+    if universal is not None:
+        ds_config = eng.with_universal_load(ds_config)
     # video_slot: with any video rows every chunk carries a (dummy) video, so every rank runs
     # the same tower calls in every chunk under ZeRO-3 (docs/VIDEO.md, the dummy rule).
     formatter = InputFormatter.from_config(processor, model.backbone, cfg.processing,
@@ -396,9 +396,10 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
     # -- resume ---------------------------------------------------------------------------
     state = TrainState(sampler, world_size=world)
     if resume_from is not None:
-        state.resume(engine, resume_from, rank)
+        state.resume(engine, resume_from, rank, universal)
         if is_main:
-            logger.info("resumed from %s at step %d", resume_from, state.step)
+            logger.info("resumed from %s at step %d%s", resume_from, state.step,
+                        " (its universal form: another rank count)" if universal else "")
 
     def save() -> Path:
         path = eng.save_checkpoint(engine, run.checkpoints, ckpt.tag_for_step(state.step), state.state_dict(),
@@ -579,11 +580,9 @@ def report_error(text: str) -> None:
 
 
 def _has_fileno(stream) -> bool:
-    try:
-        stream.fileno()
-        return True
-    except (AttributeError, OSError, ValueError):  # a captured stream (tests) has none
-        return False
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # a captured stream (tests) has none
+        return stream.fileno() >= 0
+    return False
 
 
 def run(args: argparse.Namespace) -> int:

@@ -284,3 +284,21 @@ class PairCollator:
                                          "target"),
             num_pairs=len(pairs), num_negatives_per_pair=k, subsets=[p.subset for p in pairs],
             rows=[p.row for p in pairs], skipped=dict(skipped))
+
+
+class CountingCollator:
+    """Wraps a ``PairCollator``: returns ``(batch, sides truncated while formatting it)``.
+
+    The formatter's ``num_truncated`` counter lives in whichever process runs the collator
+    (a DataLoader worker when ``num_workers > 0``), so the main process never sees it grow;
+    the per-batch difference travels with the batch instead. Picklable.
+    """
+
+    def __init__(self, collator: PairCollator):
+        self.collator = collator
+
+    def __call__(self, pairs):
+        formatter = self.collator.formatter
+        before = getattr(formatter, "num_truncated", 0)
+        batch = self.collator(pairs)
+        return batch, getattr(formatter, "num_truncated", 0) - before

@@ -55,12 +55,17 @@ class CheckpointConfig:
     # Record a CRC-32 of every checkpoint file when saving and check it before resuming
     # (ranks share the reading); sizes are always recorded and checked.
     checksums: bool = True
+    # Resuming on another rank count or ZeRO stage converts the checkpoint to DeepSpeed's
+    # universal format first (rank 0, once); the run stops with an error if that takes longer.
+    universal_timeout_s: float = 7200.0
 
     def validate(self) -> None:
         if self.every_steps < 0:
             raise ValueError(f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
         if self.keep_last < 0:
             raise ValueError(f"checkpoint.keep_last must be >= 0, got {self.keep_last}")
+        if self.universal_timeout_s <= 0:
+            raise ValueError(f"checkpoint.universal_timeout_s must be > 0, got {self.universal_timeout_s}")
         if self.overwrite and self.resume not in ("none", ""):
             raise ValueError(f"checkpoint.overwrite=true starts a run afresh and needs checkpoint.resume=none "
                              f"(--resume none --overwrite), got checkpoint.resume={self.resume}")
@@ -84,12 +89,13 @@ def looks_like_checkpoint(path: Union[str, Path]) -> bool:
 
 
 def check_written_by(path: Path, written_by: Optional[int], world_size: int) -> None:
-    """A checkpoint resumes only on the number of ranks that wrote it (ZeRO partitions)."""
+    """A checkpoint's own files load only on the number of ranks that wrote them (ZeRO
+    partitions); another rank count goes through its universal checkpoint (``elastic``)."""
     if written_by is not None and written_by != world_size:
         raise CheckpointError(
-            f"{path} was written by {written_by} ranks, this run has {world_size}: resume with the same "
-            "number of ranks, or convert it with DeepSpeed's ds_to_universal.py and load it as a universal "
-            "checkpoint")
+            f"{path} was written by {written_by} ranks, this run has {world_size}, and its own files were "
+            "about to be loaded: another rank count loads the checkpoint's universal form "
+            "(llave_ds.training.elastic.resume_route decides; relaunch with --resume auto or the checkpoint path)")
 
 
 def capture_rng_state() -> dict:

@@ -533,7 +533,10 @@ def save_checkpoint(engine, root: Path, tag: str, client_state: dict, *, checksu
     if rank == 0:
         try:
             manifest = ckpt.build_manifest(path, files, crcs)
+            sampler = client_state.get("sampler") or {}
             ckpt.mark_complete(path, {"step": client_state.get("step"), "world_size": client_state.get("world_size"),
+                                      "zero_stage": int(engine.zero_optimization_stage()),
+                                      "global_batch_size": sampler.get("global_batch_size"),
                                       "tag": tag, "files": manifest})
             ckpt.set_latest(root, tag)
         except Exception as exc:  # noqa: BLE001
@@ -546,23 +549,31 @@ def save_checkpoint(engine, root: Path, tag: str, client_state: dict, *, checksu
     return path
 
 
-def load_checkpoint(engine, path: Path) -> dict:
+def with_universal_load(ds_config: dict) -> dict:
+    """The config of an engine that loads a universal checkpoint (another rank count or stage)."""
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
+def load_checkpoint(engine, path: Path, universal: Optional[Path] = None) -> dict:
     """Load a checkpoint written by ``save_checkpoint``; returns its client state.
 
-    Refuses an incomplete checkpoint or one whose files are missing or of the wrong size
-    (naming the file); when DeepSpeed cannot read it, names the file torch cannot read.
+    ``universal``: its universal form (``elastic.prepare_universal``), loaded instead of the
+    ZeRO shards by an engine built with ``with_universal_load``. Refuses an incomplete
+    checkpoint or one whose files are missing or of the wrong size (naming the file); when
+    DeepSpeed cannot read it, names the file torch cannot read.
     """
     path = Path(path)
     ckpt.verify_checkpoint(path, checksums=False)  # refuses an incomplete one, naming it
+    source = Path(universal) if universal is not None else path
     try:
-        load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
+        load_path, client_state = engine.load_checkpoint(str(source.parent), tag=source.name,
                                                          load_optimizer_states=True,
                                                          load_lr_scheduler_states=True)
     except (FileNotFoundError, RuntimeError, KeyError, EOFError, OSError, ValueError,
             AssertionError) as exc:
-        bad = ckpt.find_unreadable_file(path)
+        bad = ckpt.find_unreadable_file(source)
         culprit = f"{bad[0]} cannot be read ({bad[1]}); " if bad else ""
-        raise ckpt.CheckpointError(f"cannot load checkpoint {path}: {culprit}DeepSpeed said: "
+        raise ckpt.CheckpointError(f"cannot load checkpoint {source}: {culprit}DeepSpeed said: "
                                    f"{type(exc).__name__}: {exc}") from exc
     if load_path is None:
         raise ckpt.CheckpointError(f"DeepSpeed found no checkpoint at {path}")

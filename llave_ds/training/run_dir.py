@@ -36,6 +36,7 @@ from llave_ds.config import dump_config
 from llave_ds.core.gather import rank_errors
 from llave_ds.files import atomic_write_text
 from llave_ds.training import checkpoint as ckpt
+from llave_ds.training.elastic import Layout, resume_route
 
 logger = logging.getLogger(__name__)
 
@@ -230,9 +231,10 @@ class RunDir:
 
     # -- where to resume ------------------------------------------------------------
 
-    def resume_candidates(self, resume: str, world_size: int, overwrite: bool = False) -> list[Path]:
+    def resume_candidates(self, resume: str, layout: Layout, overwrite: bool = False) -> list[Path]:
         """The checkpoints to try resuming from, best first, checked without loading anything:
-        complete, written by this many ranks, every listed file present with its recorded size.
+        complete, resumable on this run's ``layout`` (directly or through the universal form:
+        ``elastic.resume_route``), every listed file present with its recorded size.
 
         ``resume="auto"``: every complete checkpoint of the run that passes, newest first; one
         that does not is skipped with a warning naming it and why (an unattended requeue must
@@ -253,14 +255,14 @@ class RunDir:
             path = Path(resume)
             if not path.is_dir():
                 raise ckpt.CheckpointError(f"checkpoint.resume={resume}: no such checkpoint directory")
-            ckpt.check_written_by(path, ckpt.describe(path).get("world_size"), world_size)
+            resume_route(path, layout)
             ckpt.verify_checkpoint(path, checksums=False)
             return [path]
         found = ckpt.resume_candidates(root)
         usable, problems = [], []
         for path in found:
             # A setup mistake, not damage: never skipped.
-            ckpt.check_written_by(path, ckpt.describe(path).get("world_size"), world_size)
+            resume_route(path, layout)
             try:
                 ckpt.verify_checkpoint(path, checksums=False)
             except ckpt.CheckpointError as exc:

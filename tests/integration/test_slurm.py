@@ -6,6 +6,8 @@
 3. Preemption: SIGUSR1 to the batch shell mid-run (as `#SBATCH --signal=B:USR1@...` sends
    it) -> the trainer checkpoints, exits 3, the script requeues the job, the requeued run
    resumes and ends with the losses and fp32 parameters of the uninterrupted run (1e-6).
+4. Another allocation: preempted on 2 nodes, not requeued, resubmitted on 1 node -> the
+   run continues through the universal checkpoint to the uninterrupted run's result (1e-5).
 
 Every wait is bounded and every job is cancelled at the end; the cluster (munged,
 slurmctld, two slurmd) is started once for the module by tests/integration/slurm_cluster.py
@@ -62,16 +64,17 @@ class Job:
     """One `sbatch --wait` of a launch script in its own working directory (the submit dir,
     where logs/ lives), 2 nodes x 1 CPU rank."""
 
-    def __init__(self, cluster, script: Path, workdir: Path, name: str, assets):
+    def __init__(self, cluster, script: Path, workdir: Path, name: str, assets, nodes: int = 2,
+                 env: dict | None = None):
         self.cluster, self.name, self.workdir = cluster, name, workdir
         self.run_dir = workdir / "run"
         (workdir / "logs").mkdir(parents=True, exist_ok=True)
         self.env = {**cluster.env, "LLAVE_DS_CPU": "1", "LLAVE_DS_PYTHON": sys.executable,
                     "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
-                    "HF_HUB_OFFLINE": "1"}
+                    "HF_HUB_OFFLINE": "1", **(env or {})}
         # The script's #SBATCH header asks for GPUs on a partition called gpu: a CPU run
         # overrides exactly what launch/README.md says to.
-        self.cmd = ["sbatch", "--wait", f"--job-name={name}", "--partition=debug", "--nodes=2",
+        self.cmd = ["sbatch", "--wait", f"--job-name={name}", "--partition=debug", f"--nodes={nodes}",
                     "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15",
                     str(script), str(DEMO_CONFIG), *overrides(assets, self.run_dir)]
         self.stdout_path = workdir / "sbatch.out"
@@ -198,8 +201,9 @@ def test_deepspeed_launcher_two_nodes_matches_srun(slurm_cluster, assets, refere
     assert_same_run(job, reference)
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, assets, reference, tmp_path):
-    job = Job(slurm_cluster, TRAIN_SBATCH, tmp_path, "llave-preempt", assets).submit()
+def preempt_at_step_2(slurm_cluster, job: Job) -> int:
+    """Submit ``job``, send SIGUSR1 to its batch shell once step 2 is logged; its exit code."""
+    job.submit()
     try:
         metrics = job.run_dir / "metrics.jsonl"
         deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -211,11 +215,16 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, a
         # What `#SBATCH --signal=B:USR1@300` does at the time limit: SIGUSR1 to the batch shell.
         signalled = slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job.job_id], timeout_s=10)
         assert signalled.returncode == 0, signalled.stderr
-        rc = job.wait()
+        return job.wait()
     finally:
         if job.proc.poll() is None:
             slurm_cluster.run(["scancel", f"--name={job.name}"], timeout_s=10)
             job.proc.kill()
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, assets, reference, tmp_path):
+    job = Job(slurm_cluster, TRAIN_SBATCH, tmp_path, "llave-preempt", assets)
+    rc = preempt_at_step_2(slurm_cluster, job)
     assert rc == 0, f"sbatch --wait exited {rc}\n{job.diagnostics()}"
 
     log = job.batch_log.read_text()
@@ -232,3 +241,26 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, a
     final = job.summaries()[-1]
     assert final["steps"] == STEPS and not final["stopped_early"], final
     assert_same_run(job, reference)
+
+
+def test_a_run_stopped_on_two_nodes_continues_exactly_on_one(slurm_cluster, assets, reference, tmp_path):
+    """A requeue on another allocation: the job is preempted on 2 nodes and not requeued
+    (LLAVE_DS_MAX_RESTARTS=0: it ends with exit 3), then the same command is submitted on 1
+    node. The trainer converts the checkpoint to DeepSpeed's universal form and ends with the
+    uninterrupted 2-node run's losses and fp32 parameters (1e-5: one rank sums float32 in
+    another order than two)."""
+    first = Job(slurm_cluster, TRAIN_SBATCH, tmp_path, "llave-two-nodes", assets,
+                env={"LLAVE_DS_MAX_RESTARTS": "0"})
+    rc = preempt_at_step_2(slurm_cluster, first)
+    assert rc != 0 and "not requeueing" in first.batch_log.read_text(), first.diagnostics()
+    stop = first.summaries()[-1]["steps"]
+    assert first.summaries()[-1]["stopped_early"] and 2 <= stop < STEPS, first.summaries()
+    second = Job(slurm_cluster, TRAIN_SBATCH, tmp_path, "llave-one-node", assets, nodes=1).run()
+    rank0 = (second.rank_log_dir / "rank0.log").read_text(errors="replace")
+    checkpoint = second.run_dir / "checkpoints" / f"step_{stop:08d}"
+    assert f"resumed from {checkpoint} at step {stop} (its universal form" in rank0, rank0[-3000:]
+    assert second.summaries()[-1]["steps"] == STEPS
+    got, want = second.losses(), reference.losses()
+    assert max(abs(got[s] - want[s]) for s in want) <= 1e-5, (got, want)
+    a, b = second.exported(), reference.exported()
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in b) <= 1e-5

@@ -53,11 +53,13 @@ def _argv(assets, run_dir, *extra):
 
 def _auto_candidates(assets, run_dir, caplog):
     """What ``--resume auto`` would try, best first, and the warnings it logged."""
+    from llave_ds.train import run_layout
     from llave_ds.training.run_dir import RunDir
     caplog.clear()
     cfg = helpers._load(helpers.overrides(assets, run_dir))
     with caplog.at_level("WARNING"):
-        found = RunDir.from_config(cfg).resume_candidates(cfg.checkpoint.resume, 2, cfg.checkpoint.overwrite)
+        found = RunDir.from_config(cfg).resume_candidates(cfg.checkpoint.resume, run_layout(cfg, 2),
+                                                          cfg.checkpoint.overwrite)
     return found, caplog.text
 
 
@@ -172,15 +174,18 @@ def test_fresh_start_over_checkpoints_is_refused_unless_asked_and_then_nothing_i
 
 
 @pytest.mark.slow  # needs the reference run's checkpoint
-def test_resume_with_another_number_of_ranks_is_refused_before_any_process_group(
+def test_resume_that_would_change_the_run_is_refused_before_any_process_group(
         assets, reference_run, tmp_path, monkeypatch, capsys):
+    """Another rank count continues the run (tests/test_elastic_resume.py); another ZeRO stage
+    or another global batch cannot, and is refused before any process group, saying why."""
     run_dir, latest = _copy_run(reference_run, tmp_path)
-    code, err = helpers.train_cli_in_process(_argv(assets, run_dir), monkeypatch, capsys)  # 1 rank
+    code, err = helpers.train_cli_in_process(_argv(assets, run_dir, "deepspeed.config=zero2"), monkeypatch, capsys)
     assert code == 2, err
-    assert f"{latest} was written by 2 ranks, this run has 1" in err and "ds_to_universal" in err, err
-    code, err = helpers.train_cli_in_process(_argv(assets, run_dir, "gradcache.query_chunk_size=2",
-                                                   "gradcache.target_chunk_size=2"), monkeypatch, capsys, world_size=4)
-    assert code == 2 and "written by 2 ranks, this run has 4" in err, err
+    assert f"{latest} was written under ZeRO stage 3, this run uses stage 2" in err, err
+    code, err = helpers.train_cli_in_process(_argv(assets, run_dir, "global_batch_size=16"), monkeypatch, capsys,
+                                             world_size=4)
+    assert code == 2 and "global_batch_size=8, this run has 16" in err, err
+    assert not (latest / "universal").exists()
 
 
 class _FailingEngine:

@@ -23,7 +23,8 @@ Checks, each a `DataError` naming the shard (its location) and the sample's key:
 * a tar that breaks (bad header, truncated: the error names the last good key), or that holds
   fewer or more samples than the index says: always an error;
 * a shard read whole: its SHA-256 and size against the index (``verify_checksums``), checked
-  when its end is reached (the samples already yielded are not recalled).
+  when its end is reached (the samples already yielded are not recalled); a mismatch is an
+  error, unless damaged samples of that shard were found and skipped (then a warning).
 """
 from __future__ import annotations
 
@@ -194,6 +195,10 @@ class ShardReader:
                 raise DataError(f"shard {info.name} ({location}): {offset + 1} samples, the index says "
                                 f"{info.num_samples}", file=location)
             if self.verify_checksums and (hashing.count != info.bytes or hashing.digest.hexdigest() != info.sha256):
+                if skipped:  # the damage was found sample by sample, and skipped as asked
+                    logger.warning("shard %s (%s): its SHA-256 is not the index's; its %d damaged sample(s) were "
+                                   "skipped", info.name, location, skipped)
+                    return
                 raise DataError(f"shard {info.name} ({location}): {hashing.count} bytes with SHA-256 "
                                 f"{hashing.digest.hexdigest()[:16]}..., the index says {info.bytes} bytes, "
                                 f"{info.sha256[:16]}... (the shard changed after the index was written)",

@@ -197,6 +197,7 @@ class _HTTPStream(io.RawIOBase):
         super().__init__()
         self.url, self.policy, self.sleep = url, policy, sleep
         self.pos = 0
+        self.end = None  # the body's end (a byte position), from Content-Length
         self.failures = 0
         self._response = _retrying(url, policy, sleep, lambda: self._request(0))
 
@@ -212,13 +213,15 @@ class _HTTPStream(io.RawIOBase):
             if exc.code in _FINAL_HTTP:
                 raise _Final(f"HTTP {exc.code} {exc.reason}") from None
             raise
-        if pos and response.status != 206:  # the server ignored the range: skip what was read
-            left = pos
-            while left:
-                chunk = response.read(min(left, 1 << 20))
-                if not chunk:
-                    raise http.client.IncompleteRead(b"", left)
-                left -= len(chunk)
+        length = response.headers.get("Content-Length")
+        skip = pos if pos and response.status != 206 else 0  # the server ignored the range: skip what was read
+        # http.client ends a cut body quietly (readinto returns 0): the length tells a cut from the end.
+        self.end = int(length) - skip + pos if length and length.isdigit() else None
+        while skip:
+            chunk = response.read(min(skip, 1 << 20))
+            if not chunk:
+                raise http.client.IncompleteRead(b"", skip)
+            skip -= len(chunk)
         return response
 
     def readable(self) -> bool:
@@ -228,6 +231,8 @@ class _HTTPStream(io.RawIOBase):
         while True:
             try:
                 n = self._response.readinto(buffer)
+                if n == 0 and len(buffer) and self.end is not None and self.pos < self.end:
+                    raise http.client.IncompleteRead(b"", self.end - self.pos)
                 self.pos += n
                 return n
             except (OSError, http.client.HTTPException) as exc:

@@ -168,6 +168,12 @@ def test_through_an_fsspec_url_equals_local(synth):
     assert [(s.fields, s.media) for s in remote] == [(s.fields, s.media) for s in ShardReader(str(synth["shards"]))]
 
 
+def test_a_url_without_its_filesystem_is_one_line():
+    pytest.importorskip("fsspec")
+    with pytest.raises(DataError, match=r"cannot fetch nosuchfs://bucket/set/index\.json: no filesystem for it"):
+        ShardReader("nosuchfs://bucket/set/", retry=FAST)
+
+
 def test_a_404_names_the_url_at_once(synth, tmp_path):
     copy = copy_shards(synth, tmp_path)
     (copy / "train-00001.tar").unlink()

@@ -258,6 +258,7 @@ def _samples(tar: tarfile.TarFile, skipping) -> Iterator[Tuple[str, Dict[str, by
             key, members = k, {}
         if not skipping(k):
             members[suffix] = tar.extractfile(member).read()
+        tar.members = []  # tarfile keeps every header it has read; a stream needs none of them
     if key is not None:
         yield key, members
 

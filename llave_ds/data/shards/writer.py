@@ -75,6 +75,7 @@ class _ShardFile:
         info = tarfile.TarInfo(f"{key}.{suffix}")
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         self.tar.addfile(info, io.BytesIO(data))
+        self.tar.members = []  # tarfile keeps every header it wrote; a shard of many samples needs none
 
     def close(self) -> ShardInfo:
         self.tar.close()

@@ -24,6 +24,7 @@ setup(
         "transformers>=4.46",
         "accelerate>=0.34",
         "datasets>=2.20",
+        "fsspec>=2023.1",  # shards at s3:// gs:// hf:// URLs (llave_ds/data/shards/streams.py); datasets needs it too
         "safetensors>=0.4",
         "numpy>=1.24",
         "pillow>=10",

@@ -18,6 +18,8 @@ SUBCOMMANDS = {
                                                     "and video training rows"),
     "mine": ("llave_ds.mine.run", "mine hard negatives for a training set with a model (positive-aware filter), "
                                   "written into a copy of the data"),
+    "shard": ("llave_ds.data.shards.command", "write a local training source as tar shards (WebDataset layout) with "
+                                              "an index, for streaming from object storage"),
     "export": ("llave_ds.export.model_dir", "consolidate a training checkpoint into a transformers model directory"),
     "encode": ("llave_ds.model.embedder", "embed the rows of a .jsonl / .parquet file with an exported model"),
     "bench": ("llave_ds.bench.cli", "training throughput (samples/s, MFU, memory) of the cached step at real shapes"),

@@ -48,11 +48,11 @@ def row_files(source: str, subsets: Optional[Sequence[str]] = None, split: str =
     ``<S>/<split>...`` files; pass the training config's (MMEB-train's are ``original`` and
     ``diverse_instruction``)."""
     if not is_local_source(source):
-        raise DataError(f"{source!r} looks like a hub dataset id; mining reads and writes a local directory: "
+        raise DataError(f"{source!r} looks like a hub dataset id; mining and sharding read a local directory: "
                         "download it first (huggingface-cli download --repo-type dataset ... --local-dir DIR)")
     root = os.path.expanduser(source)
     if not os.path.isdir(root):
-        raise DataError(f"data directory {source!r} does not exist; mining needs a local directory")
+        raise DataError(f"data directory {source!r} does not exist; mining and sharding read a local directory")
     names = list_subsets(root, json_arrays=True) if subsets is None else list(subsets)
     if not names:
         raise DataError(f"no subsets found in {source!r}")

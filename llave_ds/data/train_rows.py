@@ -81,8 +81,10 @@ def _one_medium(text_field: str, image_field: str, video_field: str, side: SideF
                           f"({image_field}) nor video ({video_field})")
 
 
-def parse_row(row: Mapping[str, Any], num_negatives: int) -> RowSides:
-    """Type- and content-check one row (no file access). num_negatives=0: ignore negatives."""
+def parse_row(row: Mapping[str, Any], num_negatives: int, *, every_negative: bool = False) -> RowSides:
+    """Type- and content-check one row (no file access). num_negatives=0: ignore negatives.
+    ``every_negative``: keep all the row's non-empty negatives, none required (the shard
+    writer, which keeps the row whole for any later ``num_hard_negatives``)."""
     query = (_as_text(row.get("qry"), "qry"), _as_text(row.get("qry_image_path"), "qry_image_path"),
              _as_text(row.get("qry_video_path"), "qry_video_path"))
     target = (_as_text(row.get("pos_text"), "pos_text"), _as_text(row.get("pos_image_path"), "pos_image_path"),
@@ -91,7 +93,7 @@ def parse_row(row: Mapping[str, Any], num_negatives: int) -> RowSides:
     _one_medium("pos_text", "pos_image_path", "pos_video_path", target, "positive")
     negatives: List[SideFields] = []
     index: List[int] = []
-    if num_negatives > 0:
+    if num_negatives > 0 or every_negative:
         texts = _as_text_list(row.get("neg_text"), "neg_text")
         paths = _as_text_list(row.get("neg_image_path"), "neg_image_path")
         videos = _as_text_list(row.get("neg_video_path"), "neg_video_path")
@@ -108,6 +110,8 @@ def parse_row(row: Mapping[str, Any], num_negatives: int) -> RowSides:
             if side[0].strip() or side[1] or side[2]:
                 negatives.append(side)
                 index.append(i)
+        if every_negative:
+            return RowSides(query, target, negatives, index)
         if len(negatives) < num_negatives:
             raise RowProblem(MISSING_NEGATIVES, "neg_text", f"row has {len(negatives)} hard negative(s), "
                               f"{num_negatives} required (num_hard_negatives)")

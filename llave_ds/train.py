@@ -41,7 +41,8 @@ from llave_ds.core.gradcache import GradCacheConfig, gradcache_step
 from llave_ds.core.objective import ObjectiveConfig
 from llave_ds.data.batching import CountingCollator, GlobalBatchSampler, PairCollator
 from llave_ds.data.errors import DataError
-from llave_ds.data.mmeb_train import MMEBTrainDataset, TrainDataConfig
+from llave_ds.data.loading import open_train_data, train_loader
+from llave_ds.data.mmeb_train import TrainDataConfig
 from llave_ds.export.model_dir import ExportConfig, export_from_engine
 from llave_ds.model.backbones import check_model_path
 from llave_ds.model.checkpointing import apply_gradient_checkpointing
@@ -239,7 +240,7 @@ class TrainState:
     epoch only), so it holds on any rank count. The RNG is each rank's own: ``save_checkpoint``
     writes it beside the client state (``rng_rank<r>.pt``) and ``resume`` restores it.
     """
-    sampler: GlobalBatchSampler
+    sampler: GlobalBatchSampler   # or the shards' ShardBatchPlan: the same state_dict / load_state_dict
     world_size: int
     step: int = 0
     skipped_steps: int = 0       # optimizer steps skipped for non-finite values, in total
@@ -332,10 +333,9 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
                                       timeout_s=cfg.checkpoint.universal_timeout_s)
 
     # -- data first (cheap, and bad data should not wait for the model): same on all ranks
-    dataset = MMEBTrainDataset(cfg.data, video_frames=cfg.processing.video_frames,
-                               video_max_side=cfg.processing.video_max_side)
-    sampler = GlobalBatchSampler(dataset, cfg.global_batch_size, rank=rank, world_size=world,
-                                 seed=cfg.seed, homogeneous=cfg.data.homogeneous_batches)
+    dataset, sampler = open_train_data(cfg.data, global_batch_size=cfg.global_batch_size, rank=rank, world_size=world,
+                                       seed=cfg.seed, video_frames=cfg.processing.video_frames,
+                                       video_max_side=cfg.processing.video_max_side)
     check_same_data(dataset, sampler, device)
 
     # -- DeepSpeed config, model, formatter ---------------------------------------------
@@ -380,8 +380,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
 
     # -- loader: every rank the same number of pairs per step ------------------------------
     collator = CountingCollator(PairCollator(formatter, **cfg.gradcache.chunk_sizes()))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
-                                         num_workers=cfg.num_workers, persistent_workers=False)
+    loader = train_loader(dataset, sampler, collator, cfg.num_workers)
     total_steps = cfg.schedule.max_steps if cfg.schedule.max_steps > 0 else len(sampler) * cfg.schedule.epochs
 
     # -- optimizer, schedule, engine ----------------------------------------------------

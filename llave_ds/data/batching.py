@@ -203,6 +203,31 @@ class TrainBatch:
         return self._map(lambda t: t.pin_memory())
 
 
+def join_batches(parts: Sequence[TrainBatch]) -> TrainBatch:
+    """One rank's batch from parts collated separately (the shard loader's workers), in order:
+    chunks one after another, a chunk's ``ROW_INDEX`` moved past the rows of the parts before it."""
+    if len(parts) == 1:
+        return parts[0]
+    if not parts or len({p.num_negatives_per_pair for p in parts}) != 1:
+        raise ValueError(f"cannot join {len(parts)} batch parts with hard negatives per pair "
+                         f"{sorted({p.num_negatives_per_pair for p in parts})}")
+
+    def shifted(chunks, offset):
+        return [{**c, ROW_INDEX: c[ROW_INDEX] + offset} if ROW_INDEX in c else c for c in chunks]
+
+    k = parts[0].num_negatives_per_pair
+    queries, targets, negatives, skipped = [], [], [], Counter()
+    done = 0
+    for part in parts:
+        queries += shifted(part.query_chunks, done)
+        targets += shifted(part.target_chunks, done)
+        negatives += shifted(part.negative_chunks, done * k)
+        skipped.update(part.skipped)
+        done += part.num_pairs
+    return TrainBatch(queries, targets, negatives, done, k, [s for p in parts for s in p.subsets],
+                      [r for p in parts for r in p.rows], dict(skipped))
+
+
 def token_budget_chunks(lengths: Sequence[int], budget: int, max_rows: int) -> Tuple[List[List[int]], int]:
     """Rows (by position) grouped into chunks under a token budget: sorted longest first (ties
     in position order), a chunk takes rows while ``rows x its longest row <= budget`` and

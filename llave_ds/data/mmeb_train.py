@@ -31,7 +31,7 @@ from llave_ds.config import check_choices
 from llave_ds.data.errors import DataError
 from llave_ds.data.mmeb_files import (JSON_ARRAY_EXTENSION, find_subset_files, is_local_source, list_subsets,
                                       official_train_subsets, unknown_subsets_message)
-from llave_ds.data.train_rows import MISSING_NEGATIVES, RowProblem, SideFields, media_fields, parse_row
+from llave_ds.data.train_rows import MISSING_NEGATIVES, RowProblem, RowSides, SideFields, media_fields, parse_row
 from llave_ds.formats import NEGATIVE_FIELDS, REQUIRED_TRAIN_FIELDS, TRAIN_FIELDS, VIDEO_FIELDS
 from llave_ds.media.files import (DEFAULT_MAX_PIXELS, UNREADABLE_IMAGE, MediaError, check_image_file,
                                   check_video_source, resolve_under_root)
@@ -68,9 +68,16 @@ class Pair:
 class TrainDataConfig:
     """Where the MMEB-train data is and how to read it. Flat, simple types only.
 
-    source:   a local directory (one file or directory per subset) or a hub dataset id.
+    source:   a local directory (one file or directory per subset) or a hub dataset id; with
+              source_type "shards", a shard set (`llave-ds shard`): a directory, a URL prefix,
+              a brace pattern or an fsspec URL (docs/DATA.md, "Shards").
     source_type: "auto" (a directory, or anything that looks like a path, is local),
-              "local" or "hub".
+              "local", "hub" or "shards".
+    shard_index / shard_lanes / shard_retries / shard_timeout_s: shards only: where
+              index.json is (default: beside the shards); the lanes a global batch is drawn
+              from (0: the largest divisor of global_batch_size that is at most the number of
+              shards; a run may resume on any rank count that divides it); how often a shard
+              fetch is tried and how long each connect or read may take.
     image_root: directory image paths are relative to; defaults to ``source`` when local.
     subsets:  subset names (list, or comma-separated string). None (the default) = the 20
               official MMEB-train subsets (``mmeb_subsets.json`` "train") that the source
@@ -98,7 +105,7 @@ class TrainDataConfig:
     homogeneous_batches: draw every global batch from a single subset (VLM2Vec-V2).
     """
     source: str = ""
-    source_type: Literal["auto", "local", "hub"] = "auto"
+    source_type: Literal["auto", "local", "hub", "shards"] = "auto"
     image_root: Optional[str] = None
     subsets: Optional[List[str]] = None
     split: str = "original"
@@ -116,6 +123,10 @@ class TrainDataConfig:
     max_substitute_attempts: int = 16
     cache_dir: Optional[str] = None
     homogeneous_batches: bool = False
+    shard_index: Optional[str] = None
+    shard_lanes: int = 0
+    shard_retries: int = 5
+    shard_timeout_s: float = 60.0
 
     def validate(self) -> None:
         """Raise ValueError naming the offending option."""
@@ -135,6 +146,17 @@ class TrainDataConfig:
             raise ValueError(f"TrainDataConfig.max_image_side must be >= 1 or None, got {self.max_image_side}")
         if self.max_substitute_attempts < 0:
             raise ValueError("TrainDataConfig.max_substitute_attempts must be >= 0")
+        if self.shard_lanes < 0 or self.shard_retries < 1 or self.shard_timeout_s <= 0:
+            raise ValueError("TrainDataConfig: shard_lanes must be >= 0, shard_retries >= 1 and shard_timeout_s > 0, "
+                             f"got {self.shard_lanes}, {self.shard_retries}, {self.shard_timeout_s}")
+        if self.source_type == "shards":
+            # A shard set is fixed when it is made: choose subsets and caps with `llave-ds shard`.
+            for name, value, default in (("subsets", self.subsets, None), ("max_per_subset", self.max_per_subset, None),
+                                         ("homogeneous_batches", self.homogeneous_batches, False)):
+                if value != default:
+                    raise ValueError(f"TrainDataConfig.{name}={value!r} does not apply to source_type=shards: a shard "
+                                     "set is read whole, in lanes (choose subsets when making it: llave-ds shard "
+                                     "--subsets)")
         names = self.subset_names()
         if names is not None:
             if not names:
@@ -151,7 +173,7 @@ class TrainDataConfig:
         return [str(s) for s in self.subsets]
 
     def is_local(self) -> bool:
-        return is_local_source(self.source, self.source_type)
+        return self.source_type != "shards" and is_local_source(self.source, self.source_type)
 
 
 # --------------------------------------------------------------------------- sources
@@ -513,14 +535,19 @@ class MMEBTrainDataset(torch.utils.data.Dataset):
                     raise RowProblem(exc.reason or UNREADABLE_IMAGE, field_name, str(exc)) from None
         except RowProblem as p:
             raise self._row_error(sub.name, sub.where, row_no, p) from None
+        return pair_from_row(sides, media, sub.name, row_no)
 
-        def side(fields: SideFields, image_field: str, video_field: str) -> Side:
-            text, image_path, video_path = fields
-            return Side(text=text, image_path=image_path or None, image=media.get(image_field),
-                        video_path=video_path or None, video=media.get(video_field))
 
-        return Pair(query=side(sides.query, "qry_image_path", "qry_video_path"),
-                    target=side(sides.target, "pos_image_path", "pos_video_path"),
-                    negatives=[side(n, f"neg_image_path[{i}]", f"neg_video_path[{i}]")
-                               for i, n in zip(sides.negative_index, sides.negatives)],
-                    subset=sub.name, row=row_no)
+def pair_from_row(sides: RowSides, media: Mapping[str, Any], subset: str, row: int) -> Pair:
+    """A `Pair` from a row's parsed sides and its decoded media by field (``qry_image_path``,
+    ``neg_video_path[1]``, ...: `media_fields`' names); shared by the folder and shard readers."""
+    def side(fields: SideFields, image_field: str, video_field: str) -> Side:
+        text, image_path, video_path = fields
+        return Side(text=text, image_path=image_path or None, image=media.get(image_field),
+                    video_path=video_path or None, video=media.get(video_field))
+
+    return Pair(query=side(sides.query, "qry_image_path", "qry_video_path"),
+                target=side(sides.target, "pos_image_path", "pos_video_path"),
+                negatives=[side(n, f"neg_image_path[{i}]", f"neg_video_path[{i}]")
+                           for i, n in zip(sides.negative_index, sides.negatives)],
+                subset=subset, row=row)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 
 from PIL import Image, UnidentifiedImageError
 
@@ -38,22 +38,34 @@ def load_image(path: str, *, image_root: Optional[str] = None, max_pixels: int =
     """
     full = resolve_under_root(image_root, path) if image_root is not None else os.fspath(path)
     check_image_file(full)
+    try:
+        fh = open(full, "rb")
+    except OSError as exc:
+        raise MediaError(f"cannot open image file {full} ({exc})", path=full, reason=UNREADABLE_IMAGE) from None
+    with fh:
+        return decode_image(fh, full, max_pixels=max_pixels, max_side=max_side)
+
+
+def decode_image(source: BinaryIO, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_side: Optional[int] = None) -> Image.Image:
+    """Fully decode an open image file (a file, or the bytes of a shard member in a BytesIO) to
+    RGB, or raise `MediaError` naming ``name``: what `load_image` does once the file is open."""
+    full = name
     # PIL warns above Image.MAX_IMAGE_PIXELS and raises above twice that. Make the
     # warning an error only when our own limit is not higher than PIL's.
     bomb_filter = "error" if max_pixels <= Image.MAX_IMAGE_PIXELS else "ignore"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter(bomb_filter, Image.DecompressionBombWarning)
-            with open(full, "rb") as fh:
-                img = Image.open(fh)
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise MediaError(f"image {full} is {width}x{height} = {width * height} pixels, above the "
-                                     f"limit of {max_pixels}", path=full, reason=IMAGE_TOO_LARGE)
-                if max_side is not None:
-                    img.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced scale
-                img.load()  # full decode: truncated files fail here, not in the model
-                rgb = to_rgb(img)
+            img = Image.open(source)
+            width, height = img.size
+            if width * height > max_pixels:
+                raise MediaError(f"image {full} is {width}x{height} = {width * height} pixels, above the "
+                                 f"limit of {max_pixels}", path=full, reason=IMAGE_TOO_LARGE)
+            if max_side is not None:
+                img.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced scale
+            img.load()  # full decode: truncated files fail here, not in the model
+            rgb = to_rgb(img)
     except MediaError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

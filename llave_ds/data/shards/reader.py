@@ -62,6 +62,17 @@ class ShardSample:
     media: Dict[str, Any] = field(default_factory=dict)  # path -> bytes; a frame folder: [(name, bytes)]
 
 
+@dataclass
+class BadSample:
+    """In place of a damaged sample when the caller keeps positions (`read_slice(placeholders=True)`):
+    training substitutes it, so that every lane keeps its length (`shards.train_stream`)."""
+    key: str
+    shard: str
+    offset: int
+    index: int
+    error: DataError
+
+
 class _SampleProblem(Exception):
     def __init__(self, reason: str, detail: str, field_name: Optional[str] = None):
         super().__init__(detail)
@@ -142,7 +153,9 @@ class ShardReader:
             yield from self.read_slice(ShardSlice(position, info.name, 0, info.num_samples,
                                                   self.index.starts[position]))
 
-    def read_slice(self, part: ShardSlice) -> Iterator[ShardSample]:
+    def read_slice(self, part: ShardSlice, placeholders: bool = False) -> Iterator[Union[ShardSample, BadSample]]:
+        """The samples of one slice, in order. ``placeholders``: a damaged sample yields a
+        `BadSample` (neither raised nor skipped nor counted here: the caller decides)."""
         info = self.index.shards[part.position]
         location = self.locations[part.position]
         whole = part.start == 0 and part.end == info.num_samples
@@ -167,6 +180,10 @@ class ShardReader:
                     except _SampleProblem as p:
                         err = DataError(f"shard {info.name} ({location}), sample {key}: {p.detail}", reason=p.reason,
                                         file=location, field=p.field)
+                        if placeholders:
+                            skipped += 1
+                            yield BadSample(key, info.name, offset, part.first + offset - part.start, err)
+                            continue
                         if not self.skip_bad_samples:
                             raise err from None
                         skipped += 1

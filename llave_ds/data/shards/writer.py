@@ -157,7 +157,7 @@ def write_shards(source: str, out: str, *, image_root: Optional[str] = None,
     total = 0
     try:
         for name in dict.fromkeys(f.subset for f in files):
-            start, counts, rows_seen = total, Counter(), 0
+            start, counts, rows_seen, videos = total, Counter(), 0, 0
             for f in (f for f in files if f.subset == name):
                 rows = read_rows(f)
                 _check_fields(f, rows)
@@ -191,6 +191,7 @@ def write_shards(source: str, out: str, *, image_root: Optional[str] = None,
                         current.add(key, suffix, data)
                     current.num_samples += 1
                     total += 1
+                    videos += any(m["kind"] != "image" for m in sample.doc["media"])
                     if progress:
                         progress(1)
             skipped = sum(counts.values())
@@ -201,6 +202,7 @@ def write_shards(source: str, out: str, *, image_root: Optional[str] = None,
                                     f"than max_skip_fraction={max_skip_fraction}; check the image root ({root}) "
                                     "and the data", subset=name)
             subset_info[name] = {"start": start, "end": total, "rows": rows_seen, "skipped": dict(counts),
+                                 "videos": videos,
                                  "files": [str(f.relative) for f in files if f.subset == name]}
         if current is not None:
             shards.append(current.close())

@@ -1,0 +1,210 @@
+"""Training from shards (``data.source_type: shards``, `llave_ds.data.shards.train_stream`).
+
+* The global batch of every step is one function of (seed, epoch, step): the same rows in the
+  same order for 1, 2 or 3 ranks and 0 or 2 DataLoader workers; an epoch never repeats a
+  sample; starting at step k gives exactly the rest.
+* End to end, 2 gloo ranks, ZeRO-3, the gradient cache, shards served over HTTP by a server on
+  127.0.0.1: a run preempted in the middle of a shard and resumed equals the uninterrupted one
+  (losses and parameters, fp32, 1e-6); resumed on 3 ranks instead, 1e-5 (another rank count
+  sums float32 in another order); a server that disappears mid-epoch stops the run on every
+  rank with an error naming the URL, within the retry budget.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llave_ds.config import load_config
+from llave_ds.data.batching import CountingCollator, PairCollator
+from llave_ds.data.errors import DataError
+from llave_ds.data.mmeb_train import TrainDataConfig
+from llave_ds.data.shards.train_stream import ShardLoader, ShardTrainData, default_lanes
+from llave_ds.data.shards.writer import write_shards
+from llave_ds.train import TrainConfig
+from tests.assets import build_demo_assets
+from tests.distributed_harness import run_distributed
+from tests.test_elastic_resume import STABLE_ADAM, assert_same_run
+from tests.test_train import DEMO_CONFIG, _train_rank, exported, losses
+
+GLOBAL_BATCH = 6
+LANES = 6          # 14 shards of 2-5 samples: every lane holds >= 4 samples -> 4 steps per epoch
+STEPS = 6          # across an epoch boundary
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    assets = build_demo_assets(tmp_path_factory.mktemp("shard_train_assets"))
+    assets["shards"] = Path(assets["root"]) / "shards"
+    write_shards(assets["train"], str(assets["shards"]), image_root=assets["images"], shard_size=12000)
+    return assets
+
+
+@pytest.fixture()
+def server(assets, tmp_path):
+    """Python's own HTTP server on 127.0.0.1 serving the shards, in its own process (so a test
+    can make it disappear)."""
+    proc, url = start_server(assets["shards"])
+    yield proc, url
+    proc.kill()
+    proc.wait(10)
+
+
+def start_server(directory: Path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                             str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the test HTTP server did not start")
+
+
+# ------------------------------------------------------------------ the order
+
+def _sizes(sides, role):  # a formatter that keeps nothing but the row count (picklable)
+    return {"rows": torch.zeros(len(sides))}
+
+
+def data_config(source, **extra) -> TrainDataConfig:
+    return TrainDataConfig(source=str(source), source_type="shards", shard_lanes=LANES, **extra)
+
+
+def global_batches(source, world: int, workers: int, epoch: int = 0, start: int = 0):
+    """Every step's global batch (sample positions in the shard set's order), rank slices joined."""
+    per_rank = []
+    for rank in range(world):
+        data = ShardTrainData(data_config(source), global_batch_size=GLOBAL_BATCH, rank=rank, world_size=world,
+                              seed=5)
+        data.plan.load_state_dict({"epoch": epoch, "step": start})
+        per_rank.append([batch.rows for batch, _ in ShardLoader(data, CountingCollator(PairCollator(_sizes, 2, 2)), workers)])
+    return [sum((rows[k] for rows in per_rank), []) for k in range(len(per_rank[0]))]
+
+
+def test_the_global_batch_is_the_same_for_any_rank_and_worker_count(assets):
+    want = global_batches(assets["shards"], 1, 0)
+    assert len(want) == 4 and all(len(b) == GLOBAL_BATCH for b in want)
+    flat = [i for b in want for i in b]
+    assert len(set(flat)) == len(flat)  # an epoch never repeats a sample
+    for world, workers in ((2, 0), (3, 0), (2, 2), (3, 2)):
+        assert global_batches(assets["shards"], world, workers) == want, (world, workers)
+    assert global_batches(assets["shards"], 2, 2, start=2) == want[2:]   # a resume mid-epoch (mid-shard)
+    other = global_batches(assets["shards"], 1, 0, epoch=1)
+    assert other != want and len(other) == 4   # another epoch, another deal
+
+
+def test_lane_rules_are_clear_errors(assets):
+    assert default_lanes(12, 14) == 12 and default_lanes(12, 5) == 4 and default_lanes(7, 3) == 1
+    with pytest.raises(DataError, match="6 lanes .* cannot be split evenly over 4 ranks"):
+        ShardTrainData(data_config(assets["shards"]), global_batch_size=GLOBAL_BATCH, rank=0, world_size=4, seed=0)
+    with pytest.raises(DataError, match="fewer than data.shard_lanes=20"):
+        ShardTrainData(TrainDataConfig(source=str(assets["shards"]), source_type="shards", shard_lanes=20),
+                       global_batch_size=20, rank=0, world_size=1, seed=0)
+    with pytest.raises(ValueError, match="subsets=.* does not apply to source_type=shards"):
+        TrainDataConfig(source="x", source_type="shards", subsets=["a"]).validate()
+
+
+def test_a_bad_sample_is_named_or_replaced_by_the_next_good_one_of_the_step(assets, tmp_path):
+    from llave_ds.data.shards.layout import ShardIndex, sample_key
+    from tests.test_shards import rewrite_tar
+    shards = tmp_path / "shards"
+    shutil.copytree(assets["shards"], shards)
+    clean = global_batches(assets["shards"], 1, 0)
+    victim = clean[0][0]                       # the first sample of step 1
+    index = ShardIndex.loads((shards / "index.json").read_text(), "index")
+    shard = index.shards[index.locate(victim)[0]].name
+    key = sample_key(victim)
+    rewrite_tar(shards / shard, lambda name, data: data[:40] if name.startswith(key + ".") and
+                not name.endswith(".json") else data)
+    with pytest.raises(DataError, match=rf"(?s)shard {shard} .*sample {key}.*data.skip_bad_rows"):
+        for _ in ShardLoader(ShardTrainData(data_config(shards), global_batch_size=GLOBAL_BATCH, rank=0,
+                                            world_size=1, seed=5), CountingCollator(PairCollator(_sizes, 2, 2)), 0):
+            pass
+    data = ShardTrainData(data_config(shards, skip_bad_rows=True), global_batch_size=GLOBAL_BATCH, rank=0,
+                          world_size=1, seed=5)
+    batches = [b for b, _ in ShardLoader(data, CountingCollator(PairCollator(_sizes, 2, 2)), 0)]
+    assert [b.rows for b in batches[1:]] == clean[1:]                       # the other steps are untouched
+    assert batches[0].rows == clean[0][1:2] + clean[0][1:]                  # the next good one stands in
+    assert batches[0].skipped and sum(batches[0].skipped.values()) == 1     # counted once
+
+
+# ------------------------------------------------------------------ end to end
+
+def overrides(assets, run_dir: Path, source: str, **extra) -> list[str]:
+    values = {"model.path": assets["model"], "data.source": source, "data.source_type": "shards",
+              "data.shard_lanes": LANES, "data.shard_retries": 2, "data.shard_timeout_s": 5,
+              "run_dir": str(run_dir), "global_batch_size": GLOBAL_BATCH, "num_workers": 0,
+              "gradcache.query_chunk_size": 2, "gradcache.target_chunk_size": 2,
+              "schedule.max_steps": STEPS, "checkpoint.every_steps": 0, "logging.progress": False,
+              "export.dtype": "float32", "collective_timeout_s": 120, "deepspeed.config": "zero3",
+              "optim.eps": STABLE_ADAM}
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def test_training_from_http_shards_resumes_exactly_mid_shard_and_on_another_rank_count(assets, server, tmp_path):
+    _, url = server
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert run_distributed(_train_rank, 2, overrides(assets, full, url), 0, timeout_s=420)[0].value == \
+        {"steps": STEPS, "stopped_early": False}
+    first = run_distributed(_train_rank, 2, overrides(assets, split, url), 2, timeout_s=420)
+    assert all(o.value == {"steps": 2, "stopped_early": True} for o in first)
+    three = tmp_path / "three"
+    shutil.copytree(split, three)
+    run_distributed(_train_rank, 2, overrides(assets, split, url), 0, timeout_s=420)
+    run_distributed(_train_rank, 3, overrides(assets, three, url), 0, timeout_s=420)
+    want, got = losses(full), losses(split)
+    assert sorted(got) == list(range(1, STEPS + 1)) and max(abs(want[s] - got[s]) for s in want) <= 1e-6, got
+    a, b = exported(full), exported(split)
+    assert a.keys() == b.keys() and a and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert_same_run(full, three, STEPS)   # 1e-5
+
+
+def test_a_server_that_disappears_mid_epoch_stops_every_rank_naming_the_url(assets, tmp_path):
+    proc, url = start_server(assets["shards"])
+    run_dir = tmp_path / "run"
+    metrics = run_dir / "metrics.jsonl"
+
+    def kill_after_the_first_step():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+            time.sleep(0.05)
+        proc.kill()
+
+    watcher = threading.Thread(target=kill_after_the_first_step, daemon=True)
+    watcher.start()
+    try:
+        started = time.monotonic()
+        outcomes = run_distributed(_train_rank, 2, overrides(assets, run_dir, url), 0, timeout_s=420,
+                                   expect_errors=True)
+        elapsed = time.monotonic() - started
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert all(not o.ok for o in outcomes), [o.value for o in outcomes]
+    for o in outcomes:
+        assert "TrainingError" in o.error and url in o.error and "attempt" in o.error, o.error[-3000:]
+    done = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert 1 <= len(done) < STEPS, done
+    print(f"the run stopped after step {done[-1]}, {elapsed:.0f} s after its launch")
+
+
+def test_a_shard_config_loads_from_yaml(assets, tmp_path):
+    cfg = load_config(TrainConfig, DEMO_CONFIG, overrides(assets, tmp_path, str(assets["shards"])))
+    assert cfg.data.source_type == "shards" and cfg.data.shard_lanes == LANES

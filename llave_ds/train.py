@@ -448,7 +448,9 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
         if last_saved != state.step:
             saved_path, last_saved = save(), state.step
     except Exception as exc:
-        if not is_peer_failure(exc):
+        # An agreed TrainingError is every rank's, never a lost peer, even when its text quotes
+        # a refused connection (a shard server that went away).
+        if isinstance(exc, TrainingError) or not is_peer_failure(exc):
             raise
         raise peer_stopped(exc, state.step, run.checkpoints) from None
     finally:

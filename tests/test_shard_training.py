@@ -35,8 +35,9 @@ from tests.test_elastic_resume import STABLE_ADAM, assert_same_run
 from tests.test_train import DEMO_CONFIG, _train_rank, exported, losses
 
 GLOBAL_BATCH = 6
-LANES = 6          # 14 shards of 2-5 samples: every lane holds >= 4 samples -> 4 steps per epoch
-STEPS = 6          # across an epoch boundary
+LANES = 6          # 14 shards of 2-5 samples, 2-3 per lane: lanes of 4-13 samples, 1 per step
+EPOCH = 8          # 48 samples / 6 per step (nominal)
+STEPS = 10         # across the nominal epoch boundary; the shorter lanes start their second deal
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +99,17 @@ def global_batches(source, world: int, workers: int, epoch: int = 0, start: int 
 
 
 def test_the_global_batch_is_the_same_for_any_rank_and_worker_count(assets):
-    want = global_batches(assets["shards"], 1, 0)
-    assert len(want) == 4 and all(len(b) == GLOBAL_BATCH for b in want)
-    flat = [i for b in want for i in b]
-    assert len(set(flat)) == len(flat)  # an epoch never repeats a sample
+    want = global_batches(assets["shards"], 1, 0) + global_batches(assets["shards"], 1, 0, epoch=1)
+    assert len(want) == 2 * EPOCH and all(len(b) == GLOBAL_BATCH for b in want)
     for world, workers in ((2, 0), (3, 0), (2, 2), (3, 2)):
-        assert global_batches(assets["shards"], world, workers) == want, (world, workers)
-    assert global_batches(assets["shards"], 2, 2, start=2) == want[2:]   # a resume mid-epoch (mid-shard)
-    other = global_batches(assets["shards"], 1, 0, epoch=1)
-    assert other != want and len(other) == 4   # another epoch, another deal
+        assert global_batches(assets["shards"], world, workers) == want[:EPOCH], (world, workers)
+    assert global_batches(assets["shards"], 2, 2, start=3) == want[3:EPOCH]          # resumed mid-shard
+    assert global_batches(assets["shards"], 3, 0, epoch=1, start=1) == want[EPOCH + 1:]
+    # Each lane reads its whole deal, whatever the shard sizes: until the shortest lane's deal
+    # ends (4 steps) nothing repeats, and two epochs' worth of steps read every sample.
+    flat = [i for b in want[:4] for i in b]
+    assert len(set(flat)) == len(flat)
+    assert set(i for b in want for i in b) == set(range(48))
 
 
 def test_lane_rules_are_clear_errors(assets):

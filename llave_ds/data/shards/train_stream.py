@@ -1,8 +1,9 @@
-"""Training from shards: lanes, so that the global batch of step k depends on (seed, epoch, k) only.
+"""Training from shards: lanes, so that the global batch of step k depends on (seed, k) only.
 
-Each epoch the shards are permuted by (seed, epoch) and dealt round-robin into L lanes
-(``data.shard_lanes``); a lane is its shards' samples end to end. The global batch of step k
-is, lane after lane, samples ``[k*p, (k+1)*p)`` of every lane (``p = global_batch_size / L``).
+The shards are dealt into L lanes (``data.shard_lanes``) over and over: deal c permutes them by
+(seed, c) and gives lane l every L-th shard from position l. A lane is its shards' samples end
+to end, deal after deal, without end. The global batch of step k is, lane after lane, samples
+``[k*p, (k+1)*p)`` of every lane (``p = global_batch_size / L``).
 Rank r of W reads lanes ``[r*L/W, (r+1)*L/W)`` (its slice of the global batch, as the folder
 sampler gives it its slice), and its DataLoader workers split those lanes into contiguous
 blocks: every worker yields its part of every step, collated, and the main process joins the
@@ -10,14 +11,18 @@ parts in lane order (`ShardLoader`). Hence:
 
 * the global batch of step k is the same for any rank count that divides L and for any number
   of workers (the rows and their order; chunk boundaries follow the parts);
-* each shard is read by one worker of one rank, once per epoch;
+* each shard is read by one worker of one rank, once per deal;
 * resuming at step k starts every lane at sample ``k*p``: the index says which shard and offset,
   and only the samples before it in that one shard are streamed past.
 
-An epoch has as many steps as the shortest possible lane holds (its ``n // L`` smallest shards),
-the same every epoch; what longer lanes hold beyond it waits for another epoch's deal. A bad
-sample (a corrupt or missing member, a picture that does not decode) is an error naming the
-shard and key, or with ``data.skip_bad_rows`` is replaced by the next good sample of its
+Every sample is read once per deal of its lane, whatever the shard sizes (lanes of uneven
+length simply run through their deals at different paces). An epoch is nominal: ``N //
+global_batch_size`` steps, for the schedule and the logs; a lane that finished its deal before
+another may meet a shard that the other is still reading, so a step can rarely hold a sample
+twice, as the folder reader's stand-ins can.
+
+A bad sample (a corrupt or missing member, a picture that does not decode) is an error naming
+the shard and key, or with ``data.skip_bad_rows`` is replaced by the next good sample of its
 part of the step (this rank's, or this worker's), counted in the batch's ``skipped`` like the
 folder reader's replaced rows: the lanes keep their positions, so a resume stays exact.
 """
@@ -29,7 +34,7 @@ import logging
 import os
 import tempfile
 from collections import Counter
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -54,8 +59,8 @@ def default_lanes(global_batch_size: int, num_shards: int) -> int:
 
 
 class ShardBatchPlan:
-    """The sampler's part for shards: steps per epoch, the epoch, the resume point and the
-    lanes. ``TrainState`` saves and restores it as it does a `GlobalBatchSampler`."""
+    """The sampler's part for shards: steps per (nominal) epoch, the epoch, the resume point and
+    the lanes. ``TrainState`` saves and restores it as it does a `GlobalBatchSampler`."""
 
     def __init__(self, index: ShardIndex, *, lanes: int, global_batch_size: int, seed: int, rank: int,
                  world_size: int, where: str):
@@ -70,14 +75,13 @@ class ShardBatchPlan:
             raise DataError(f"{lanes} lanes (data.shard_lanes; shards of {where}) cannot be split evenly over "
                             f"{world_size} ranks: use a rank count that divides {lanes}, or set data.shard_lanes to "
                             f"a multiple of {world_size} that divides global_batch_size={global_batch_size}")
+        self._steps = index.num_samples // global_batch_size
+        if self._steps == 0:
+            raise DataError(f"the shard set {where} holds {index.num_samples} samples, fewer than one global batch "
+                            f"of {global_batch_size}")
         self.index, self.lanes, self.seed = index, lanes, seed
         self.global_batch_size, self.per_lane = global_batch_size, global_batch_size // lanes
         self.rank, self.world_size = rank, world_size
-        shortest = sum(sorted(s.num_samples for s in index.shards)[:n // lanes])
-        self._steps = shortest // self.per_lane
-        if self._steps == 0:
-            raise DataError(f"the shard set {where} cannot fill one step: the shortest lane holds {shortest} samples, "
-                            f"a step takes {self.per_lane} from each of {lanes} lanes")
         self.epoch, self.resume_step = 0, 0
 
     def __len__(self) -> int:
@@ -103,10 +107,10 @@ class ShardBatchPlan:
             raise ValueError(f"cannot resume at step {step}: an epoch has {self._steps} steps")
         self.epoch, self.resume_step = int(state["epoch"]), step
 
-    def lane_shards(self, epoch: int) -> List[List[int]]:
-        """Each lane's shards (positions in the index), in order, for ``epoch``."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.index.shards))
-        return [order[lane::self.lanes].tolist() for lane in range(self.lanes)]
+    def deal(self, cycle: int, lane: int) -> List[int]:
+        """The shards (positions in the index) ``lane`` reads in deal ``cycle``, in order."""
+        order = np.random.default_rng([self.seed, cycle]).permutation(len(self.index.shards))
+        return order[lane::self.lanes].tolist()
 
     def rank_lanes(self) -> List[int]:
         per_rank = self.lanes // self.world_size
@@ -144,7 +148,8 @@ class ShardTrainData(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         # The epoch and the resume point are read now, not when the generator first runs.
-        return self._steps_from(self.plan.epoch, self.plan.resume_step)
+        first = self.plan.epoch * len(self.plan)
+        return self._steps_from(first + self.plan.resume_step, first + len(self.plan))
 
     def worker_lanes(self) -> List[int]:
         info = torch.utils.data.get_worker_info()
@@ -152,26 +157,33 @@ class ShardTrainData(torch.utils.data.IterableDataset):
         mine = self.plan.rank_lanes()
         return [mine[i] for i in np.array_split(np.arange(len(mine)), workers)[worker]]
 
-    def _steps_from(self, epoch: int, start: int) -> Iterator[Tuple[int, Any]]:
+    def _steps_from(self, start: int, end: int) -> Iterator[Tuple[int, Any]]:
+        """Global steps ``[start, end)`` of this worker's lanes."""
         p, lanes = self.plan.per_lane, self.worker_lanes()
-        shards = self.plan.lane_shards(epoch)
-        streams = [self._lane(shards[lane], start * p) for lane in lanes]
-        for step in range(start, len(self.plan)):
+        streams = [self._lane(lane, start * p) for lane in lanes]
+        for step in range(start, end):
             got: List[Union[Pair, DataError]] = []
             for stream in streams:
                 got.extend(self._decoded(next(stream)) for _ in range(p))
             yield step, (self.collator(self._stand_ins(got, step)) if got else None)
 
-    def _lane(self, positions: Sequence[int], offset: int) -> Iterator[Union[ShardSample, BadSample]]:
-        index = self.reader.index
-        for position in positions:
-            info = index.shards[position]
-            if offset >= info.num_samples:
-                offset -= info.num_samples
-                continue
-            part = ShardSlice(position, info.name, offset, info.num_samples, index.starts[position] + offset)
-            yield from self.reader.read_slice(part, placeholders=True)
-            offset = 0
+    def _lane(self, lane: int, offset: int) -> Iterator[Union[ShardSample, BadSample]]:
+        """Sample ``offset`` of the lane on, deal after deal (the index alone finds where)."""
+        index, cycle = self.reader.index, 0
+        while True:
+            deal = self.plan.deal(cycle, lane)
+            if not any(index.shards[position].num_samples for position in deal):
+                raise DataError(f"lane {lane} holds no sample in deal {cycle}: the shard set's index lists empty "
+                                "shards; re-make it with llave-ds shard")
+            for position in deal:
+                info = index.shards[position]
+                if offset >= info.num_samples:
+                    offset -= info.num_samples
+                    continue
+                part = ShardSlice(position, info.name, offset, info.num_samples, index.starts[position] + offset)
+                yield from self.reader.read_slice(part, placeholders=True)
+                offset = 0
+            cycle += 1
 
     def _decoded(self, sample: Union[ShardSample, BadSample]) -> Union[Pair, DataError]:
         if isinstance(sample, BadSample):

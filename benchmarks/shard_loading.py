@@ -149,9 +149,8 @@ def _cut(row_bytes: List[int], size: int) -> List[int]:
 
 
 def balanced_shard_size(row_bytes: List[int], shards: int) -> int:
-    """A ``--shard-size`` giving ``shards`` shards whose smallest holds the most samples: the
-    lanes of a step read the same number of samples from each, so an epoch is as long as the
-    shortest lane (a small last shard would cut it short)."""
+    """A ``--shard-size`` giving ``shards`` shards whose smallest holds the most samples: lanes
+    of even length stay in step through their deals (any sizes work; even ones repeat least)."""
     total = sum(row_bytes)
     candidates = [int(total / shards * (1 + k / 1000)) for k in range(0, 80)]
     return max(candidates, key=lambda size: (len(_cut(row_bytes, size)) == shards, min(_cut(row_bytes, size))))

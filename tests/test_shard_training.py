@@ -1,13 +1,14 @@
 """Training from shards (``data.source_type: shards``, `llave_ds.data.shards.train_stream`).
 
-* The global batch of every step is one function of (seed, epoch, step): the same rows in the
-  same order for 1, 2 or 3 ranks and 0 or 2 DataLoader workers; an epoch never repeats a
-  sample; starting at step k gives exactly the rest.
+* The global batch of every step is one function of (seed, step): the same rows in the same
+  order for 1, 2 or 3 ranks and 0 or 2 DataLoader workers; every sample is read; starting at
+  step k gives exactly the rest.
 * End to end, 2 gloo ranks, ZeRO-3, the gradient cache, shards served over HTTP by a server on
-  127.0.0.1: a run preempted in the middle of a shard and resumed equals the uninterrupted one
-  (losses and parameters, fp32, 1e-6); resumed on 3 ranks instead, 1e-5 (another rank count
-  sums float32 in another order); a server that disappears mid-epoch stops the run on every
-  rank with an error naming the URL, within the retry budget.
+  127.0.0.1: a run preempted in the middle of shards and resumed, or with a rank killed (-9)
+  mid-step and resumed from its last checkpoint, equals the uninterrupted one (losses and
+  parameters, fp32, 1e-6); resumed on 3 ranks instead, 1e-5 (another rank count sums float32
+  in another order); a server that disappears mid-epoch stops the run on every rank with an
+  error naming the URL, within the retry budget.
 """
 from __future__ import annotations
 
@@ -48,14 +49,23 @@ def assets(tmp_path_factory):
     return assets
 
 
-@pytest.fixture()
-def server(assets, tmp_path):
-    """Python's own HTTP server on 127.0.0.1 serving the shards, in its own process (so a test
-    can make it disappear)."""
+@pytest.fixture(scope="module")
+def served(assets):
+    """Python's own HTTP server on 127.0.0.1 serving the shards, in its own process (a test
+    makes its own to make it disappear); its URL."""
     proc, url = start_server(assets["shards"])
-    yield proc, url
+    yield url
     proc.kill()
     proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def reference(assets, served, tmp_path_factory):
+    """The uninterrupted run: 2 ranks, ZeRO-3, the gradient cache, shards over HTTP."""
+    full = tmp_path_factory.mktemp("shard_reference") / "run"
+    assert run_distributed(_train_rank, 2, overrides(assets, full, served), 0, timeout_s=420)[0].value == \
+        {"steps": STEPS, "stopped_early": False}
+    return full
 
 
 def start_server(directory: Path):
@@ -161,22 +171,40 @@ def overrides(assets, run_dir: Path, source: str, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def test_training_from_http_shards_resumes_exactly_mid_shard_and_on_another_rank_count(assets, server, tmp_path):
-    _, url = server
-    full, split = tmp_path / "full", tmp_path / "split"
-    assert run_distributed(_train_rank, 2, overrides(assets, full, url), 0, timeout_s=420)[0].value == \
-        {"steps": STEPS, "stopped_early": False}
+def assert_exact(full: Path, continued: Path) -> None:
+    want, got = losses(full), losses(continued)
+    assert sorted(got) == list(range(1, STEPS + 1)) and max(abs(want[s] - got[s]) for s in want) <= 1e-6, got
+    a, b = exported(full), exported(continued)
+    assert a.keys() == b.keys() and a and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_training_from_http_shards_resumes_exactly_mid_shard_and_on_another_rank_count(assets, served, reference,
+                                                                                      tmp_path):
+    url, full, split = served, reference, tmp_path / "split"
     first = run_distributed(_train_rank, 2, overrides(assets, split, url), 2, timeout_s=420)
     assert all(o.value == {"steps": 2, "stopped_early": True} for o in first)
     three = tmp_path / "three"
     shutil.copytree(split, three)
     run_distributed(_train_rank, 2, overrides(assets, split, url), 0, timeout_s=420)
     run_distributed(_train_rank, 3, overrides(assets, three, url), 0, timeout_s=420)
-    want, got = losses(full), losses(split)
-    assert sorted(got) == list(range(1, STEPS + 1)) and max(abs(want[s] - got[s]) for s in want) <= 1e-6, got
-    a, b = exported(full), exported(split)
-    assert a.keys() == b.keys() and a and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert_exact(full, split)
     assert_same_run(full, three, STEPS)   # 1e-5
+
+
+def test_a_rank_killed_mid_step_resumes_mid_shard_to_the_same_run(assets, served, reference, tmp_path):
+    """kill -9 of rank 1 in step 3 (checkpoint at step 2, in the middle of shards): the other
+    rank stops, and --resume auto ends where the uninterrupted run ends (1e-6)."""
+    from llave_ds.training import checkpoint as ckpt
+    from tests.reliability import helpers
+    run_dir = tmp_path / "run"
+    every_2 = overrides(assets, run_dir, served, **{"checkpoint.every_steps": 2})
+    crash = helpers.run_ranks(helpers.train_rank, 2, every_2, {"kill_in_step": (3, 1), "marks_dir": str(tmp_path)})
+    assert crash.exitcodes[1] == -9 and not crash.hung, crash.describe()
+    assert crash.value(0).get("error", "").startswith("PeerStoppedError"), crash.describe()
+    assert (run_dir / "checkpoints" / ckpt.LATEST).read_text().strip() == ckpt.tag_for_step(2)
+    resumed = helpers.run_ranks(helpers.train_rank, 2, every_2)
+    assert resumed.all_ok() and resumed.value(0)["steps"] == STEPS, resumed.describe()
+    assert_exact(reference, run_dir)
 
 
 def test_a_server_that_disappears_mid_epoch_stops_every_rank_naming_the_url(assets, tmp_path):

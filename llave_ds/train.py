@@ -327,7 +327,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[int, object], None]]
     # -- the resume checkpoint's checksums, read by all ranks in parallel ------------------
     resume_from = choose_verified(resume_candidates, resume=cfg.checkpoint.resume, checksums=cfg.checkpoint.checksums,
                                   rank=rank, world=world, device=device, is_main=is_main)
-    universal = None  # another rank count or ZeRO stage: continue through the universal checkpoint
+    universal = None  # another rank count: continue through the universal checkpoint
     if resume_from is not None and resume_route(resume_from, run_layout(cfg, world)) == "universal":
         universal = prepare_universal(resume_from, rank=rank, device=device,
                                       timeout_s=cfg.checkpoint.universal_timeout_s)

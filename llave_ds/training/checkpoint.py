@@ -55,7 +55,7 @@ class CheckpointConfig:
     # Record a CRC-32 of every checkpoint file when saving and check it before resuming
     # (ranks share the reading); sizes are always recorded and checked.
     checksums: bool = True
-    # Resuming on another rank count or ZeRO stage converts the checkpoint to DeepSpeed's
+    # Resuming on another rank count converts the checkpoint to DeepSpeed's
     # universal format first (rank 0, once); the run stops with an error if that takes longer.
     universal_timeout_s: float = 7200.0
 

@@ -550,7 +550,7 @@ def save_checkpoint(engine, root: Path, tag: str, client_state: dict, *, checksu
 
 
 def with_universal_load(ds_config: dict) -> dict:
-    """The config of an engine that loads a universal checkpoint (another rank count or stage)."""
+    """The config of an engine that loads a universal checkpoint (another rank count)."""
     return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
 

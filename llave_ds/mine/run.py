@@ -272,8 +272,8 @@ def _search_and_select(args, cfg: MineConfig, data: Rows, pool: Pool, queries: S
     for scope, members in scopes.items():
         span = pool.ranges[scope] if scope is not None else range(len(pool.items))
         for lo in range(0, len(members), args.shard_rows):
-            bar.update(len(members[lo:lo + args.shard_rows]))
             idx = members[lo:lo + args.shard_rows]
+            bar.update(len(idx))
             q = queries.rows(idx)
             top_s, top_i = topk_blocks(q, _Reiterable(candidates, span), cfg.depth)
             pos = np.einsum("qd,qd->q", q, positives.rows([positive_ids[i] for i in idx]))

@@ -58,6 +58,20 @@ class _Sample:
         return sum(_BLOCK + -(-len(b) // _BLOCK) * _BLOCK for b in [json_bytes] + [m for _, m in self.members])
 
 
+class _DigestWriter:
+    """The shard's file as tarfile writes it, hashed on the way (no second read to checksum it)."""
+
+    def __init__(self, file):
+        self.file, self.digest = file, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+
 class _ShardFile:
     """One shard being written: a tar under a temporary name, renamed by `close`."""
 
@@ -65,7 +79,8 @@ class _ShardFile:
         self.path = path
         self.tmp = temporary_sibling(path)
         self.file = open(self.tmp, "wb")
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
+        self.hashed = _DigestWriter(self.file)
+        self.tar = tarfile.open(fileobj=self.hashed, mode="w", format=tarfile.PAX_FORMAT)
         self.num_samples = 0
 
     def size(self) -> int:
@@ -82,12 +97,8 @@ class _ShardFile:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        digest = hashlib.sha256()
-        with open(self.tmp, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
         os.replace(self.tmp, self.path)
-        return ShardInfo(self.path.name, self.num_samples, self.path.stat().st_size, digest.hexdigest())
+        return ShardInfo(self.path.name, self.num_samples, self.path.stat().st_size, self.hashed.digest.hexdigest())
 
     def abort(self) -> None:
         try:
